@@ -1,0 +1,67 @@
+"""The adapter interface: one per model family, knowing where tokens flow."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from tokenreduce.patch import Patch
+
+
+def class_names(model: nn.Module) -> Iterator[str]:
+    """``module.QualName`` of every class in the model's MRO, so families match without importing them."""
+    for cls in type(model).__mro__:
+        yield f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Per-block multiply-accumulate counts the FLOP model needs (see ``bench.flops``)."""
+
+    attn_macs_per_token: int  # linear layers on the attention side (qkv, proj)
+    attn_dim: int  # width of q and k, for the quadratic QK^T and AV terms
+    mlp_macs_per_token: int  # linear layers of the MLP
+
+
+class Adapter(ABC):
+    """Knows one model family: its blocks, prefix tokens, attention, and how to patch them."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]  # human-readable list of supported classes, for error messages
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model`` (decided from class names only)."""
+
+    @abstractmethod
+    def num_prefix_tokens(self, model: nn.Module) -> int: ...
+
+    @abstractmethod
+    def has_cls_token(self, model: nn.Module) -> bool: ...
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[nn.Module]: ...
+
+    @abstractmethod
+    def default_num_tokens(self, model: nn.Module) -> int | None:
+        """Token count entering the first block at the model's native input size, if fixed."""
+
+    @abstractmethod
+    def install(self, model: nn.Module, patch: Patch) -> None:
+        """Patch ``model`` through ``patch`` (whose undo log makes it reversible). Must raise a
+        ``TypeError`` naming the part it cannot handle rather than patch partially."""
+
+    @abstractmethod
+    def block_costs(self, model: nn.Module) -> list[BlockCost]: ...
+
+    @abstractmethod
+    def stem_head_macs(self, model: nn.Module, num_tokens: int) -> int:
+        """MACs outside the blocks (patch embedding, head) for ``num_tokens`` input tokens."""
+
+    def summary(self, model: nn.Module) -> str:
+        return type(model).__name__

@@ -1,0 +1,48 @@
+"""Keep/drop selection by score, gathering and fusing tokens (EViT, Top-K, random pruning)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def keep_indices(scores: Tensor, k: int, num_prefix: int) -> Tensor:
+    """Indices ``[B, num_prefix + k]``: the prefix tokens, then the ``k`` best-scored others.
+
+    Args:
+        scores: ``[B, N - num_prefix]`` one score per non-prefix token, higher is kept first.
+        k: tokens to keep, ``0 <= k <= N - num_prefix``.
+    The kept tokens are ordered by descending score, as in the EViT reference.
+    """
+    top = scores.topk(k, dim=1, largest=True, sorted=True).indices + num_prefix
+    prefix = torch.arange(num_prefix, device=scores.device).expand(scores.shape[0], -1)
+    return torch.cat([prefix, top], dim=1)
+
+
+def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Like :func:`keep_indices`, plus the dropped indices ``[B, N - num_prefix - k]`` in ascending order."""
+    keep = keep_indices(scores, k, num_prefix)
+    b, n = scores.shape[0], scores.shape[1] + num_prefix
+    dropped = torch.ones(b, n, dtype=torch.bool, device=scores.device)
+    dropped.scatter_(1, keep, False)
+    # A stable sort keeps the dropped positions ascending and the shape static (no nonzero()).
+    drop = dropped.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : n - keep.shape[1]]
+    return keep, drop
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """``x [B, N, C]`` at token indices ``idx [B, M]`` -> ``[B, M, C]``."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def fuse_tokens(x: Tensor, idx: Tensor, weight: Tensor | None = None, reduce: str = "sum") -> Tensor:
+    """Collapse the tokens at ``idx [B, M]`` into one ``[B, 1, C]`` token.
+
+    ``reduce`` is ``"sum"`` (optionally weighted by ``weight [B, M]``) or ``"amax"``.
+    """
+    picked = gather_tokens(x, idx)
+    if reduce == "amax":
+        return picked.amax(dim=1, keepdim=True)
+    if weight is not None:
+        picked = picked * weight[..., None].to(picked.dtype)
+    return picked.sum(dim=1, keepdim=True)

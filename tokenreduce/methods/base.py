@@ -1,0 +1,133 @@
+"""The method interface: a validated dataclass config that plans a schedule and reduces tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tokenreduce.core import cls_attention, fuse_tokens, gather_tokens, keep_indices, split_keep_drop
+from tokenreduce.state import ReductionState
+
+
+@dataclass
+class LayerContext:
+    """What a method sees at the hook point of block ``layer``: after attention, before the MLP."""
+
+    layer: int
+    num_prefix: int
+    num_out: int  # token count the schedule asks this layer to leave
+    q: Tensor  # [B, H, N, D] queries after qk-norm
+    k: Tensor  # [B, H, N, D] keys after qk-norm
+    scale: float
+    attn_bias: Tensor | None  # the additive mask this layer's attention used
+
+    @cached_property
+    def metric(self) -> Tensor:
+        """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
+        return self.k.mean(dim=1)
+
+    @cached_property
+    def cls_attention(self) -> Tensor:
+        """Head-averaged softmax attention of the CLS token (position 0) to every token ``[B, N]``."""
+        return cls_attention(self.q, self.k, self.scale, self.attn_bias)
+
+
+class Method(ABC):
+    """A training-free token reduction method. Subclasses are dataclasses holding their config.
+
+    ``schedule`` plans, from the input token count alone, how many tokens leave each block; ``reduce``
+    must then return exactly ``ctx.num_out`` tokens and keep ``state`` (sizes, sources) in step.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    needs_cls_token: ClassVar[bool] = False
+    prop_attn: bool = False  # add log(size) to attention logits (proportional attention)
+
+    @abstractmethod
+    def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
+        """Token count after each of ``depth`` blocks, for ``num_tokens`` input tokens."""
+
+    @abstractmethod
+    def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
+        """Reduce ``x [B, N, C]`` to ``[B, ctx.num_out, C]``."""
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+def check_keep_rate(keep_rate: float) -> None:
+    if not isinstance(keep_rate, (int, float)) or isinstance(keep_rate, bool) or not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
+
+
+@dataclass
+class PruneAtLayers(Method):
+    """Keep the ``keep_rate`` best-scored non-prefix tokens at a few layers; optionally fuse the rest.
+
+    ``layers=None`` places reductions at layers 3, 6 and 9 of a 12-block model (EViT's DeiT-S
+    setting: the 4th, 7th and 10th blocks), scaled to the model's depth.
+    """
+
+    keep_rate: float = 0.7
+    layers: Sequence[int] | None = None
+
+    fuse: ClassVar[bool] = False  # fuse the dropped tokens into one (EViT) instead of discarding them
+
+    def __post_init__(self) -> None:
+        check_keep_rate(self.keep_rate)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers):
+                raise ValueError(f"layers must be a non-empty sequence of block indices >= 0, got {self.layers!r}")
+
+    def reduction_layers(self, depth: int) -> tuple[int, ...]:
+        if self.layers is None:
+            return tuple(sorted({i * depth // 12 for i in (3, 6, 9)}))
+        bad = [i for i in self.layers if i >= depth]
+        if bad:
+            raise ValueError(f"layers must be block indices in [0, {depth - 1}] for this model, got {bad}")
+        return tuple(sorted(set(self.layers)))
+
+    def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
+        layers = set(self.reduction_layers(depth))
+        n, out = num_tokens, []
+        for i in range(depth):
+            if i in layers:
+                kept = math.ceil(self.keep_rate * (n - num_prefix))
+                dropped = n - num_prefix - kept
+                n = num_prefix + kept + (1 if self.fuse and dropped > 0 else 0)
+            out.append(n)
+        return out
+
+    @abstractmethod
+    def scores(self, ctx: LayerContext) -> Tensor:
+        """One score per non-prefix token ``[B, N - num_prefix]``; the highest are kept."""
+
+    def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
+        n, p = x.shape[1], ctx.num_prefix
+        if ctx.num_out == n:
+            return x
+        scores = self.scores(ctx)
+        if not self.fuse:
+            keep = keep_indices(scores, ctx.num_out - p, p)
+            state.select(x, keep)
+            return gather_tokens(x, keep)
+        # The fused token is the score-weighted sum of the dropped tokens (EViT: weights are the
+        # CLS attention, not renormalised), appended after the kept ones.
+        keep, drop = split_keep_drop(scores, ctx.num_out - p - 1, p)
+        fused = fuse_tokens(x, drop, scores.gather(1, drop - p))
+        state.select(x, keep, fuse=drop)
+        return torch.cat([gather_tokens(x, keep), fused], dim=1)

@@ -1,0 +1,25 @@
+"""``none``: the identity method, the baseline every comparison is made against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from tokenreduce.methods.base import LayerContext, Method
+from tokenreduce.registry import register_method
+from tokenreduce.state import ReductionState
+
+
+@register_method
+@dataclass
+class NoReduction(Method):
+    """Keeps every token; the patched model computes exactly what the original does."""
+
+    name = "none"
+
+    def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
+        return [num_tokens] * depth
+
+    def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
+        return x

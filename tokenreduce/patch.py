@@ -1,0 +1,101 @@
+"""The object one ``apply`` attaches to a model: method, state, and an undo log of every change."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from tokenreduce.methods.base import LayerContext, Method
+from tokenreduce.state import ReductionState
+
+if TYPE_CHECKING:
+    from tokenreduce.adapters.base import Adapter
+
+ATTR = "_tokenreduce"  # the one attribute name patching adds to modules
+
+_subclasses: dict[tuple[type, type], type] = {}
+
+
+def _patched_class(mixin: type, base: type) -> type:
+    key = (mixin, base)
+    if key not in _subclasses:
+        _subclasses[key] = type(f"TokenReduce{base.__name__}", (mixin, base), {"_tokenreduce_base": base})
+    return _subclasses[key]
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before patching (its own class when unpatched)."""
+    return getattr(type(module), "_tokenreduce_base", type(module))
+
+
+class Patch:
+    """Method + state for one model, the adapter-neutral engine behind every patched block.
+
+    Everything it changes on modules (swapped classes, hooks, attributes) is logged so that
+    :meth:`undo` restores the model exactly; weights are never touched.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, method: Method, state: ReductionState) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.state = state
+        self.q: Tensor | None = None  # queries/keys of the block now running, captured by hooks
+        self.k: Tensor | None = None
+        self._classes: list[tuple[nn.Module, type]] = []
+        self._attrs: list[tuple[nn.Module, str]] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- installing and undoing -------------------------------------------------------------
+    def swap_class(self, module: nn.Module, mixin: type) -> None:
+        """Give ``module`` a subclass of its class with ``mixin``'s methods in front."""
+        self._classes.append((module, type(module)))
+        module.__class__ = _patched_class(mixin, type(module))
+
+    def set_attr(self, module: nn.Module, name: str, value: object) -> None:
+        if name in module.__dict__:
+            raise RuntimeError(f"{type(module).__name__} already has an attribute {name!r}")
+        module.__dict__[name] = value
+        self._attrs.append((module, name))
+
+    def capture_qk(self, q_module: nn.Module, k_module: nn.Module) -> None:
+        """Record the outputs of the modules producing queries and keys ``[B, H, N, D]``."""
+        self._hooks.append(q_module.register_forward_hook(lambda m, i, out: setattr(self, "q", out)))
+        self._hooks.append(k_module.register_forward_hook(lambda m, i, out: setattr(self, "k", out)))
+
+    def undo(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        for module, name in reversed(self._attrs):
+            del module.__dict__[name]
+        for module, cls in reversed(self._classes):
+            module.__class__ = cls
+        self._hooks, self._attrs, self._classes = [], [], []
+        self.q = self.k = None
+
+    # -- running -------------------------------------------------------------------------------
+    def begin(self, x: Tensor, masked: bool = False) -> None:
+        """Start a forward at the first block with tokens ``x [B, N0, C]``."""
+        schedule = self.method.schedule(x.shape[1], self.state.num_prefix, self.state.depth)
+        if masked and schedule[-1] != x.shape[1]:
+            raise ValueError("attn_mask / is_causal cannot be combined with token reduction; use method='none'")
+        self.state.reset(x, schedule)
+
+    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
+        return self.state.attn_bias(dtype) if self.method.prop_attn else None
+
+    def reduce(self, layer: int, x: Tensor, scale: float, attn_bias: Tensor | None) -> Tensor:
+        """The hook point after attention and before the MLP of block ``layer``."""
+        if self.q is None or self.k is None:
+            raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
+        ctx = LayerContext(layer, self.state.num_prefix, self.state.schedule[layer], self.q, self.k, scale, attn_bias)
+        self.q = self.k = None
+        out = self.method.reduce(x, ctx, self.state)
+        if out.shape[1] != ctx.num_out:
+            raise RuntimeError(
+                f"method {self.method.name} left {out.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
+            )
+        self.state.tokens_per_layer.append(out.shape[1])
+        return out
