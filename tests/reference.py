@@ -1,0 +1,91 @@
+"""Independent, deliberately naive re-implementations of the papers' algorithms, one sample at a time.
+
+They share no code with tokenreduce: Python loops over tokens instead of gathers and scatters, and a
+hand-written attention instead of timm's. Agreement with them is what "reproduces the reference
+behaviour" means in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def tome_merge(x: Tensor, metric: Tensor, size: Tensor, r: int, prefix: int) -> tuple[Tensor, Tensor]:
+    """One ToMe step on a single sample: ``x [N, C]``, ``metric [N, D]``, ``size [N]``."""
+    n = x.shape[0]
+    a_side = [i for i in range(0, n, 2) if i >= prefix]
+    b_side = [j for j in range(1, n, 2) if j >= prefix]
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    best = {}
+    for i in a_side:
+        sims = [float(unit[i] @ unit[j]) for j in b_side]
+        k = max(range(len(b_side)), key=lambda t: sims[t])
+        best[i] = (sims[k], b_side[k])
+    ranked = sorted(a_side, key=lambda i: -best[i][0])
+    merged, kept = ranked[:r], ranked[r:]
+    if prefix:
+        kept = sorted(kept)  # the reference restores position order when a CLS token is present
+    rows, sizes = [x[i] for i in range(prefix)], [size[i] for i in range(prefix)]
+    rows += [x[i] for i in kept]
+    sizes += [size[i] for i in kept]
+    for j in b_side:
+        group = [j] + [i for i in merged if best[i][1] == j]
+        w = torch.stack([size[i] for i in group])
+        rows.append(sum(x[i] * size[i] for i in group) / w.sum())
+        sizes.append(w.sum())
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def evit_step(
+    x: Tensor, size: Tensor, cls_attn: Tensor, keep_rate: float, prefix: int, fuse: bool
+) -> tuple[Tensor, Tensor]:
+    """One EViT (``fuse``) or Top-K step on one sample; ``cls_attn [N]`` over all tokens."""
+    n_np = x.shape[0] - prefix
+    keep = math.ceil(keep_rate * n_np)
+    scores = cls_attn[prefix:].tolist()
+    order = sorted(range(n_np), key=lambda i: -scores[i])
+    top, rest = order[:keep], sorted(order[keep:])
+    rows = [x[i] for i in range(prefix)] + [x[prefix + i] for i in top]
+    sizes = [size[i] for i in range(prefix)] + [size[prefix + i] for i in top]
+    if fuse and rest:
+        rows.append(sum(x[prefix + i] * scores[i] for i in rest))
+        sizes.append(sum(size[prefix + i] for i in rest))
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def attention(attn, t: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A timm ``Attention`` written out for one sample ``t [N, C]``: returns (output, keys, probs)."""
+    n = t.shape[0]
+    h, d = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(t).reshape(n, 3, h, d).permute(1, 2, 0, 3)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = ((q @ k.transpose(-1, -2)) * attn.scale + bias).softmax(dim=-1)
+    out = (probs @ v).transpose(0, 1).reshape(n, h * d)
+    return attn.proj(attn.norm(out)), k, probs
+
+
+def vit_forward(model, images: Tensor, step, prop_attn: bool = True) -> Tensor:
+    """Run a pre-norm timm ViT sample by sample, calling ``step(layer, t, keys, probs, size)`` after
+    each attention; it returns the new ``(t, size)``. Sizes weight average pooling and, with
+    ``prop_attn``, attention."""
+    outs = []
+    with torch.no_grad():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for t in tokens:
+            size = torch.ones(t.shape[0])
+            for layer, blk in enumerate(model.blocks):
+                out, k, probs = attention(blk.attn, blk.norm1(t), size.log() if prop_attn else 0.0)
+                t = t + blk.ls1(out)
+                t, size = step(layer, t, k, probs, size)
+                t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+            t = model.norm(t)
+            if model.global_pool == "avg":
+                p = model.num_prefix_tokens
+                pooled = (t[p:] * size[p:, None]).sum(0) / size[p:].sum()
+            else:
+                pooled = t[0]
+            outs.append(model.head(model.fc_norm(pooled)))
+    return torch.stack(outs)

@@ -1,0 +1,184 @@
+"""Public API behaviour: errors that name the argument and range, describe, record, context manager."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import tokenreduce
+from conftest import build, images
+
+
+def test_import_pulls_in_no_model_library():
+    code = "import sys, tokenreduce; print(sorted(m for m in ('timm', 'transformers', 'diffusers', 'open_clip') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_methods_lists_registered_names():
+    assert tokenreduce.methods() == ["evit", "none", "random", "tome", "topk"]
+
+
+@pytest.mark.parametrize(
+    "method,config,error,match",
+    [
+        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['evit'"),
+        ("tome", dict(r=-1), ValueError, r"r must be an integer >= 0"),
+        ("tome", dict(r=1.5), ValueError, r"r must be an integer >= 0"),
+        ("tome", dict(r=(8, 2.0)), ValueError, r"inflection in \[-1, 1\]"),
+        ("tome", dict(r=[1, 2]), ValueError, r"one entry per block \(4\), got 2"),
+        ("tome", dict(r=40), ValueError, r"r=40 at layer 0 exceeds half of the 64 mergeable tokens there \(allowed 0..32\)"),
+        ("tome", dict(r=14), ValueError, r"r=14 at layer 3 .*of the 22 mergeable.*allowed 0..11.*clip=True"),
+        ("tome", dict(k=3), TypeError, r"unknown config \['k'\]; it accepts \['r', 'prop_attn', 'clip'\]"),
+        ("evit", dict(keep_rate=0.0), ValueError, r"keep_rate must be a number in \(0, 1\], got 0.0"),
+        ("topk", dict(keep_rate=1.5), ValueError, r"keep_rate must be a number in \(0, 1\], got 1.5"),
+        ("random", dict(keep_rate=-0.1), ValueError, r"keep_rate must be a number in \(0, 1\]"),
+        ("evit", dict(layers=(1, 9)), ValueError, r"layers must be block indices in \[0, 3\] for this model, got \[9\]"),
+        ("topk", dict(layers=()), ValueError, r"layers must be a non-empty sequence"),
+    ],
+)
+def test_bad_config_raises_with_range(method, config, error, match):
+    model = build("vit")
+    with pytest.raises(error, match=match):
+        tokenreduce.apply(model, method, **config)
+    assert not tokenreduce.is_patched(model)
+
+
+def test_clip_lowers_r_where_tokens_run_out():
+    model = build("vit")
+    tokenreduce.apply(model, "tome", r=14, clip=True)
+    with torch.no_grad():
+        model(images())
+    # 65 -> 51 -> 37 -> 23, then only 22 // 2 = 11 tokens can merge in the last block
+    assert tokenreduce.record(model).tokens_per_layer == (51, 37, 23, 12)
+
+
+def test_tome_r_schedules():
+    tome = tokenreduce.make_method("tome", r=(8, 0.5))
+    assert tome.per_layer_r(4) == [4, 6, 9, 12]
+    assert tokenreduce.make_method("tome", r=[1, 2, 3, 0]).per_layer_r(4) == [1, 2, 3, 0]
+
+
+def test_unsupported_models_raise_type_error():
+    torchvision = pytest.importorskip("torchvision")
+    with pytest.raises(TypeError, match=r"no tokenreduce adapter for ResNet; supported model families: timm VisionTransformer"):
+        tokenreduce.apply(torchvision.models.resnet18(), "tome", r=8)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        tokenreduce.apply("vit", "tome")
+
+
+def test_model_without_blocks_raises():
+    model = build("vit", depth=0)
+    with pytest.raises(TypeError, match="no transformer blocks to patch"):
+        tokenreduce.apply(model, "none")
+
+
+def test_cls_methods_need_a_class_token():
+    with pytest.raises(ValueError, match="'evit' scores tokens by CLS attention; this model has no class token"):
+        tokenreduce.apply(build("no_cls_avg"), "evit")
+
+
+def test_attention_pooling_is_refused():
+    model = build("no_cls_avg", global_pool="map")
+    with pytest.raises(TypeError, match=r"global_pool='map' \(attention pooling\) is not supported"):
+        tokenreduce.apply(model, "tome", r=2)
+    assert not tokenreduce.is_patched(model) and type(model.blocks[0]).__name__ == "Block"
+
+
+def test_changed_block_forward_is_detected():
+    from timm.models.vision_transformer import Block
+
+    class SkipsLayerScale(Block):
+        def forward(self, x, attn_mask=None, is_causal=False):
+            x = x + self.attn(self.norm1(x))
+            return x + self.ls2(self.mlp(self.norm2(x)))
+
+    model = build("dinov2_reg", block_fn=SkipsLayerScale)
+    with pytest.raises(TypeError, match="SkipsLayerScale.forward does not match the layout"):
+        tokenreduce.apply(model, "tome", r=2)
+    assert all(type(b) is SkipsLayerScale for b in model.blocks)
+
+
+def test_attn_mask_with_reduction_raises():
+    model = build("vit")
+    mask = torch.zeros(65, 65)
+    tokenreduce.apply(model, "tome", r=2)
+    with pytest.raises(ValueError, match="attn_mask / is_causal cannot be combined with token reduction"):
+        model.forward_features(images(), attn_mask=mask)
+    tokenreduce.apply(model, "none")
+    with torch.no_grad():
+        model.forward_features(images(), attn_mask=mask)
+
+
+def test_record_and_describe():
+    model = build("dinov2_reg")
+    assert "not patched" in tokenreduce.describe(model)
+    tokenreduce.apply(model, "tome", r=4)
+    with pytest.raises(ValueError, match="has not run a forward yet"):
+        tokenreduce.record(model)
+    text = tokenreduce.describe(model)
+    assert "tome(r=4, prop_attn=True, clip=False)" in text
+    assert "4 blocks (Block), 5 prefix tokens" in text and "69 -> 65 61 57 53" in text
+    with torch.no_grad():
+        model(images(batch=3))
+    rec = tokenreduce.record(model)
+    assert rec.tokens_per_layer == (65, 61, 57, 53) and rec.size.shape == (3, 53, 1) and rec.source is None
+    with pytest.raises(ValueError, match="not patched by tokenreduce"):
+        tokenreduce.record(build("vit"))
+
+
+def test_applied_restores_an_earlier_patch():
+    model, x = build("vit"), images()
+    tokenreduce.apply(model, "tome", r=3)
+    with torch.no_grad():
+        before = model(x)
+        with tokenreduce.applied(model, "topk", keep_rate=0.5):
+            model(x)
+            assert tokenreduce.record(model).tokens_per_layer[-1] < 40
+        assert torch.equal(model(x), before)
+    assert "tome(r=3" in tokenreduce.describe(model)
+
+
+def test_remove_on_unpatched_model_is_a_no_op():
+    model = build("vit")
+    assert tokenreduce.remove(model) is model and not tokenreduce.is_patched(model)
+
+
+def test_training_mode_and_gradients_flow():
+    model = build("qknorm_avg").train()
+    tokenreduce.apply(model, "tome", r=4)
+    loss = model(images()).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.blocks[-1].parameters())
+
+
+def test_torch_compile_traces_tome():
+    model, x = build("vit"), images()
+    tokenreduce.apply(model, "tome", r=4)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+    assert tokenreduce.record(model).tokens_per_layer == (61, 57, 53, 49)
+
+
+def test_method_object_can_be_passed():
+    method = tokenreduce.make_method("evit", keep_rate=0.5)
+    model = tokenreduce.apply(build("vit"), method)
+    assert "evit(keep_rate=0.5" in tokenreduce.describe(model)
+    with pytest.raises(TypeError, match="not both"):
+        tokenreduce.apply(model, method, keep_rate=0.3)
+
+
+def test_state_is_not_a_module_and_adds_no_parameters():
+    model = build("vit")
+    n_params = sum(p.numel() for p in model.parameters())
+    names = [n for n, _ in model.named_modules()]
+    tokenreduce.apply(model, "tome", r=2)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert [n for n, _ in model.named_modules()] == names
+    assert not isinstance(model._tokenreduce, nn.Module)

@@ -1,0 +1,181 @@
+"""The contract every registered method x every model layout must honour."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tokenreduce
+from conftest import MODELS, build, images
+
+# A reducing and an identity config per method; adding a method without both fails test_all_covered.
+REDUCING = {
+    "none": {},
+    "tome": dict(r=6),
+    "evit": dict(keep_rate=0.6),
+    "topk": dict(keep_rate=0.6),
+    "random": dict(keep_rate=0.6, seed=3),
+}
+IDENTITY = {
+    "none": {},
+    "tome": dict(r=0),
+    "evit": dict(keep_rate=1.0),
+    "topk": dict(keep_rate=1.0),
+    "random": dict(keep_rate=1.0),
+}
+MERGING = {"none", "tome", "evit"}  # methods that keep every original token's mass
+
+
+def test_all_covered():
+    assert sorted(REDUCING) == sorted(IDENTITY) == tokenreduce.methods()
+
+
+def cases():
+    for method in sorted(REDUCING):
+        for model in sorted(MODELS):
+            marks = []
+            if tokenreduce.make_method(method, **REDUCING[method]).needs_cls_token and model == "no_cls_avg":
+                marks = [pytest.mark.skip(reason=f"{method} needs a class token (the error is tested separately)")]
+            yield pytest.param(method, model, id=f"{method}-{model}", marks=marks)
+
+
+CASES = list(cases())
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def traces(model):
+    """Everything patching could leave behind: classes, instance attributes and hooks of every module."""
+    return [
+        (name, type(m), sorted(vars(m)), [h.__qualname__ for h in m._forward_hooks.values()], len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_identity_config_matches_unpatched(method, model_name):
+    model, x = build(model_name), images()
+    expected = run(model, x)
+    with tokenreduce.applied(model, method, **IDENTITY[method]):
+        got = run(model, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_remove_is_bit_identical_and_leaves_no_trace(method, model_name):
+    model, x = build(model_name), images()
+    expected, before = run(model, x), traces(model)
+    tokenreduce.apply(model, method, trace_source=True, **REDUCING[method])
+    reduced = run(model, x)
+    tokenreduce.remove(model)
+    assert torch.equal(run(model, x), expected)
+    assert traces(model) == before
+    assert not tokenreduce.is_patched(model)
+    if method != "none":
+        assert not torch.allclose(reduced, expected, atol=1e-4), "the reducing config changed nothing"
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_apply_twice_equals_once(method, model_name):
+    once, x = build(model_name), images()
+    twice = copy.deepcopy(once)
+    tokenreduce.apply(once, method, **REDUCING[method])
+    tokenreduce.apply(twice, "tome", r=1)
+    tokenreduce.apply(twice, method, **REDUCING[method])
+    assert torch.equal(run(twice, x), run(once, x))
+    assert traces(twice) == traces(once)
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_token_counts_follow_schedule(method, model_name):
+    model, x = build(model_name), images()
+    tokenreduce.apply(model, method, **REDUCING[method])
+    out = run(model, x)
+    rec = tokenreduce.record(model)
+    depth, prefix = len(model.blocks), model.num_prefix_tokens
+    assert rec.input_tokens == 64 + prefix
+    plan = tokenreduce.make_method(method, **REDUCING[method]).schedule(64 + prefix, prefix, depth)
+    assert list(rec.tokens_per_layer) == plan
+    if method != "none":
+        assert plan[-1] < rec.input_tokens
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_batch_equals_singles(method, model_name):
+    model, x = build(model_name), images(batch=4)
+    tokenreduce.apply(model, method, **REDUCING[method])
+    batched = run(model, x)
+    singles = torch.cat([run(model, x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_sdpa_matches_eager(method, model_name):
+    model, x = build(model_name), images()
+    tokenreduce.apply(model, method, **REDUCING[method])
+    fused = run(model, x)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    torch.testing.assert_close(run(model, x), fused, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_half_precision_is_finite(method, model_name, dtype):
+    model = build(model_name).to(dtype)
+    tokenreduce.apply(model, method, trace_source=True, **REDUCING[method])
+    out = run(model, images().to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    rec = tokenreduce.record(model)
+    assert list(rec.tokens_per_layer) == tokenreduce.make_method(method, **REDUCING[method]).schedule(
+        rec.input_tokens, model.num_prefix_tokens, len(model.blocks)
+    )
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_state_dict_untouched(method, model_name):
+    model = build(model_name)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    tokenreduce.apply(model, method, **REDUCING[method])
+    run(model, images())
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, (ptr, value) in before.items():
+        assert after[k].data_ptr() == ptr and torch.equal(after[k], value), k
+
+
+@pytest.mark.parametrize("method,model_name", CASES)
+def test_sizes_and_sources_account_for_every_token(method, model_name):
+    model, x = build(model_name), images()
+    tokenreduce.apply(model, method, trace_source=True, **REDUCING[method])
+    run(model, x)
+    rec = tokenreduce.record(model)
+    n0, prefix = rec.input_tokens, rec.num_prefix
+    source = rec.source
+    assert source.shape == (2, rec.tokens_per_layer[-1], n0)
+    assert set(source.unique().tolist()) <= {0.0, 1.0}
+    assert (source.sum(dim=1) <= 1).all(), "an original token is covered by two final tokens"
+    # prefix tokens stay in front, each covering only itself
+    assert torch.equal(source[:, :prefix], torch.eye(n0)[:prefix].expand(2, -1, -1))
+    if rec.size is None:
+        assert method == "none" or rec.tokens_per_layer[-1] == n0
+        return
+    torch.testing.assert_close(rec.size[..., 0], source.sum(dim=-1))
+    if method in MERGING:
+        assert torch.equal(rec.size.sum(dim=(1, 2)), torch.full((2,), float(n0)))
+
+
+def test_dynamic_img_size_reschedules_per_input():
+    model = build("vit", dynamic_img_size=True)
+    tokenreduce.apply(model, "tome", r=4)
+    for size, patches in [(32, 64), (48, 144)]:
+        run(model, images(size=size))
+        rec = tokenreduce.record(model)
+        assert rec.input_tokens == patches + 1
+        assert rec.tokens_per_layer == tuple(patches + 1 - 4 * (i + 1) for i in range(4))

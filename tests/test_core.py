@@ -1,0 +1,100 @@
+"""Core tensor ops on hand-made inputs whose correct answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenreduce.core import (
+    bipartite_soft_matching,
+    cls_attention,
+    fuse_tokens,
+    gather_tokens,
+    keep_indices,
+    merge_wavg,
+    split_keep_drop,
+)
+
+# Positions 0..6 alternate A (even) / B (odd). Token 2 points the same way as 5, token 4 nearly as 1,
+# token 6 is orthogonal to every B token. Token 0 (CLS) is identical to 1 but must never merge.
+METRIC = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],  # 0 A, CLS
+        [1.0, 0.0, 0.0, 0.0],  # 1 B
+        [0.0, 1.0, 0.0, 0.0],  # 2 A -> 5 (cos 1)
+        [0.0, 0.0, 1.0, 0.0],  # 3 B
+        [0.9, 0.1, 0.0, 0.0],  # 4 A -> 1 (cos 0.994)
+        [0.0, 2.0, 0.0, 0.0],  # 5 B
+        [0.0, 0.0, 0.0, 1.0],  # 6 A, no partner
+    ]
+)[None]
+X = torch.arange(7.0)[None, :, None] * 10  # token i carries the value 10 * i
+
+
+def test_merges_the_most_similar_pairs_and_protects_cls():
+    match = bipartite_soft_matching(METRIC, r=2, num_prefix=1)
+    x, size = merge_wavg(match, X, torch.ones(1, 7, 1))
+    # order: CLS, unmerged A (6), then B tokens 1, 3, 5 with 4 merged into 1 and 2 into 5
+    assert x[0, :, 0].tolist() == [0.0, 60.0, 25.0, 30.0, 35.0]
+    assert size[0, :, 0].tolist() == [1.0, 1.0, 2.0, 1.0, 2.0]
+
+
+def test_merge_is_size_weighted():
+    size = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0])[None, :, None]
+    x, new_size = merge_wavg(bipartite_soft_matching(METRIC, r=2, num_prefix=1), X, size)
+    assert x[0, 2, 0].item() == pytest.approx((10 * 1 + 40 * 3) / 4)
+    assert new_size[0, 2, 0].item() == 4
+
+
+def test_r1_takes_only_the_best_pair():
+    x, _ = merge_wavg(bipartite_soft_matching(METRIC, r=1, num_prefix=1), X, torch.ones(1, 7, 1))
+    assert x[0, :, 0].tolist() == [0.0, 40.0, 60.0, 10.0, 30.0, 35.0]
+
+
+def test_prefix_b_token_never_receives_a_merge():
+    # With two prefix tokens (CLS, distillation), token 1 is protected: token 4 must not join it.
+    match = bipartite_soft_matching(METRIC, r=2, num_prefix=2)
+    x, size = merge_wavg(match, X, torch.ones(1, 7, 1))
+    assert x[0, :2, 0].tolist() == [0.0, 10.0] and size[0, :2, 0].tolist() == [1.0, 1.0]
+    assert size.sum() == 7
+
+
+def test_source_tracking_follows_merges():
+    match = bipartite_soft_matching(METRIC, r=2, num_prefix=1)
+    source = match.merge(torch.eye(7)[None], mode="amax")
+    covered = [torch.nonzero(row).flatten().tolist() for row in source[0]]
+    assert covered == [[0], [6], [1, 4], [3], [2, 5]]
+
+
+def test_r_out_of_range_names_the_range():
+    with pytest.raises(ValueError, match=r"r must be in \[0, 3\]"):
+        bipartite_soft_matching(METRIC, r=4, num_prefix=1)
+
+
+def test_half_precision_merge_accumulates_in_fp32():
+    x = torch.full((1, 7, 1), 60000.0, dtype=torch.float16)
+    out, size = merge_wavg(bipartite_soft_matching(METRIC, 2, 1), x, torch.ones(1, 7, 1))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and (out == 60000).all()
+
+
+def test_keep_and_drop_indices():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2]])
+    assert keep_indices(scores, 2, num_prefix=1).tolist() == [[0, 2, 4]]
+    keep, drop = split_keep_drop(scores, 2, num_prefix=1)
+    assert keep.tolist() == [[0, 2, 4]] and drop.tolist() == [[1, 3, 5]]
+
+
+def test_gather_and_fuse():
+    x = torch.arange(12.0).reshape(1, 4, 3)
+    assert gather_tokens(x, torch.tensor([[3, 0]])).tolist() == [[[9, 10, 11], [0, 1, 2]]]
+    fused = fuse_tokens(x, torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.25]]))
+    assert fused.tolist() == [[[3 * 0.5 + 6 * 0.25, 4 * 0.5 + 7 * 0.25, 5 * 0.5 + 8 * 0.25]]]
+    assert fuse_tokens(x, torch.tensor([[1, 2]]), reduce="amax").tolist() == [[[6, 7, 8]]]
+
+
+def test_cls_attention_equals_the_full_attention_row():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 9, 4, generator=gen), torch.randn(2, 3, 9, 4, generator=gen)
+    bias = torch.randn(2, 1, 1, 9, generator=gen)
+    full = ((q @ k.transpose(-1, -2)) * 0.5 + bias).softmax(-1)
+    torch.testing.assert_close(cls_attention(q, k, 0.5, bias), full[:, :, 0].mean(1))
