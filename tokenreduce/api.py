@@ -81,7 +81,7 @@ def remove(model: ModelT) -> ModelT:
 def applied(model: ModelT, method: str | Method, *, trace_source: bool = False, **config: Any) -> Iterator[ModelT]:
     """Context manager form of :func:`apply`; on exit the model is as it was before (including an
     earlier patch, which is re-applied)."""
-    previous = _patch(model) if is_patched(model) else None
+    previous = patch_of(model) if is_patched(model) else None
     apply(model, method, trace_source=trace_source, **config)
     try:
         yield model
@@ -91,15 +91,16 @@ def applied(model: ModelT, method: str | Method, *, trace_source: bool = False, 
             apply(model, previous.method, trace_source=previous.state.trace_source)
 
 
-def _patch(model: nn.Module) -> Patch:
+def patch_of(model: nn.Module) -> Patch:
+    """The :class:`Patch` attached to ``model``; a ``ValueError`` if it is not patched."""
     if not is_patched(model):
-        raise ValueError(f"model is not patched by tokenreduce; call tokenreduce.apply(model, ...) first")
+        raise ValueError("model is not patched by tokenreduce; call tokenreduce.apply(model, ...) first")
     return model.__dict__[ATTR]
 
 
 def record(model: nn.Module) -> Record:
     """Token counts per block (and sizes/sources) of the last forward of a patched model."""
-    patch = _patch(model)
+    patch = patch_of(model)
     if not patch.state.schedule:
         raise ValueError("the patched model has not run a forward yet")
     return patch.state.record()
@@ -109,7 +110,7 @@ def describe(model: nn.Module) -> str:
     """A human-readable account of what tokenreduce did to ``model``."""
     if not is_patched(model):
         return f"{type(model).__name__}: not patched by tokenreduce"
-    patch = _patch(model)
+    patch = patch_of(model)
     lines = [f"tokenreduce {patch.method} via adapter {patch.adapter.name!r}", f"  model: {patch.adapter.summary(model)}"]
     n0 = patch.adapter.default_num_tokens(model)
     if n0 is not None:

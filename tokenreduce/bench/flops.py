@@ -1,0 +1,29 @@
+"""Analytic compute of a (reduced) transformer from the token counts it actually ran with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenreduce.adapters.base import Adapter, BlockCost
+
+
+def block_macs(cost: BlockCost, n_in: int, n_out: int) -> int:
+    """Multiply-accumulates of one block whose attention sees ``n_in`` tokens and MLP ``n_out``.
+
+    Linear layers scale with the token count; ``QK^T`` and ``AV`` add ``2 * n_in^2 * attn_dim``.
+    """
+    return cost.attn_macs_per_token * n_in + 2 * n_in * n_in * cost.attn_dim + cost.mlp_macs_per_token * n_out
+
+
+def model_macs(adapter: Adapter, model, input_tokens: int, tokens_per_layer: Sequence[int]) -> int:
+    """MACs for one image: stem and head, plus every block at its recorded token counts.
+
+    The token-reduction literature reports these as "GFLOPs" (fvcore's convention: one
+    multiply-accumulate counts once); the small cost of scoring and matching is not included.
+    """
+    costs = adapter.block_costs(model)
+    if len(costs) != len(tokens_per_layer):
+        raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries for {len(costs)} blocks")
+    n_in = [input_tokens, *tokens_per_layer[:-1]]
+    blocks = sum(block_macs(c, i, o) for c, i, o in zip(costs, n_in, tokens_per_layer))
+    return adapter.stem_head_macs(model, input_tokens) + blocks

@@ -1,0 +1,273 @@
+"""Run methods side by side on one model: the same input, interleaved repeats, medians."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import tokenreduce
+from tokenreduce.adapters import find_adapter
+from tokenreduce.api import patch_of
+from tokenreduce.bench.flops import model_macs
+from tokenreduce.bench.memory import peak_memory_bytes
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its config as written on the command line, e.g. ``tome:r=16:clip=True``."""
+
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.config.items())])
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        name, *pairs = text.strip().split(":")
+        config = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise ValueError(f"method spec {text!r}: expected name:key=value[:key=value...], got {pair!r}")
+            try:
+                config[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                config[key] = raw
+        return cls(name, config)
+
+
+def parse_specs(text: str) -> list[MethodSpec]:
+    """Split ``"none,tome:r=8,tome:r=[4,4,8]"`` on the commas outside brackets and parse each spec."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    specs = [MethodSpec.parse(p) for p in parts if p.strip()]
+    if not specs:
+        raise ValueError("methods must name at least one method")
+    return specs
+
+
+@dataclass
+class BenchResult:
+    """One method's measurements; ratios are against the ``none`` row of the same run."""
+
+    method: str
+    params: dict[str, Any]
+    images_per_s: float
+    latency_ms: float  # median wall time of one batch
+    gflops: float  # per image, multiply-accumulates (the literature's "GFLOPs")
+    peak_memory_mib: float  # tensors allocated by one forward, beyond weights and input
+    reduce_share: float  # fraction of the forward spent scoring, matching and merging
+    tokens_per_layer: list[int]
+    input_tokens: int
+    speedup: float = 1.0
+    flops_speedup: float = 1.0
+    times_ms: list[float] = field(default_factory=list)
+
+    @property
+    def efficiency(self) -> float:
+        """Measured speedup as a fraction of the FLOP-ideal one."""
+        return self.speedup / self.flops_speedup if self.flops_speedup != 1.0 else 1.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reduce_share(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Time spent inside ``Method.reduce`` over the whole forward, on one instrumented pass."""
+    method = patch_of(model).method
+    original, spent = method.reduce, 0.0
+
+    def timed(*args, **kwargs):
+        nonlocal spent
+        _sync(device)
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        _sync(device)
+        spent += time.perf_counter() - start
+        return out
+
+    method.reduce = timed  # an instance attribute shadows the class method for this pass only
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        model(x)
+        _sync(device)
+        total = time.perf_counter() - start
+    finally:
+        del method.reduce
+    return spent / total
+
+
+def run_bench(
+    model: nn.Module,
+    specs: Sequence[MethodSpec],
+    *,
+    batch_size: int = 32,
+    img_size: int = 224,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int], None] | None = None,
+) -> list[BenchResult]:
+    """Benchmark every spec on a private copy of ``model``, interleaving the timed repeats.
+
+    A ``none`` baseline is added in front when missing; it runs the unpatched model. ``progress``
+    is called with 1 after every forward (``steps(len(specs), repeats, warmup)`` in total).
+    """
+    for name, value, low in [("batch_size", batch_size, 1), ("img_size", img_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]:
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    specs = list(specs)
+    if not any(s.name == "none" for s in specs):
+        specs.insert(0, MethodSpec("none"))
+    device = torch.device(device)
+    tick = progress or (lambda n: None)
+    base = model.eval().to(device=device, dtype=dtype)
+    adapter = find_adapter(base)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=dtype)
+
+    models, records = [], []
+    with torch.inference_mode():
+        for spec in specs:  # build and validate every method before timing anything
+            m = tokenreduce.apply(copy.deepcopy(base), spec.name, **spec.config)
+            m(x)
+            tick(1)
+            records.append(tokenreduce.record(m))
+            if spec.name == "none":
+                tokenreduce.remove(m)  # the baseline is the untouched model
+            models.append(m)
+        for _ in range(max(warmup - 1, 0)):
+            for m in models:
+                m(x)
+                tick(1)
+        times: list[list[float]] = [[] for _ in specs]
+        for rep in range(repeats):
+            order = list(range(len(specs)))
+            order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate to spread drift
+            for i in order:
+                _sync(device)
+                start = time.perf_counter()
+                models[i](x)
+                _sync(device)
+                times[i].append(time.perf_counter() - start)
+                tick(1)
+        peaks = [peak_memory_bytes(lambda m=m: m(x), device) for m in models]
+        shares = [_reduce_share(m, x, device) if tokenreduce.is_patched(m) else 0.0 for m in models]
+
+    results = []
+    for spec, rec, t, peak, share in zip(specs, records, times, peaks, shares):
+        latency = statistics.median(t)
+        macs = model_macs(adapter, base, rec.input_tokens, rec.tokens_per_layer)
+        results.append(
+            BenchResult(
+                method=spec.label,
+                params=tokenreduce.make_method(spec.name, **spec.config).params(),
+                images_per_s=batch_size / latency,
+                latency_ms=latency * 1e3,
+                gflops=macs / 1e9,
+                peak_memory_mib=peak / 2**20,
+                reduce_share=share,
+                tokens_per_layer=list(rec.tokens_per_layer),
+                input_tokens=rec.input_tokens,
+                times_ms=[s * 1e3 for s in t],
+            )
+        )
+    baseline = next(r for r, s in zip(results, specs) if s.name == "none")
+    for r in results:
+        r.speedup = r.images_per_s / baseline.images_per_s
+        r.flops_speedup = baseline.gflops / r.gflops
+    return results
+
+
+def steps(num_specs: int, repeats: int, warmup: int) -> int:
+    """Forwards ``run_bench`` reports to ``progress`` (the ``none`` baseline included)."""
+    return num_specs * (1 + max(warmup - 1, 0) + repeats)
+
+
+def format_table(results: Sequence[BenchResult]) -> str:
+    head = ["method", "tokens", "GFLOPs", "img/s", "latency ms", "speedup", "FLOP-ideal", "of ideal", "peak MiB", "reduce %"]
+    rows = [
+        [
+            r.method,
+            f"{r.input_tokens}->{r.tokens_per_layer[-1]}",
+            f"{r.gflops:.2f}",
+            f"{r.images_per_s:.1f}",
+            f"{r.latency_ms:.1f}",
+            f"{r.speedup:.2f}x",
+            f"{r.flops_speedup:.2f}x",
+            f"{r.efficiency:.0%}",
+            f"{r.peak_memory_mib:.1f}",
+            f"{r.reduce_share:.1%}",
+        ]
+        for r in results
+    ]
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def environment(device: str | torch.device, dtype: torch.dtype, batch_size: int, img_size: int, **extra: Any) -> dict[str, Any]:
+    """Everything a reader needs to know where and how the numbers were taken."""
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tokenreduce": tokenreduce.__version__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "img_size": img_size,
+    }
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return {**env, **extra}
+
+
+def to_json(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for r in results:
+        row = asdict(r)
+        row["efficiency"] = r.efficiency
+        rows.append(row)
+    return {"environment": env, "results": rows}
