@@ -76,6 +76,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from timm.data import resolve_model_data_config
+
+    from tokenreduce.bench.runner import parse_specs
+    from tokenreduce.viz.figure import compose, load_image, method_panels
+
+    specs = parse_specs(args.methods)
+    model = create_timm_model(args.model, args.pretrained, args.img_size).eval()
+    config = resolve_model_data_config(model)
+    grid = tuple(model.patch_embed.grid_size)
+    rows = []
+    for path in args.images:
+        image = load_image(path, args.img_size)
+        rows.append([image, *method_panels(model, image, specs, config["mean"], config["std"], grid)])
+    compose(rows, ["input", *(s.label for s in specs)]).save(args.out)
+    weights = "pretrained" if args.pretrained else "random weights: merges follow pixel similarity only"
+    print(f"wrote {args.out} ({len(rows)} image(s) x {len(specs)} method(s), {args.model}, {weights})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description="Training-free token reduction for vision transformers.")
     sub = parser.add_subparsers(dest="command")
@@ -96,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the results and the environment to this file")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(fn=cmd_bench)
+
+    viz = sub.add_parser("viz", help="draw which patches each method kept and merged on your images")
+    viz.add_argument("images", nargs="+", help="image files")
+    viz.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    viz.add_argument("--methods", default="tome:r=16:clip=True,evit:keep_rate=0.7")
+    viz.add_argument("--img-size", type=int, default=224)
+    viz.add_argument("--pretrained", action="store_true", help="load hub weights (needs network); default random")
+    viz.add_argument("--out", default="tokenreduce-viz.png", help="PNG to write")
+    viz.set_defaults(fn=cmd_viz)
     return parser
 
 
