@@ -39,6 +39,7 @@ def test_methods_lists_registered_names():
         ("random", dict(keep_rate=-0.1), ValueError, r"keep_rate must be a number in \(0, 1\]"),
         ("evit", dict(layers=(1, 9)), ValueError, r"layers must be block indices in \[0, 3\] for this model, got \[9\]"),
         ("topk", dict(layers=()), ValueError, r"layers must be a non-empty sequence"),
+        ("random", dict(seed=-1), ValueError, r"seed must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_config_raises_with_range(method, config, error, match):
@@ -87,6 +88,57 @@ def test_attention_pooling_is_refused():
     with pytest.raises(TypeError, match=r"global_pool='map' \(attention pooling\) is not supported"):
         tokenreduce.apply(model, "tome", r=2)
     assert not tokenreduce.is_patched(model) and type(model.blocks[0]).__name__ == "Block"
+
+
+def test_grad_checkpointing_is_refused():
+    model = build("vit")
+    model.set_grad_checkpointing(True)
+    with pytest.raises(TypeError, match=r"model.set_grad_checkpointing\(False\) before tokenreduce.apply"):
+        tokenreduce.apply(model, "tome", r=2)
+    model.set_grad_checkpointing(False)
+    tokenreduce.apply(model, "tome", r=2)
+    with pytest.raises(TypeError, match="gradient checkpointing cannot be combined with token reduction"):
+        model.set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,prefix",
+    [
+        ("vit_tiny_patch16_224", {}, 1),
+        ("deit_tiny_distilled_patch16_224", {}, 2),
+        ("vit_small_patch14_reg4_dinov2", dict(img_size=56), 5),
+        ("vit_base_patch16_clip_224", dict(img_size=64), 1),
+        ("vit_medium_patch16_gap_256", dict(img_size=64), 0),
+    ],
+)
+def test_registered_timm_architectures(name, kwargs, prefix):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, depth=2, **kwargs).eval()
+    size = kwargs.get("img_size", 224)
+    tokenreduce.apply(model, "tome", r=3, trace_source=True)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    rec = tokenreduce.record(model)
+    assert rec.num_prefix == prefix and rec.tokens_per_layer == (rec.input_tokens - 3, rec.input_tokens - 6)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("eva02_tiny_patch14_224", "no tokenreduce adapter for Eva; supported model families: timm VisionTransformer"),
+        ("vit_base_patch16_siglip_224", r"global_pool='map' \(attention pooling\) is not supported"),
+        ("vit_pwee_patch16_reg1_gap_256", "block 0 is a ParallelScalingBlock; supported block classes"),
+    ],
+)
+def test_unsupported_timm_architectures_say_why(name, match):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, depth=1)
+    with pytest.raises(TypeError, match=match):
+        tokenreduce.apply(model, "tome", r=2)
+    assert not tokenreduce.is_patched(model)
 
 
 def test_changed_block_forward_is_detected():
@@ -156,14 +208,18 @@ def test_training_mode_and_gradients_flow():
     assert all(p.grad is not None for p in model.blocks[-1].parameters())
 
 
-def test_torch_compile_traces_tome():
-    model, x = build("vit"), images()
-    tokenreduce.apply(model, "tome", r=4)
+@pytest.mark.parametrize(
+    "method,config", [("tome", dict(r=4)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5)), ("random", dict(keep_rate=0.5))]
+)
+def test_torch_compile_traces_the_patched_model(method, config):
+    model, x = build("dinov2_reg"), images()
+    tokenreduce.apply(model, method, **config)
     with torch.no_grad():
         eager = model(x)
-        compiled = torch.compile(model, backend="aot_eager")
+        plan = tokenreduce.record(model).tokens_per_layer
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # no graph breaks
         torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
-    assert tokenreduce.record(model).tokens_per_layer == (61, 57, 53, 49)
+    assert tokenreduce.record(model).tokens_per_layer == plan
 
 
 def test_method_object_can_be_passed():

@@ -10,6 +10,7 @@ from tokenreduce.core import (
     cls_attention,
     fuse_tokens,
     gather_tokens,
+    hash_scores,
     keep_indices,
     merge_wavg,
     split_keep_drop,
@@ -98,3 +99,12 @@ def test_cls_attention_equals_the_full_attention_row():
     bias = torch.randn(2, 1, 1, 9, generator=gen)
     full = ((q @ k.transpose(-1, -2)) * 0.5 + bias).softmax(-1)
     torch.testing.assert_close(cls_attention(q, k, 0.5, bias), full[:, :, 0].mean(1))
+
+
+def test_hash_scores_are_distinct_deterministic_and_keyed():
+    a = hash_scores(5000, key=7)
+    assert torch.equal(a, hash_scores(5000, key=7)) and a.unique().numel() == 5000
+    assert not torch.equal(a, hash_scores(5000, key=8))
+    # roughly uniform over [0, 2**32): each quarter holds about a quarter of the positions
+    counts = torch.bincount(a // 2**30, minlength=4)
+    assert ((counts > 1100) & (counts < 1400)).all()

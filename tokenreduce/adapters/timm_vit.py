@@ -68,6 +68,11 @@ class ReducingBlock:
 class ReducingVisionTransformer:
     """Mixed in front of ``VisionTransformer``: average pooling weighted by token size."""
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise TypeError("gradient checkpointing cannot be combined with token reduction; tokenreduce.remove(model) first")
+        super().set_grad_checkpointing(False)  # type: ignore[misc]
+
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         size = getattr(self, ATTR).state.size
@@ -109,7 +114,7 @@ def _verify_layout(block: nn.Module, layout: BlockLayout) -> None:
 @register_adapter
 class TimmViT(Adapter):
     name = "timm-vit"
-    family = "timm VisionTransformer (vit_*, deit_*, DINOv2, CLIP/EVA-style ViTs built on it)"
+    family = "timm VisionTransformer and its subclasses (vit_*, deit_*, DINOv2, CLIP image towers)"
     attn_requires: ClassVar[tuple[str, ...]] = ("qkv", "q_norm", "k_norm", "scale", "num_heads")
 
     @classmethod
@@ -134,6 +139,11 @@ class TimmViT(Adapter):
         blocks = self.blocks(model)
         if not blocks:
             raise TypeError(f"{type(model).__name__} has no transformer blocks to patch (model.blocks is empty)")
+        if getattr(model, "grad_checkpointing", False):
+            raise TypeError(
+                "gradient checkpointing re-runs blocks after the token state has moved on; "
+                "call model.set_grad_checkpointing(False) before tokenreduce.apply"
+            )
         if model.attn_pool is not None:
             raise TypeError(
                 f"global_pool={model.global_pool!r} (attention pooling) is not supported; "

@@ -2,7 +2,7 @@
 
 from tokenreduce.core.attention import cls_attention, size_bias
 from tokenreduce.core.matching import BipartiteMatch, bipartite_soft_matching, merge_wavg
-from tokenreduce.core.select import fuse_tokens, gather_tokens, keep_indices, split_keep_drop
+from tokenreduce.core.select import fuse_tokens, gather_tokens, hash_scores, keep_indices, split_keep_drop
 
 __all__ = [
     "BipartiteMatch",
@@ -10,6 +10,7 @@ __all__ = [
     "cls_attention",
     "fuse_tokens",
     "gather_tokens",
+    "hash_scores",
     "keep_indices",
     "merge_wavg",
     "size_bias",

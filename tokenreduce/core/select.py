@@ -46,3 +46,16 @@ def fuse_tokens(x: Tensor, idx: Tensor, weight: Tensor | None = None, reduce: st
     if weight is not None:
         picked = picked * weight[..., None].to(picked.dtype)
     return picked.sum(dim=1, keepdim=True)
+
+
+def hash_scores(n: int, key: int, device: torch.device | str = "cpu") -> Tensor:
+    """Pseudo-random, all-distinct int64 scores ``[n]`` that depend only on ``key`` and the position.
+
+    An integer hash (multiply, xor-shift) instead of a ``torch.Generator``: identical on every
+    device and traceable by ``torch.compile``. Positions must be < 2**27.
+    """
+    mask = 0xFFFFFFFF
+    h = (torch.arange(n, device=device, dtype=torch.int64) * 2654435761 + (key & mask)) & mask
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
+    return h ^ (h >> 16)

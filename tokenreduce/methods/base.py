@@ -7,7 +7,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -29,12 +28,10 @@ class LayerContext:
     scale: float
     attn_bias: Tensor | None  # the additive mask this layer's attention used
 
-    @cached_property
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
         return self.k.mean(dim=1)
 
-    @cached_property
     def cls_attention(self) -> Tensor:
         """Head-averaged softmax attention of the CLS token (position 0) to every token ``[B, N]``."""
         return cls_attention(self.q, self.k, self.scale, self.attn_bias)

@@ -24,4 +24,4 @@ class EViT(PruneAtLayers):
     fuse = True
 
     def scores(self, ctx: LayerContext) -> Tensor:
-        return ctx.cls_attention[:, ctx.num_prefix :]
+        return ctx.cls_attention()[:, ctx.num_prefix :]

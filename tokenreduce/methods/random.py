@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from tokenreduce.core import hash_scores
 from tokenreduce.methods.base import LayerContext, PruneAtLayers
 from tokenreduce.registry import register_method
 
@@ -14,15 +14,19 @@ from tokenreduce.registry import register_method
 @register_method
 @dataclass
 class RandomPrune(PruneAtLayers):
-    """The floor any scoring rule must beat. The draw depends only on ``seed``, the layer and the token
-    count, so it is the same for every sample of a batch and every forward."""
+    """The floor any scoring rule must beat. The draw is a fixed hash of ``seed``, the layer and the
+    token position, so it is the same for every sample of a batch, every forward and every device."""
 
     name = "random"
     paper = "random-selection baseline"
 
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
     def scores(self, ctx: LayerContext) -> Tensor:
         b, n = ctx.k.shape[0], ctx.k.shape[2] - ctx.num_prefix
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer)
-        return torch.rand(n, generator=gen).to(ctx.k.device).expand(b, -1)
+        return hash_scores(n, self.seed * 1_000_003 + ctx.layer, ctx.k.device).expand(b, -1)

@@ -75,7 +75,7 @@ class ToMe(Method):
         r = x.shape[1] - ctx.num_out
         if r == 0:
             return x
-        match = bipartite_soft_matching(ctx.metric, r, ctx.num_prefix)
+        match = bipartite_soft_matching(ctx.metric(), r, ctx.num_prefix)
         if state.source is not None:
             state.source = match.merge(state.source, mode="amax")
         x, state.size = merge_wavg(match, x, state.sizes(x))

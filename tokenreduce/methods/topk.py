@@ -21,4 +21,4 @@ class TopK(PruneAtLayers):
     needs_cls_token = True
 
     def scores(self, ctx: LayerContext) -> Tensor:
-        return ctx.cls_attention[:, ctx.num_prefix :]
+        return ctx.cls_attention()[:, ctx.num_prefix :]
