@@ -13,7 +13,7 @@ from tokenreduce.state import ReductionState
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import Adapter
 
-ATTR = "_tokenreduce"  # the one attribute name patching adds to modules
+ATTR = "_tokenreduce"  # the attribute holding the Patch; adapters prefix any others they add with it
 
 _subclasses: dict[tuple[type, type], type] = {}
 

@@ -88,19 +88,14 @@ class ReducingVisionTransformer:
 def _verify_layout(block: nn.Module, layout: BlockLayout) -> None:
     """Raise unless the layout reproduces the block's own forward on a random input."""
     param = next(block.parameters())
-    dim = block.attn.qkv.in_features
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 7, dim, generator=gen).to(param.device, torch.float32)
+    x = torch.randn(2, 7, block.attn.qkv.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(param.device, param.dtype)
     training = block.training
     block.eval()
     try:
-        with torch.autocast(param.device.type, enabled=False):
-            orig_dtype = param.dtype
-            if orig_dtype != torch.float32:
-                x = x.to(orig_dtype)
-            expected = type(block).forward(block, x)
-            y = x + layout.run(block, layout.attn, x, attn_mask=None)
-            got = y + layout.run(block, layout.mlp, y)
+        expected = type(block).forward(block, x)
+        y = x + layout.run(block, layout.attn, x, attn_mask=None)
+        got = y + layout.run(block, layout.mlp, y)
     finally:
         block.train(training)
     tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
