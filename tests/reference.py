@@ -39,9 +39,7 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor, r: int, prefix: int) -> 
     return torch.stack(rows), torch.stack(sizes)
 
 
-def evit_step(
-    x: Tensor, size: Tensor, cls_attn: Tensor, keep_rate: float, prefix: int, fuse: bool
-) -> tuple[Tensor, Tensor]:
+def evit_step(x: Tensor, size: Tensor, cls_attn: Tensor, keep_rate: float, prefix: int, fuse: bool) -> tuple[Tensor, Tensor]:
     """One EViT (``fuse``) or Top-K step on one sample; ``cls_attn [N]`` over all tokens."""
     n_np = x.shape[0] - prefix
     keep = math.ceil(keep_rate * n_np)

@@ -14,7 +14,8 @@ from conftest import build, images
 
 
 def test_import_pulls_in_no_model_library():
-    code = "import sys, tokenreduce; print(sorted(m for m in ('timm', 'transformers', 'diffusers', 'open_clip') if m in sys.modules))"
+    libraries = ("timm", "transformers", "diffusers", "open_clip")
+    code = f"import sys, tokenreduce; print(sorted(m for m in {libraries} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -209,7 +210,8 @@ def test_training_mode_and_gradients_flow():
 
 
 @pytest.mark.parametrize(
-    "method,config", [("tome", dict(r=4)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5)), ("random", dict(keep_rate=0.5))]
+    "method,config",
+    [("tome", dict(r=4)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5)), ("random", dict(keep_rate=0.5))],
 )
 def test_torch_compile_traces_the_patched_model(method, config):
     model, x = build("dinov2_reg"), images()

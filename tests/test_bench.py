@@ -35,7 +35,9 @@ def test_parse_specs():
 
 
 @pytest.mark.parametrize("model_name", ["vit", "deit_distilled", "qknorm_avg"])
-@pytest.mark.parametrize("method,config", [("none", {}), ("tome", dict(r=6)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5))])
+@pytest.mark.parametrize(
+    "method,config", [("none", {}), ("tome", dict(r=6)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5))]
+)
 def test_analytic_macs_match_torch_flop_counter(model_name, method, config):
     model = build(model_name)
     for block in model.blocks:
@@ -73,8 +75,26 @@ def test_run_bench_reports_every_method_against_none():
 
 def test_cli_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--repeats", "1",
-                 "--methods", "tome:r=1,topk:keep_rate=0.5", "--threads", "1", "--quiet", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "1",
+            "--methods",
+            "tome:r=1,topk:keep_rate=0.5",
+            "--threads",
+            "1",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "tome:r=1" in table and "speedup" in table and "FLOP-ideal" in table

@@ -53,8 +53,21 @@ def test_cli_viz_writes_a_figure(tmp_path, capsys):
     pixels = (torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     Image.fromarray(pixels.numpy()).save(path)
     out = tmp_path / "viz.png"
-    code = main(["viz", str(path), str(path), "--model", "vit_tiny_patch16_224", "--img-size", "64",
-                 "--methods", "tome:r=1,topk:keep_rate=0.5", "--out", str(out)])
+    code = main(
+        [
+            "viz",
+            str(path),
+            str(path),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "64",
+            "--methods",
+            "tome:r=1,topk:keep_rate=0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and "wrote" in capsys.readouterr().out
     figure = Image.open(out)
     assert figure.size == (3 * 64, 18 + 2 * 64)

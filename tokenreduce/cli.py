@@ -64,10 +64,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dtype=DTYPES[args.dtype],
             progress=bar.update,
         )
-    env = environment(args.device, DTYPES[args.dtype], args.batch_size, args.img_size, model=args.model,
-                      pretrained=args.pretrained, repeats=args.repeats, warmup=args.warmup)
-    print(f"{args.model} | batch {args.batch_size} | {args.img_size}px | {env['dtype']} | {env['machine']} | "
-          f"{env['threads']} threads | median of {args.repeats}")
+    env = environment(
+        args.device,
+        DTYPES[args.dtype],
+        args.batch_size,
+        args.img_size,
+        model=args.model,
+        pretrained=args.pretrained,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    print(
+        f"{args.model} | batch {args.batch_size} | {args.img_size}px | {env['dtype']} | {env['machine']} | "
+        f"{env['threads']} threads | median of {args.repeats}"
+    )
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -103,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare methods side by side: speed, FLOPs, memory")
     bench.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
-    bench.add_argument("--methods", default=DEFAULT_METHODS,
-                       help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS})")
+    bench.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS})"
+    )
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--img-size", type=int, default=224)
     bench.add_argument("--repeats", type=int, default=5, help="timed forwards per method; the median is reported")

@@ -148,9 +148,7 @@ class TimmViT(Adapter):
         for i, block in enumerate(blocks):
             layout = _layout(block)
             if layout is None:
-                raise TypeError(
-                    f"block {i} is a {type(block).__qualname__}; supported block classes: {sorted(LAYOUTS)}"
-                )
+                raise TypeError(f"block {i} is a {type(block).__qualname__}; supported block classes: {sorted(LAYOUTS)}")
             missing = [a for a in self.attn_requires if not hasattr(block.attn, a)]
             if missing:
                 raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")

@@ -137,7 +137,8 @@ def run_bench(
     A ``none`` baseline is added in front when missing; it runs the unpatched model. ``progress``
     is called with 1 after every forward (``steps(len(specs), repeats, warmup)`` in total).
     """
-    for name, value, low in [("batch_size", batch_size, 1), ("img_size", img_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]:
+    checks = [("batch_size", batch_size, 1), ("img_size", img_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]
+    for name, value, low in checks:
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     specs = list(specs)

@@ -26,8 +26,14 @@ def load_image(path: str, size: int) -> Tensor:
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3).permute(2, 0, 1) / 255
 
 
-def method_panels(model: nn.Module, image: Tensor, specs: Sequence[MethodSpec], mean: Sequence[float],
-                  std: Sequence[float], grid: tuple[int, int]) -> list[Tensor]:
+def method_panels(
+    model: nn.Module,
+    image: Tensor,
+    specs: Sequence[MethodSpec],
+    mean: Sequence[float],
+    std: Sequence[float],
+    grid: tuple[int, int],
+) -> list[Tensor]:
     """Run ``model`` on ``image`` with each method (sources traced) and render what it kept and merged."""
     x = ((image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
     panels = []
