@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -240,3 +241,27 @@ def test_state_is_not_a_module_and_adds_no_parameters():
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert [n for n, _ in model.named_modules()] == names
     assert not isinstance(model._tokenreduce, nn.Module)
+
+
+def test_bad_config_keeps_the_earlier_patch():
+    model = build("vit")
+    tokenreduce.apply(model, "tome", r=3)
+    with pytest.raises(ValueError, match="keep_rate"):
+        tokenreduce.apply(model, "evit", keep_rate=2.0)
+    assert "tome(r=3" in tokenreduce.describe(model)
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    model, x = build("qknorm_avg"), images()
+    with torch.no_grad():
+        expected = model(x)
+    tokenreduce.apply(model, "tome", r=5, trace_source=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        reduced = model(x)
+        assert torch.equal(twin(x[:1]), model(x[:1]))
+    assert tokenreduce.record(twin).size.shape[0] == 1 and tokenreduce.record(model).size.shape[0] == 1
+    tokenreduce.remove(twin)
+    with torch.no_grad():
+        assert torch.equal(twin(x), expected)
+        assert torch.equal(model(x), reduced)  # the original keeps its own patch

@@ -48,8 +48,6 @@ def apply(model: ModelT, method: str | Method, *, trace_source: bool = False, **
     """
     method_obj = make_method(method, **config)
     adapter = find_adapter(model)
-    if is_patched(model):
-        remove(model)
     depth = len(adapter.blocks(model))
     num_prefix = adapter.num_prefix_tokens(model)
     if method_obj.needs_cls_token and not adapter.has_cls_token(model):
@@ -57,7 +55,8 @@ def apply(model: ModelT, method: str | Method, *, trace_source: bool = False, **
     n0 = adapter.default_num_tokens(model)
     if n0 is not None and depth:
         method_obj.schedule(n0, num_prefix, depth)  # fail at apply time, not at the first forward
-    patch = Patch(model, adapter, method_obj, ReductionState(num_prefix, depth, trace_source))
+    remove(model)  # only now: a bad config leaves an earlier patch in place
+    patch = Patch(adapter, method_obj, ReductionState(num_prefix, depth, trace_source))
     try:
         adapter.install(model, patch)
     except BaseException:

@@ -15,7 +15,13 @@ if TYPE_CHECKING:
 
 ATTR = "_tokenreduce"  # the attribute holding the Patch; adapters prefix any others they add with it
 
+CAPTURE_SLOT = "_tokenreduce_slot"
+
 _subclasses: dict[tuple[type, type], type] = {}
+
+
+def _capture(module: nn.Module, args: object, out: Tensor) -> None:
+    setattr(module.__dict__[ATTR], module.__dict__[CAPTURE_SLOT], out)
 
 
 def _patched_class(mixin: type, base: type) -> type:
@@ -37,8 +43,7 @@ class Patch:
     :meth:`undo` restores the model exactly; weights are never touched.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, method: Method, state: ReductionState) -> None:
-        self.model = model
+    def __init__(self, adapter: Adapter, method: Method, state: ReductionState) -> None:
         self.adapter = adapter
         self.method = method
         self.state = state
@@ -62,8 +67,12 @@ class Patch:
 
     def capture_qk(self, q_module: nn.Module, k_module: nn.Module) -> None:
         """Record the outputs of the modules producing queries and keys ``[B, H, N, D]``."""
-        self._hooks.append(q_module.register_forward_hook(lambda m, i, out: setattr(self, "q", out)))
-        self._hooks.append(k_module.register_forward_hook(lambda m, i, out: setattr(self, "k", out)))
+        for module, slot in ((q_module, "q"), (k_module, "k")):
+            # The hook finds the patch through the module, not a closure, so that a deep copy of the
+            # patched model writes into its own copy of the patch.
+            self.set_attr(module, ATTR, self)
+            self.set_attr(module, CAPTURE_SLOT, slot)
+            self._hooks.append(module.register_forward_hook(_capture))
 
     def undo(self) -> None:
         for handle in self._hooks:
