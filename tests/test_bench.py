@@ -112,6 +112,9 @@ def test_cli_errors_name_the_problem(capsys):
         main(["bench", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--methods", "tome:r=4", "--quiet"])
     assert err.value.code == 2
     assert "r=4 at layer 3 exceeds half" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "--model", "resnet18", "--quiet"])
+    assert "no tokenreduce adapter for ResNet" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown timm model 'not_a_model'"):
         main(["bench", "--model", "not_a_model"])
 

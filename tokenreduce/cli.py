@@ -26,7 +26,13 @@ def create_timm_model(name: str, pretrained: bool, img_size: int) -> torch.nn.Mo
     if name not in timm.list_models():
         raise SystemExit(f"unknown timm model {name!r}; see timm.list_models()")
     try:
-        return timm.create_model(name, pretrained=pretrained, img_size=img_size)
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            # not a ViT-style model: build it anyway so that apply() can say why it is unsupported
+            return timm.create_model(name, pretrained=pretrained)
     except Exception as err:
         if not pretrained:
             raise
