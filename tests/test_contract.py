@@ -127,11 +127,17 @@ def test_sdpa_matches_eager(method, model_name):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method,model_name", CASES)
-def test_half_precision_is_finite(method, model_name, dtype):
-    model = build(model_name).to(dtype)
-    tokenreduce.apply(model, method, trace_source=True, **REDUCING[method])
+def test_half_precision_is_finite_and_close_to_float32(method, model_name, dtype):
+    model = build(model_name)
+    tokenreduce.apply(model, method, **REDUCING[method])
+    reference = run(model, images())
+    model = tokenreduce.apply(model.to(dtype), method, trace_source=True, **REDUCING[method])
     out = run(model, images().to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
+    # Half precision may flip a near-tie merge, so compare directions, not values. bf16 keeps 8 bits of
+    # mantissa: the post-norm model drifts to cos 0.99 even unreduced, and one flipped merge costs more.
+    bound = 0.99 if dtype == torch.float16 else 0.9
+    assert torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).min() > bound
     rec = tokenreduce.record(model)
     assert list(rec.tokens_per_layer) == tokenreduce.make_method(method, **REDUCING[method]).schedule(
         rec.input_tokens, model.num_prefix_tokens, len(model.blocks)
