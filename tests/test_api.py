@@ -168,6 +168,19 @@ def test_attn_mask_with_reduction_raises():
         model.forward_features(images(), attn_mask=mask)
 
 
+def test_forward_intermediates_refuses_a_grid_it_cannot_fill():
+    model = build("vit")
+    tokenreduce.apply(model, "tome", r=4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"output_fmt='NCHW'\) needs every patch token"):
+            model.forward_intermediates(images())
+        _, inter = model.forward_intermediates(images(), output_fmt="NLC")
+        assert [t.shape[1] for t in inter] == [60, 56, 52, 48]
+        tokenreduce.apply(model, "tome", r=0)
+        _, inter = model.forward_intermediates(images())
+        assert inter[0].shape == (2, 48, 8, 8)
+
+
 def test_record_and_describe():
     model = build("dinov2_reg")
     assert "not patched" in tokenreduce.describe(model)

@@ -7,6 +7,7 @@ patching, so a timm change that the layout misses raises instead of computing so
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,6 +73,22 @@ class ReducingVisionTransformer:
         if enable:
             raise TypeError("gradient checkpointing cannot be combined with token reduction; tokenreduce.remove(model) first")
         super().set_grad_checkpointing(False)  # type: ignore[misc]
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        # timm reshapes NCHW intermediates with reshape(B, H, W, -1): fewer tokens would silently
+        # come back as a wrong channel count instead of failing.
+        bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)  # type: ignore[misc]
+        bound.apply_defaults()
+        if bound.arguments["output_fmt"] == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+            patch: Patch = getattr(self, ATTR)
+            n0 = h * w + self.num_prefix_tokens
+            if patch.method.schedule(n0, patch.state.num_prefix, patch.state.depth)[-1] != n0:
+                raise ValueError(
+                    "forward_intermediates(output_fmt='NCHW') needs every patch token in a grid; "
+                    "use output_fmt='NLC' with token reduction"
+                )
+        return super().forward_intermediates(*bound.args, **bound.kwargs)  # type: ignore[misc]
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
