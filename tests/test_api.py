@@ -278,3 +278,26 @@ def test_deepcopy_of_a_patched_model_is_independent():
     with torch.no_grad():
         assert torch.equal(twin(x), expected)
         assert torch.equal(model(x), reduced)  # the original keeps its own patch
+
+
+def test_patched_model_survives_torch_save_and_load(tmp_path):
+    model, x = build("dinov2_reg"), images()
+    with torch.no_grad():
+        expected = model(x)
+    tokenreduce.apply(model, "evit", keep_rate=0.5, trace_source=True)
+    with torch.no_grad():
+        reduced = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reduced)
+    assert tokenreduce.record(loaded).source is not None
+    tokenreduce.remove(loaded)
+    assert type(loaded).__name__ == "VisionTransformer" and type(loaded.blocks[0]).__name__ == "Block"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    assert traces_of(loaded) == traces_of(build("dinov2_reg"))
+
+
+def traces_of(model):
+    return [(n, type(m), sorted(vars(m)), len(m._forward_hooks)) for n, m in model.named_modules()]

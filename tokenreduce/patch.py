@@ -27,8 +27,21 @@ def _capture(module: nn.Module, args: object, out: Tensor) -> None:
 def _patched_class(mixin: type, base: type) -> type:
     key = (mixin, base)
     if key not in _subclasses:
-        _subclasses[key] = type(f"TokenReduce{base.__name__}", (mixin, base), {"_tokenreduce_base": base})
+        namespace = {"_tokenreduce_base": base, "_tokenreduce_mixin": mixin, "__reduce_ex__": _reduce_ex}
+        _subclasses[key] = type(f"TokenReduce{base.__name__}", (mixin, base), namespace)
     return _subclasses[key]
+
+
+def _new_patched(mixin: type, base: type) -> object:
+    return object.__new__(_patched_class(mixin, base))
+
+
+def _reduce_ex(self: object, protocol: int):
+    # The generated class cannot be found by name, so pickles (torch.save, deepcopy) name the two
+    # importable classes it is made of and rebuild it on load.
+    _, _, *rest = object.__reduce_ex__(self, protocol)
+    cls = type(self)
+    return (_new_patched, (cls._tokenreduce_mixin, cls._tokenreduce_base), *rest)
 
 
 def original_class(module: nn.Module) -> type:
