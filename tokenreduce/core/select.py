@@ -32,7 +32,8 @@ def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Te
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """``x [B, N, C]`` at token indices ``idx [B, M]`` -> ``[B, M, C]``."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    # advanced indexing: several times faster than gather with an expanded index on CPU
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
 def fuse_tokens(x: Tensor, idx: Tensor, weight: Tensor | None = None, reduce: str = "sum") -> Tensor:
