@@ -49,15 +49,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tokenreduce.bench.runner import environment, format_table, parse_specs, run_bench, steps, to_json
+    from tokenreduce.bench.runner import environment, format_table, parse_specs, run_bench, steps, to_json, with_baseline
 
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    specs = parse_specs(args.methods)
+    specs = with_baseline(parse_specs(args.methods))
     model = create_timm_model(args.model, args.pretrained, args.img_size)
-    total = steps(len(specs) + (not any(s.name == "none" for s in specs)), args.repeats, args.warmup)
+    total = steps(len(specs), args.repeats, args.warmup)
     with tqdm(total=total, desc=f"bench {args.model}", unit="fwd", disable=args.quiet, file=sys.stderr) as bar:
         results = run_bench(
             model,

@@ -86,7 +86,7 @@ class BenchResult:
     @property
     def efficiency(self) -> float:
         """Measured speedup as a fraction of the FLOP-ideal one."""
-        return self.speedup / self.flops_speedup if self.flops_speedup != 1.0 else 1.0
+        return self.speedup / self.flops_speedup
 
 
 def _sync(device: torch.device) -> None:
@@ -120,6 +120,12 @@ def _reduce_share(model: nn.Module, x: torch.Tensor, device: torch.device) -> fl
     return spent / total
 
 
+def with_baseline(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """``specs`` with a ``none`` baseline in front when they lack one."""
+    specs = list(specs)
+    return specs if any(s.name == "none" for s in specs) else [MethodSpec("none"), *specs]
+
+
 def run_bench(
     model: nn.Module,
     specs: Sequence[MethodSpec],
@@ -134,16 +140,14 @@ def run_bench(
 ) -> list[BenchResult]:
     """Benchmark every spec on a private copy of ``model``, interleaving the timed repeats.
 
-    A ``none`` baseline is added in front when missing; it runs the unpatched model. ``progress``
-    is called with 1 after every forward (``steps(len(specs), repeats, warmup)`` in total).
+    Runs :func:`with_baseline` ``(specs)``; the ``none`` row is the unpatched model. ``progress``
+    is called with 1 after every forward (``steps(len(with_baseline(specs)), repeats, warmup)`` in total).
     """
     checks = [("batch_size", batch_size, 1), ("img_size", img_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]
     for name, value, low in checks:
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    specs = list(specs)
-    if not any(s.name == "none" for s in specs):
-        specs.insert(0, MethodSpec("none"))
+    specs = with_baseline(specs)
     device = torch.device(device)
     tick = progress or (lambda n: None)
     base = model.eval().to(device=device, dtype=dtype)
@@ -205,7 +209,7 @@ def run_bench(
 
 
 def steps(num_specs: int, repeats: int, warmup: int) -> int:
-    """Forwards ``run_bench`` reports to ``progress`` (the ``none`` baseline included)."""
+    """Forwards ``run_bench`` reports to ``progress`` for ``num_specs`` specs, baseline included."""
     return num_specs * (1 + max(warmup - 1, 0) + repeats)
 
 
