@@ -73,6 +73,7 @@ def check_keep_rate(keep_rate: float) -> None:
 @dataclass
 class PruneAtLayers(Method):
     """Keep the ``keep_rate`` best-scored non-prefix tokens at a few layers; optionally fuse the rest.
+    Tokens are scored by the CLS token's attention unless a subclass overrides :meth:`scores`.
 
     ``layers=None`` places reductions at layers 3, 6 and 9 of a 12-block model (EViT's DeiT-S
     setting: the 4th, 7th and 10th blocks), scaled to the model's depth.
@@ -82,6 +83,7 @@ class PruneAtLayers(Method):
     layers: Sequence[int] | None = None
 
     fuse: ClassVar[bool] = False  # fuse the dropped tokens into one (EViT) instead of discarding them
+    needs_cls_token: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_keep_rate(self.keep_rate)
@@ -109,9 +111,9 @@ class PruneAtLayers(Method):
             out.append(n)
         return out
 
-    @abstractmethod
     def scores(self, ctx: LayerContext) -> Tensor:
         """One score per non-prefix token ``[B, N - num_prefix]``; the highest are kept."""
+        return ctx.cls_attention()[:, ctx.num_prefix :]
 
     def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
         n, p = x.shape[1], ctx.num_prefix

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from tokenreduce.methods.base import LayerContext, PruneAtLayers
+from tokenreduce.methods.base import PruneAtLayers
 from tokenreduce.registry import register_method
 
 
@@ -20,8 +18,4 @@ class EViT(PruneAtLayers):
 
     name = "evit"
     paper = "Liang et al., Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations, ICLR 2022"
-    needs_cls_token = True
     fuse = True
-
-    def scores(self, ctx: LayerContext) -> Tensor:
-        return ctx.cls_attention()[:, ctx.num_prefix :]

@@ -22,6 +22,8 @@ class RandomPrune(PruneAtLayers):
 
     seed: int = 0
 
+    needs_cls_token = False
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from tokenreduce.methods.base import LayerContext, PruneAtLayers
+from tokenreduce.methods.base import PruneAtLayers
 from tokenreduce.registry import register_method
 
 
@@ -18,7 +16,3 @@ class TopK(PruneAtLayers):
 
     name = "topk"
     paper = "CLS-attention pruning baseline, e.g. Liang et al., ICLR 2022"
-    needs_cls_token = True
-
-    def scores(self, ctx: LayerContext) -> Tensor:
-        return ctx.cls_attention()[:, ctx.num_prefix :]
