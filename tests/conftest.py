@@ -12,6 +12,9 @@ timm = pytest.importorskip("timm")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer  # noqa: E402
 
+# Tiny models: two threads on a shared 2-core machine are many times noisier than one.
+torch.set_num_threads(1)
+
 BASE = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 
 # name -> (class, overrides). 64 patch tokens plus the prefix tokens in every case.

@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def test_import_pulls_in_no_model_library():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.methods() == ["evit", "none", "random", "tome", "topk"]
+    assert tokenreduce.list_methods() == ["evit", "none", "random", "tome", "topk"]
 
 
 @pytest.mark.parametrize(
@@ -30,18 +31,32 @@ def test_methods_lists_registered_names():
     [
         ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['evit'"),
         ("tome", dict(r=-1), ValueError, r"r must be an integer >= 0"),
-        ("tome", dict(r=1.5), ValueError, r"r must be an integer >= 0"),
-        ("tome", dict(r=(8, 2.0)), ValueError, r"inflection in \[-1, 1\]"),
+        ("tome", dict(r=1.5), TypeError, r"r must be an integer >= 0, got 1.5 \(float\)"),
+        ("tome", dict(r=(8, 2.0)), ValueError, r"r\[1\] \(inflection\) must be a number in \[-1, 1\], got 2.0"),
         ("tome", dict(r=[1, 2]), ValueError, r"one entry per block \(4\), got 2"),
         ("tome", dict(r=40), ValueError, r"r=40 at layer 0 exceeds half of the 64 mergeable tokens there \(allowed 0..32\)"),
         ("tome", dict(r=14), ValueError, r"r=14 at layer 3 .*of the 22 mergeable.*allowed 0..11.*clip=True"),
-        ("tome", dict(k=3), TypeError, r"unknown config \['k'\]; it accepts \['r', 'prop_attn', 'clip'\]"),
+        ("tome", dict(k=3), TypeError, r"unknown config \['k'\]; it accepts \['r', 'keep_ratio', 'prop_attn', 'clip'\]"),
         ("evit", dict(keep_rate=0.0), ValueError, r"keep_rate must be a number in \(0, 1\], got 0.0"),
         ("topk", dict(keep_rate=1.5), ValueError, r"keep_rate must be a number in \(0, 1\], got 1.5"),
         ("random", dict(keep_rate=-0.1), ValueError, r"keep_rate must be a number in \(0, 1\]"),
         ("evit", dict(layers=(1, 9)), ValueError, r"layers must be block indices in \[0, 3\] for this model, got \[9\]"),
         ("topk", dict(layers=()), ValueError, r"layers must be a non-empty sequence"),
         ("random", dict(seed=-1), ValueError, r"seed must be an integer >= 0, got -1"),
+        ("tome", dict(clip="False"), TypeError, r"clip must be True or False, got 'False' \(str\)"),
+        ("tome", dict(prop_attn="no"), TypeError, r"prop_attn must be True or False, got 'no'"),
+        ("tome", dict(clip=1), TypeError, r"clip must be True or False, got 1 \(int\)"),
+        ("tome", dict(r=True), TypeError, r"r must be an integer >= 0, got True \(bool\)"),
+        ("tome", dict(r=[2, 2.5, 2, 2]), TypeError, r"r\[1\] must be an integer >= 0, got 2.5"),
+        ("tome", dict(r=4, keep_ratio=0.5), ValueError, r"pass r or keep_ratio, not both"),
+        ("tome", dict(keep_ratio=0.0), ValueError, r"keep_ratio must be a number in \(0, 1\], got 0.0"),
+        ("tome", dict(keep_ratio=0.1), ValueError, r"keep_ratio=0.1 needs r=14 .*keep_ratio must be in \(0.1875, 1\]"),
+        ("evit", dict(keep_rate=float("nan")), ValueError, r"keep_rate must be a number in \(0, 1\], got nan"),
+        ("evit", dict(keep_rate="0.7"), TypeError, r"keep_rate must be a number in \(0, 1\], got '0.7' \(str\)"),
+        ("evit", dict(layers=3), TypeError, r"layers must be a sequence of integers >= 0, got 3 \(int\); for a single one pass"),
+        ("topk", dict(layers=[1, -2]), ValueError, r"layers\[1\] must be an integer >= 0, got -2"),
+        ("topk", dict(layers=np.zeros((2, 2), dtype=int)), TypeError, r"layers must be a 1-d sequence .* shape \(2, 2\)"),
+        ("random", dict(seed=1.0), TypeError, r"seed must be an integer >= 0, got 1.0 \(float\)"),
     ],
 )
 def test_bad_config_raises_with_range(method, config, error, match):
@@ -49,6 +64,33 @@ def test_bad_config_raises_with_range(method, config, error, match):
     with pytest.raises(error, match=match):
         tokenreduce.apply(model, method, **config)
     assert not tokenreduce.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "method,config,params",
+    [
+        ("tome", dict(r=np.int64(8), clip=np.bool_(True)), dict(r=8, clip=True)),
+        ("tome", dict(r=torch.tensor(3)), dict(r=3)),
+        ("tome", dict(r=np.array([1, 2, 3, 4])), dict(r=[1, 2, 3, 4])),
+        ("tome", dict(r=(np.int32(4), np.float64(0.5))), dict(r=(4, 0.5))),
+        ("tome", dict(keep_ratio=np.float32(0.5)), dict(keep_ratio=0.5, r=None)),
+        ("evit", dict(keep_rate=np.float32(0.75), layers=np.array([1, 2])), dict(keep_rate=0.75, layers=(1, 2))),
+        ("topk", dict(keep_rate=torch.tensor(0.5), layers=torch.tensor([0, 3])), dict(keep_rate=0.5, layers=(0, 3))),
+        ("random", dict(seed=np.uint8(7), layers=range(2)), dict(seed=7, layers=(0, 1))),
+    ],
+)
+def test_numpy_and_tensor_config_values_become_plain_python(method, config, params):
+    model = tokenreduce.apply(build("vit"), method, trace_source=np.bool_(False), **config)
+    got = tokenreduce.make_method(method, **config).params()
+    for key, want in params.items():
+        assert got[key] == want and type(got[key]) is type(want), (key, got[key])
+    with torch.no_grad():
+        model(images())
+
+
+def test_trace_source_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"trace_source must be True or False, got 'yes' \(str\)"):
+        tokenreduce.apply(build("vit"), "tome", trace_source="yes")
 
 
 def test_clip_lowers_r_where_tokens_run_out():
@@ -62,8 +104,8 @@ def test_clip_lowers_r_where_tokens_run_out():
 
 def test_tome_r_schedules():
     tome = tokenreduce.make_method("tome", r=(8, 0.5))
-    assert tome.per_layer_r(4) == [4, 6, 9, 12]
-    assert tokenreduce.make_method("tome", r=[1, 2, 3, 0]).per_layer_r(4) == [1, 2, 3, 0]
+    assert tome.per_layer_r(64, 4) == [4, 6, 9, 12]
+    assert tokenreduce.make_method("tome", r=[1, 2, 3, 0]).per_layer_r(64, 4) == [1, 2, 3, 0]
 
 
 def test_unsupported_models_raise_type_error():
@@ -185,10 +227,10 @@ def test_record_and_describe():
     model = build("dinov2_reg")
     assert "not patched" in tokenreduce.describe(model)
     tokenreduce.apply(model, "tome", r=4)
-    with pytest.raises(ValueError, match="has not run a forward yet"):
+    with pytest.raises(ValueError, match="has not run a forward in this thread yet"):
         tokenreduce.record(model)
     text = tokenreduce.describe(model)
-    assert "tome(r=4, prop_attn=True, clip=False)" in text
+    assert "tome(r=4, keep_ratio=None, prop_attn=True, clip=False)" in text
     assert "4 blocks (Block), 5 prefix tokens" in text and "69 -> 65 61 57 53" in text
     with torch.no_grad():
         model(images(batch=3))
@@ -301,3 +343,78 @@ def test_patched_model_survives_torch_save_and_load(tmp_path):
 
 def traces_of(model):
     return [(n, type(m), sorted(vars(m)), len(m._forward_hooks)) for n, m in model.named_modules()]
+
+
+def test_patched_model_loads_with_weights_only_once_its_own_classes_are_allowed(tmp_path):
+    import timm.layers
+    import timm.models.vision_transformer as vit
+
+    model, x = build("vit"), images()
+    tokenreduce.apply(model, "tome", r=4, trace_source=True)
+    with torch.no_grad():
+        reduced = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    timm_classes = [vit.VisionTransformer, vit.Block, timm.layers.Attention, timm.layers.Mlp, timm.layers.PatchEmbed]
+    torch_classes = [nn.Linear, nn.Conv2d, nn.Identity, nn.Dropout, nn.Sequential, nn.GELU, timm.layers.LayerNorm]
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "model.pt")
+    assert not [g for g in unsafe if g.startswith("tokenreduce")], "tokenreduce must allow its own classes"
+    with torch.serialization.safe_globals([*timm_classes, *torch_classes, timm.layers.Format]):
+        loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reduced)
+    tokenreduce.remove(loaded)
+    assert type(loaded) is vit.VisionTransformer
+
+
+class Classifier(nn.Module):
+    """A user model holding a timm backbone."""
+
+    def __init__(self, backbone: nn.Module, second: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.second = second
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize(
+    "wrap,path",
+    [
+        (lambda m: Classifier(m), "backbone"),
+        (lambda m: nn.DataParallel(m), "module"),
+        (lambda m: torch.compile(m, backend="eager"), "_orig_mod"),
+    ],
+    ids=["user-module", "DataParallel", "torch.compile"],
+)
+def test_wrapped_model_gets_its_backbone_patched(wrap, path):
+    model, x = build("vit"), images()
+    wrapper = wrap(model)
+    with torch.no_grad():
+        expected = wrapper(x)
+    tokenreduce.apply(wrapper, "tome", r=4)
+    assert tokenreduce.is_patched(wrapper) and tokenreduce.is_patched(model)
+    assert f"patched submodule '{path}' of {type(wrapper).__name__}" in tokenreduce.describe(wrapper)
+    with torch.no_grad():
+        reduced = wrapper(x)
+    assert tokenreduce.record(wrapper).tokens_per_layer == (61, 57, 53, 49)
+    assert not torch.allclose(reduced, expected, atol=1e-4)
+    tokenreduce.remove(wrapper)
+    assert not tokenreduce.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), expected)
+
+
+def test_wrapper_with_two_backbones_names_them():
+    wrapper = Classifier(build("vit"), second=build("qknorm_avg"))
+    with pytest.raises(TypeError, match=r"Classifier holds 2 supported models: 'backbone' \(VisionTransformer\), 'second'"):
+        tokenreduce.apply(wrapper, "tome", r=2)
+    tokenreduce.apply(wrapper.second, "tome", r=2)
+    assert tokenreduce.is_patched(wrapper.second) and not tokenreduce.is_patched(wrapper.backbone)
+
+
+def test_submodule_package_imports():
+    code = "import tokenreduce.methods.tome as t; import tokenreduce; print(t.ToMe.name, tokenreduce.methods.tome.ToMe.name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["tome", "tome"]

@@ -131,5 +131,5 @@ def test_cli_pretrained_goes_to_the_hub():
 def test_cli_methods_lists_everything(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in tokenreduce.methods():
+    for name in tokenreduce.list_methods():
         assert name in out

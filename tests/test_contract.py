@@ -29,7 +29,7 @@ MERGING = {"none", "tome", "evit"}  # methods that keep every original token's m
 
 
 def test_all_covered():
-    assert sorted(REDUCING) == sorted(IDENTITY) == tokenreduce.methods()
+    assert sorted(REDUCING) == sorted(IDENTITY) == tokenreduce.list_methods()
 
 
 def cases():

@@ -1,13 +1,16 @@
 """tokenreduce: training-free token reduction for pretrained vision transformers.
 
->>> import timm, tokenreduce
->>> model = timm.create_model("vit_small_patch16_224")
->>> tokenreduce.apply(model, "tome", r=16)   # patch in place, weights untouched
->>> tokenreduce.remove(model)                # back to the original, bit for bit
+>>> import timm, torch, tokenreduce
+>>> model = timm.create_model("vit_small_patch16_224").eval()
+>>> _ = tokenreduce.apply(model, "tome")     # patch in place, weights untouched
+>>> _ = model(torch.randn(2, 3, 224, 224))
+>>> tokenreduce.record(model).tokens_per_layer[-1]
+41
+>>> _ = tokenreduce.remove(model)            # back to the original, bit for bit
 """
 
 from tokenreduce import methods as _methods  # noqa: F401  (registers the methods)
-from tokenreduce.api import applied, apply, describe, is_patched, make_method, methods, record, remove
+from tokenreduce.api import applied, apply, describe, is_patched, list_methods, make_method, record, remove
 from tokenreduce.methods.base import LayerContext, Method
 from tokenreduce.state import Record
 
@@ -19,8 +22,8 @@ __all__ = [
     "apply",
     "describe",
     "is_patched",
+    "list_methods",
     "make_method",
-    "methods",
     "record",
     "remove",
 ]

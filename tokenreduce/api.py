@@ -1,4 +1,4 @@
-"""Public API: apply / remove / applied / methods / describe / record."""
+"""Public API: apply / remove / applied / list_methods / describe / record."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from tokenreduce.adapters import find_adapter
+from tokenreduce.adapters import locate
 from tokenreduce.methods.base import Method
 from tokenreduce.patch import ATTR, Patch
 from tokenreduce.registry import method_class, method_names
-from tokenreduce.state import Record, ReductionState
+from tokenreduce.state import Record
+from tokenreduce.validate import as_bool
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
-def methods() -> list[str]:
+def list_methods() -> list[str]:
     """Names of the registered methods, for ``apply(model, name)``."""
     return method_names()
 
@@ -44,35 +45,55 @@ def apply(model: ModelT, method: str | Method, *, trace_source: bool = False, **
 
     ``config`` goes to the method (e.g. ``r=16`` for ``tome``). ``trace_source=True`` also records which
     original tokens each token covers (see :func:`record`). Applying again replaces the earlier patch.
-    Weights and ``state_dict()`` are untouched; :func:`remove` restores the original model exactly.
+    A wrapper holding exactly one supported model (``torch.compile``, ``DataParallel``, your own module)
+    gets that model patched; :func:`describe` names it. Weights and ``state_dict()`` are untouched;
+    :func:`remove` restores the original model exactly.
     """
+    trace_source = as_bool("trace_source", trace_source)
     method_obj = make_method(method, **config)
-    adapter = find_adapter(model)
-    depth = len(adapter.blocks(model))
-    num_prefix = adapter.num_prefix_tokens(model)
-    if method_obj.needs_cls_token and not adapter.has_cls_token(model):
+    _, target, adapter = locate(model)
+    depth = len(adapter.blocks(target))
+    num_prefix = adapter.num_prefix_tokens(target)
+    if method_obj.needs_cls_token and not adapter.has_cls_token(target):
         raise ValueError(f"method {method_obj.name!r} scores tokens by CLS attention; this model has no class token")
-    n0 = adapter.default_num_tokens(model)
+    n0 = adapter.default_num_tokens(target)
     if n0 is not None and depth:
         method_obj.schedule(n0, num_prefix, depth)  # fail at apply time, not at the first forward
     remove(model)  # only now: a bad config leaves an earlier patch in place
-    patch = Patch(adapter, method_obj, ReductionState(num_prefix, depth, trace_source))
+    patch = Patch(adapter, method_obj, num_prefix, depth, trace_source)
     try:
-        adapter.install(model, patch)
+        adapter.install(target, patch)
     except BaseException:
         patch.undo()
         raise
     return model
 
 
+def _find_patch(model: nn.Module) -> Patch | None:
+    """The patch on ``model``, or on the one supported model a wrapper holds."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    patch = model.__dict__.get(ATTR)
+    if isinstance(patch, Patch):
+        return patch
+    try:
+        _, target, _ = locate(model)
+    except TypeError:
+        return None
+    patch = target.__dict__.get(ATTR)
+    return patch if isinstance(patch, Patch) else None
+
+
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(model.__dict__.get(ATTR), Patch)
+    """Whether ``model`` (or the one supported model a wrapper of it holds) is patched."""
+    return _find_patch(model) is not None
 
 
 def remove(model: ModelT) -> ModelT:
-    """Undo :func:`apply`: original classes, no hooks, no added attributes. A no-op on an unpatched model."""
-    if is_patched(model):
-        model.__dict__[ATTR].undo()
+    """Undo :func:`apply`: original classes, no added attributes. A no-op on an unpatched model."""
+    patch = _find_patch(model)
+    if patch is not None:
+        patch.undo()
     return model
 
 
@@ -87,22 +108,26 @@ def applied(model: ModelT, method: str | Method, *, trace_source: bool = False, 
     finally:
         remove(model)
         if previous is not None:
-            apply(model, previous.method, trace_source=previous.state.trace_source)
+            apply(model, previous.method, trace_source=previous.trace_source)
 
 
 def patch_of(model: nn.Module) -> Patch:
-    """The :class:`Patch` attached to ``model``; a ``ValueError`` if it is not patched."""
-    if not is_patched(model):
+    """The :class:`Patch` attached to ``model`` (or to the model a wrapper holds); a ``ValueError`` if none."""
+    patch = _find_patch(model)
+    if patch is None:
         raise ValueError("model is not patched by tokenreduce; call tokenreduce.apply(model, ...) first")
-    return model.__dict__[ATTR]
+    return patch
 
 
 def record(model: nn.Module) -> Record:
-    """Token counts per block (and sizes/sources) of the last forward of a patched model."""
-    patch = patch_of(model)
-    if not patch.state.schedule:
-        raise ValueError("the patched model has not run a forward yet")
-    return patch.state.record()
+    """What the calling thread's last forward of a patched model did: token counts per block, sizes and
+    (with ``trace_source``) sources. Each thread sees its own forwards, so concurrent callers never mix."""
+    state = patch_of(model).latest()
+    if state is None:
+        raise ValueError(
+            "the patched model has not run a forward in this thread yet (record() reports the calling thread's last forward)"
+        )
+    return state.record()
 
 
 def describe(model: nn.Module) -> str:
@@ -110,11 +135,16 @@ def describe(model: nn.Module) -> str:
     if not is_patched(model):
         return f"{type(model).__name__}: not patched by tokenreduce"
     patch = patch_of(model)
-    lines = [f"tokenreduce {patch.method} via adapter {patch.adapter.name!r}", f"  model: {patch.adapter.summary(model)}"]
-    n0 = patch.adapter.default_num_tokens(model)
+    path, target, _ = locate(model)
+    lines = [f"tokenreduce {patch.method} via adapter {patch.adapter.name!r}"]
+    if path:
+        lines.append(f"  patched submodule {path!r} of {type(model).__name__}")
+    lines.append(f"  model: {patch.adapter.summary(target)}")
+    n0 = patch.adapter.default_num_tokens(target)
     if n0 is not None:
-        plan = patch.method.schedule(n0, patch.state.num_prefix, patch.state.depth)
+        plan = patch.method.schedule(n0, patch.num_prefix, patch.depth)
         lines.append(f"  tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}")
     if patch.method.paper:
         lines.append(f"  paper: {patch.method.paper}")
+    lines.append("  record(model) reports the calling thread's last forward")
     return "\n".join(lines)

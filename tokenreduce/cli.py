@@ -40,7 +40,7 @@ def create_timm_model(name: str, pretrained: bool, img_size: int) -> torch.nn.Mo
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    for name in tokenreduce.methods():
+    for name in tokenreduce.list_methods():
         method = tokenreduce.make_method(name)
         print(f"{name:8s} {method}  {method.paper}")
     return 0

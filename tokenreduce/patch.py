@@ -1,37 +1,41 @@
-"""The object one ``apply`` attaches to a model: method, state, and an undo log of every change."""
+"""The object one ``apply`` attaches to a model: method, config, an undo log of every change, and the
+per-thread slot that holds each forward call's state."""
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from tokenreduce.methods.base import LayerContext, Method
-from tokenreduce.state import ReductionState
+from tokenreduce.registry import loadable
+from tokenreduce.state import ForwardState
 
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import Adapter
 
 ATTR = "_tokenreduce"  # the attribute holding the Patch; adapters prefix any others they add with it
-
 CAPTURE_SLOT = "_tokenreduce_slot"
 
 _subclasses: dict[tuple[type, type], type] = {}
-
-
-def _capture(module: nn.Module, args: object, out: Tensor) -> None:
-    setattr(module.__dict__[ATTR], module.__dict__[CAPTURE_SLOT], out)
 
 
 def _patched_class(mixin: type, base: type) -> type:
     key = (mixin, base)
     if key not in _subclasses:
         namespace = {"_tokenreduce_base": base, "_tokenreduce_mixin": mixin, "__reduce_ex__": _reduce_ex}
-        _subclasses[key] = type(f"TokenReduce{base.__name__}", (mixin, base), namespace)
+        cls = type(f"TokenReduce{base.__name__}", (mixin, base), namespace)
+        # The weights-only unpickler only rebuilds instances of allowed classes; the name is unique
+        # so that two bases sharing a class name do not shadow each other in its table.
+        full = f"{__name__}.{mixin.__module__}.{mixin.__qualname__}+{base.__module__}.{base.__qualname__}"
+        torch.serialization.add_safe_globals([(cls, full)])
+        _subclasses[key] = cls
     return _subclasses[key]
 
 
+@loadable
 def _new_patched(mixin: type, base: type) -> object:
     return object.__new__(_patched_class(mixin, base))
 
@@ -49,22 +53,43 @@ def original_class(module: nn.Module) -> type:
     return getattr(type(module), "_tokenreduce_base", type(module))
 
 
-class Patch:
-    """Method + state for one model, the adapter-neutral engine behind every patched block.
+@loadable
+class CaptureOutput:
+    """Mixed in front of the modules whose outputs are a block's queries and keys: stores the output
+    in the running forward's state (``q`` or ``k``, as the module's slot says)."""
 
-    Everything it changes on modules (swapped classes, hooks, attributes) is logged so that
-    :meth:`undo` restores the model exactly; weights are never touched.
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)  # type: ignore[misc]
+        setattr(getattr(self, ATTR).current(), getattr(self, CAPTURE_SLOT), out)
+        return out
+
+
+@loadable
+class Patch:
+    """Method + config for one model, the adapter-neutral engine behind every patched block.
+
+    Everything it changes on modules (swapped classes, attributes) is logged so that :meth:`undo`
+    restores the model exactly; weights are never touched. The state of a forward call lives in a
+    thread-local slot, so threads calling one patched model never see each other's tokens.
     """
 
-    def __init__(self, adapter: Adapter, method: Method, state: ReductionState) -> None:
+    def __init__(self, adapter: Adapter, method: Method, num_prefix: int, depth: int, trace_source: bool) -> None:
         self.adapter = adapter
         self.method = method
-        self.state = state
-        self.q: Tensor | None = None  # queries/keys of the block now running, captured by hooks
-        self.k: Tensor | None = None
+        self.num_prefix = num_prefix
+        self.depth = depth
+        self.trace_source = trace_source
+        self._local = threading.local()
         self._classes: list[tuple[nn.Module, type]] = []
         self._attrs: list[tuple[nn.Module, str]] = []
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __getstate__(self) -> dict:
+        # Forward states are per thread and per call: a copy or a pickle starts without any.
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # -- installing and undoing -------------------------------------------------------------
     def swap_class(self, module: nn.Module, mixin: type) -> None:
@@ -81,43 +106,62 @@ class Patch:
     def capture_qk(self, q_module: nn.Module, k_module: nn.Module) -> None:
         """Record the outputs of the modules producing queries and keys ``[B, H, N, D]``."""
         for module, slot in ((q_module, "q"), (k_module, "k")):
-            # The hook finds the patch through the module, not a closure, so that a deep copy of the
-            # patched model writes into its own copy of the patch.
+            # The module finds the patch through its own attribute, not a closure, so that a deep
+            # copy of the patched model writes into its own copy of the patch.
             self.set_attr(module, ATTR, self)
             self.set_attr(module, CAPTURE_SLOT, slot)
-            self._hooks.append(module.register_forward_hook(_capture))
+            self.swap_class(module, CaptureOutput)
 
     def undo(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
         for module, name in reversed(self._attrs):
             del module.__dict__[name]
         for module, cls in reversed(self._classes):
             module.__class__ = cls
-        self._hooks, self._attrs, self._classes = [], [], []
-        self.q = self.k = None
+        self._attrs, self._classes = [], []
+        self._local = threading.local()
 
     # -- running -------------------------------------------------------------------------------
-    def begin(self, x: Tensor, masked: bool = False) -> None:
-        """Start a forward at the first block with tokens ``x [B, N0, C]``."""
-        schedule = self.method.schedule(x.shape[1], self.state.num_prefix, self.state.depth)
-        if masked and schedule[-1] != x.shape[1]:
+    def begin(self, x: Tensor, masked: bool = False) -> ForwardState:
+        """Start a forward call at the first block with tokens ``x [B, N0, C]``."""
+        schedule = self.method.schedule(x.shape[1], self.num_prefix, self.depth)
+        reduces = schedule[-1] != x.shape[1]
+        if masked and reduces:
             raise ValueError("attn_mask / is_causal cannot be combined with token reduction; use method='none'")
-        self.state.reset(x, schedule)
+        if reduces and torch.jit.is_tracing():
+            # A trace freezes data-dependent indices (which tokens merge) into constants and would
+            # replay this input's merges on every other input.
+            raise RuntimeError(
+                "torch.jit.trace (and the legacy torch.onnx.export(dynamo=False)) cannot record token reduction; "
+                "use torch.export.export(model, args) or torch.onnx.export(model, args, dynamo=True)"
+            )
+        state = ForwardState.start(x, self.num_prefix, schedule, self.trace_source)
+        self._local.state = state
+        return state
 
-    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
-        return self.state.attn_bias(dtype) if self.method.prop_attn else None
+    def latest(self) -> ForwardState | None:
+        """The state of this thread's running or last forward call, ``None`` before its first."""
+        return getattr(self._local, "state", None)
 
-    def reduce(self, layer: int, x: Tensor, scale: float, attn_bias: Tensor | None) -> Tensor:
+    def current(self) -> ForwardState:
+        """The state of the forward call running in this thread."""
+        state = self.latest()
+        if state is None:
+            raise RuntimeError("a patched block ran outside a forward call: the first block starts each call")
+        return state
+
+    def attn_bias(self, state: ForwardState, dtype: torch.dtype) -> Tensor | None:
+        return state.attn_bias(dtype) if self.method.prop_attn else None
+
+    def reduce(self, state: ForwardState, layer: int, x: Tensor, scale: float, attn_bias: Tensor | None) -> Tensor:
         """The hook point after attention and before the MLP of block ``layer``."""
-        if self.q is None or self.k is None:
+        if state.q is None or state.k is None:
             raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
-        ctx = LayerContext(layer, self.state.num_prefix, self.state.schedule[layer], self.q, self.k, scale, attn_bias)
-        self.q = self.k = None
-        out = self.method.reduce(x, ctx, self.state)
+        ctx = LayerContext(layer, self.num_prefix, state.schedule[layer], state.q, state.k, scale, attn_bias)
+        state.q = state.k = None
+        out = self.method.reduce(x, ctx, state)
         if out.shape[1] != ctx.num_out:
             raise RuntimeError(
                 f"method {self.method.name} left {out.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
             )
-        self.state.tokens_per_layer.append(out.shape[1])
+        state.tokens_per_layer.append(out.shape[1])
         return out

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
+import torch
+
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import Adapter
     from tokenreduce.methods.base import Method
 
 M = TypeVar("M", bound=type)
+T = TypeVar("T")
 
 _METHODS: dict[str, type[Method]] = {}
 _ADAPTERS: list[type[Adapter]] = []
+
+
+def loadable(obj: T) -> T:
+    """Allow ``obj`` (a class or function a patched model's pickle names) in ``torch.load(weights_only=True)``."""
+    torch.serialization.add_safe_globals([obj])
+    return obj
 
 
 def register_method(cls: M) -> M:
@@ -19,13 +28,13 @@ def register_method(cls: M) -> M:
     if cls.name in _METHODS:
         raise ValueError(f"method {cls.name!r} is already registered")
     _METHODS[cls.name] = cls
-    return cls
+    return loadable(cls)  # patched models pickle their method
 
 
 def register_adapter(cls: M) -> M:
     """Class decorator: add an :class:`Adapter` to the model families ``apply`` can patch."""
     _ADAPTERS.append(cls)
-    return cls
+    return loadable(cls)  # patched models pickle their adapter
 
 
 def method_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""Per-model reduction state: one object per patched model, reset at the start of every forward."""
+"""Per-forward reduction state: a fresh object for every forward call, private to the calling thread."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from tokenreduce.core import fuse_tokens, gather_tokens, size_bias
 
 @dataclass(frozen=True)
 class Record:
-    """What the last forward did: token counts and, when traced, what each final token covers.
+    """What one forward call did: token counts and, when traced, what each final token covers.
+
+    :func:`tokenreduce.record` returns the last forward run *by the calling thread*, so threads sharing
+    one patched model each see their own.
 
     ``tokens_per_layer[i]`` is the token count leaving block ``i`` (attention of block ``i`` ran on
     ``input_tokens`` or ``tokens_per_layer[i - 1]``). ``size [B, N, 1]`` counts the original tokens
@@ -28,28 +31,29 @@ class Record:
 
 
 @dataclass
-class ReductionState:
-    """Token bookkeeping shared by every patched block of one model."""
+class ForwardState:
+    """Token bookkeeping of one forward call, shared by the patched blocks it runs through.
+
+    Created by :meth:`start` at the first block and never shared between calls or threads, so a
+    patched model can serve concurrent forwards. Methods read and update it through ``reduce``.
+    """
 
     num_prefix: int
-    depth: int
-    trace_source: bool = False
-    schedule: list[int] = field(default_factory=list)  # expected token count after each block
-    input_tokens: int = 0
+    schedule: list[int]  # expected token count after each block
+    input_tokens: int
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None  # [B, N, 1] float32; None means all ones
     source: Tensor | None = None  # [B, N, N0]
+    q: Tensor | None = None  # queries/keys of the block now running, captured on their way to attention
+    k: Tensor | None = None
 
-    def reset(self, x: Tensor, schedule: list[int]) -> None:
-        """Start a forward on tokens ``x [B, N0, C]`` with the per-block ``schedule``."""
-        self.schedule = schedule
-        self.input_tokens = x.shape[1]
-        self.tokens_per_layer = []
-        self.size = None
-        self.source = None
-        if self.trace_source:
-            eye = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)
-            self.source = eye.expand(x.shape[0], -1, -1)
+    @classmethod
+    def start(cls, x: Tensor, num_prefix: int, schedule: list[int], trace_source: bool) -> ForwardState:
+        """The state for a forward on tokens ``x [B, N0, C]`` with the per-block ``schedule``."""
+        source = None
+        if trace_source:
+            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+        return cls(num_prefix=num_prefix, schedule=schedule, input_tokens=x.shape[1], source=source)
 
     def sizes(self, x: Tensor) -> Tensor:
         """Current sizes ``[B, N, 1]``, materialising ones before the first reduction."""

@@ -1,20 +1,57 @@
 """Model-family adapters, found by class name so that no model library is imported here."""
 
+from __future__ import annotations
+
+from torch import nn
+
 from tokenreduce.adapters import timm_vit  # noqa: F401  (registration)
 from tokenreduce.adapters.base import Adapter, BlockCost
 from tokenreduce.registry import adapters
 
-__all__ = ["Adapter", "BlockCost", "find_adapter"]
+__all__ = ["Adapter", "BlockCost", "find_adapter", "locate"]
+
+
+def _match(module: nn.Module) -> Adapter | None:
+    return next((cls() for cls in adapters() if cls.matches(module)), None)
+
+
+def _unsupported(model: nn.Module) -> TypeError:
+    families = "; ".join(a.family for a in adapters())
+    return TypeError(f"no tokenreduce adapter for {type(model).__qualname__}; supported model families: {families}")
 
 
 def find_adapter(model: object) -> Adapter:
-    """The adapter for ``model``; a ``TypeError`` listing the supported families if there is none."""
-    import torch.nn as nn
-
+    """The adapter for ``model`` itself; a ``TypeError`` listing the supported families if there is none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for cls in adapters():
-        if cls.matches(model):
-            return cls()
-    families = "; ".join(a.family for a in adapters())
-    raise TypeError(f"no tokenreduce adapter for {type(model).__qualname__}; supported model families: {families}")
+    adapter = _match(model)
+    if adapter is None:
+        raise _unsupported(model)
+    return adapter
+
+
+def locate(model: object) -> tuple[str, nn.Module, Adapter]:
+    """``(path, module, adapter)`` of the supported model to patch: ``model`` itself (path ``""``), or
+    the one supported submodule of a wrapper (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
+    a user module holding a backbone). Several candidates, or none, raise a ``TypeError`` naming them."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    adapter = _match(model)
+    if adapter is not None:
+        return "", model, adapter
+    found: list[tuple[str, nn.Module, Adapter]] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if not name or any(name.startswith(path + ".") for path, _, _ in found):
+            continue
+        adapter = _match(module)
+        if adapter is not None:
+            found.append((name, module, adapter))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = ", ".join(f"{path!r} ({type(m).__name__})" for path, m, _ in found)
+        raise TypeError(
+            f"{type(model).__qualname__} holds {len(found)} supported models: {names}; "
+            f"patch the one you mean, e.g. tokenreduce.apply(model.get_submodule({found[0][0]!r}), ...)"
+        )
+    raise _unsupported(model)

@@ -7,6 +7,7 @@ patching, so a timm change that the layout misses raises instead of computing so
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,12 +17,13 @@ from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.patch import ATTR, Patch, original_class
-from tokenreduce.registry import register_adapter
+from tokenreduce.registry import loadable, register_adapter
 
 VIT = "timm.models.vision_transformer.VisionTransformer"
 SUPPORTED_POOLS = ("", "token", "avg", "avgmax", "max")
 
 
+@loadable
 @dataclass(frozen=True)
 class BlockLayout:
     """Residual branches of a block as submodule names, applied in order; ``attn`` takes the mask."""
@@ -50,6 +52,7 @@ def _layout(block: nn.Module) -> BlockLayout | None:
     return next((LAYOUTS[n] for n in class_names(block) if n in LAYOUTS), None)
 
 
+@loadable
 class ReducingBlock:
     """Mixed in front of a timm block class: the reduction hook point sits between the branches."""
 
@@ -57,15 +60,15 @@ class ReducingBlock:
         patch: Patch = getattr(self, ATTR)
         layer: int = self._tokenreduce_layer
         layout: BlockLayout = self._tokenreduce_layout
-        if layer == 0:
-            patch.begin(x, masked=attn_mask is not None or is_causal)
-        bias = patch.attn_bias(x.dtype)
+        state = patch.begin(x, masked=attn_mask is not None or is_causal) if layer == 0 else patch.current()
+        bias = patch.attn_bias(state, x.dtype)
         mask = attn_mask if bias is None else bias
         x = x + layout.run(self, layout.attn, x, attn_mask=mask, is_causal=is_causal)
-        x = patch.reduce(layer, x, self.attn.scale, bias)
+        x = patch.reduce(state, layer, x, self.attn.scale, bias)
         return x + layout.run(self, layout.mlp, x)
 
 
+@loadable
 class ReducingVisionTransformer:
     """Mixed in front of ``VisionTransformer``: average pooling weighted by token size."""
 
@@ -83,7 +86,7 @@ class ReducingVisionTransformer:
             h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
             patch: Patch = getattr(self, ATTR)
             n0 = h * w + self.num_prefix_tokens
-            if patch.method.schedule(n0, patch.state.num_prefix, patch.state.depth)[-1] != n0:
+            if patch.method.schedule(n0, patch.num_prefix, patch.depth)[-1] != n0:
                 raise ValueError(
                     "forward_intermediates(output_fmt='NCHW') needs every patch token in a grid; "
                     "use output_fmt='NLC' with token reduction"
@@ -92,7 +95,8 @@ class ReducingVisionTransformer:
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        size = getattr(self, ATTR).state.size
+        state = getattr(self, ATTR).latest()
+        size = None if state is None else state.size
         if size is None or pool_type not in ("avg", "avgmax") or size.shape[:2] != x.shape[:2]:
             return super().pool(x, pool_type)  # type: ignore[misc]
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
@@ -101,9 +105,30 @@ class ReducingVisionTransformer:
         return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
 
 
+def _structure(block: nn.Module) -> tuple:
+    """The classes of a block and all its submodules: blocks alike in this run the same code."""
+    return tuple((name, type(m)) for name, m in block.named_modules())
+
+
+def _materialized(block: nn.Module) -> nn.Module:
+    """A CPU copy of a meta-device block with random weights, to check its code without its weights."""
+    if any(not b.is_floating_point() for b in block.buffers()):
+        raise TypeError(
+            f"{type(block).__qualname__} has integer buffers, which a meta-device model does not hold; "
+            "materialise the model (model.to_empty(device=...) and load the weights) before tokenreduce.apply"
+        )
+    block = copy.deepcopy(block).to_empty(device="cpu").float()
+    gen = torch.Generator().manual_seed(0)
+    for t in [*block.parameters(), *block.buffers()]:
+        t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+    return block
+
+
 @torch.no_grad()
 def _verify_layout(block: nn.Module, layout: BlockLayout) -> None:
     """Raise unless the layout reproduces the block's own forward on a random input."""
+    if next(block.parameters()).is_meta:
+        block = _materialized(block)
     param = next(block.parameters())
     x = torch.randn(2, 7, block.attn.qkv.in_features, generator=torch.Generator().manual_seed(0))
     x = x.to(param.device, param.dtype)
@@ -161,7 +186,7 @@ class TimmViT(Adapter):
                 f"global_pool={model.global_pool!r} (attention pooling) is not supported; "
                 f"supported global_pool values: {SUPPORTED_POOLS}"
             )
-        layouts = []
+        layouts, verified = [], set()
         for i, block in enumerate(blocks):
             layout = _layout(block)
             if layout is None:
@@ -169,7 +194,9 @@ class TimmViT(Adapter):
             missing = [a for a in self.attn_requires if not hasattr(block.attn, a)]
             if missing:
                 raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
-            _verify_layout(block, layout)
+            if _structure(block) not in verified:
+                _verify_layout(block, layout)
+                verified.add(_structure(block))
             layouts.append(layout)
         for i, (block, layout) in enumerate(zip(blocks, layouts)):
             patch.set_attr(block, ATTR, patch)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core import cls_attention, fuse_tokens, gather_tokens, keep_indices, split_keep_drop
-from tokenreduce.state import ReductionState
+from tokenreduce.state import ForwardState
+from tokenreduce.validate import as_int_tuple, as_real
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Method(ABC):
         """Token count after each of ``depth`` blocks, for ``num_tokens`` input tokens."""
 
     @abstractmethod
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
+    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
         """Reduce ``x [B, N, C]`` to ``[B, ctx.num_out, C]``."""
 
     def params(self) -> dict[str, Any]:
@@ -63,11 +64,6 @@ class Method(ABC):
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{self.name}({args})"
-
-
-def check_keep_rate(keep_rate: float) -> None:
-    if not isinstance(keep_rate, (int, float)) or isinstance(keep_rate, bool) or not 0 < keep_rate <= 1:
-        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
 
 
 @dataclass
@@ -86,11 +82,11 @@ class PruneAtLayers(Method):
     needs_cls_token: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_keep_rate(self.keep_rate)
+        self.keep_rate = as_real("keep_rate", self.keep_rate, 0, 1, low_open=True)
         if self.layers is not None:
-            self.layers = tuple(self.layers)
-            if not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers):
-                raise ValueError(f"layers must be a non-empty sequence of block indices >= 0, got {self.layers!r}")
+            self.layers = as_int_tuple("layers", self.layers, 0)
+            if not self.layers:
+                raise ValueError("layers must be a non-empty sequence of block indices >= 0, got an empty one")
 
     def reduction_layers(self, depth: int) -> tuple[int, ...]:
         if self.layers is None:
@@ -115,7 +111,7 @@ class PruneAtLayers(Method):
         """One score per non-prefix token ``[B, N - num_prefix]``; the highest are kept."""
         return ctx.cls_attention()[:, ctx.num_prefix :]
 
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
+    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
         n, p = x.shape[1], ctx.num_prefix
         if ctx.num_out == n:
             return x

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from tokenreduce.methods.base import LayerContext, Method
 from tokenreduce.registry import register_method
-from tokenreduce.state import ReductionState
+from tokenreduce.state import ForwardState
 
 
 @register_method
@@ -21,5 +21,5 @@ class NoReduction(Method):
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         return [num_tokens] * depth
 
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ReductionState) -> Tensor:
+    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
         return x

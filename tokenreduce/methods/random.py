@@ -9,6 +9,7 @@ from torch import Tensor
 from tokenreduce.core import hash_scores
 from tokenreduce.methods.base import LayerContext, PruneAtLayers
 from tokenreduce.registry import register_method
+from tokenreduce.validate import as_int
 
 
 @register_method
@@ -26,8 +27,7 @@ class RandomPrune(PruneAtLayers):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        self.seed = as_int("seed", self.seed, 0)
 
     def scores(self, ctx: LayerContext) -> Tensor:
         b, n = ctx.k.shape[0], ctx.k.shape[2] - ctx.num_prefix
