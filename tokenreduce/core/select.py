@@ -23,10 +23,11 @@ def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Te
     """Like :func:`keep_indices`, plus the dropped indices ``[B, N - num_prefix - k]`` in ascending order."""
     keep = keep_indices(scores, k, num_prefix)
     b, n = scores.shape[0], scores.shape[1] + num_prefix
-    dropped = torch.ones(b, n, dtype=torch.bool, device=scores.device)
-    dropped.scatter_(1, keep, False)
-    # A stable sort keeps the dropped positions ascending and the shape static (no nonzero()).
-    drop = dropped.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : n - keep.shape[1]]
+    positions = torch.arange(n, device=scores.device).expand(b, n)
+    kept = torch.zeros(b, n, dtype=torch.bool, device=scores.device).scatter(1, keep, True)
+    # Sorting distinct keys (kept positions pushed past n) lists the dropped positions first and in
+    # ascending order with a static shape (no nonzero()), and exports to ONNX (no sort on bool/uint8).
+    drop = torch.where(kept, positions + n, positions).argsort(dim=1)[:, : n - keep.shape[1]]
     return keep, drop
 
 
