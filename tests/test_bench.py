@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,7 +11,7 @@ from conftest import build, images
 from tokenreduce.adapters import find_adapter
 from tokenreduce.bench import MethodSpec, model_macs, parse_specs, run_bench
 from tokenreduce.bench.memory import peak_memory_bytes
-from tokenreduce.cli import main
+from tokenreduce.bench.runner import load_warning, steps
 
 
 def test_parse_specs():
@@ -73,63 +68,23 @@ def test_run_bench_reports_every_method_against_none():
         run_bench(build("vit"), [MethodSpec("none")], repeats=0)
 
 
-def test_cli_bench_writes_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    code = main(
-        [
-            "bench",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--img-size",
-            "64",
-            "--batch-size",
-            "2",
-            "--repeats",
-            "1",
-            "--methods",
-            "tome:r=1,topk:keep_rate=0.5",
-            "--threads",
-            "1",
-            "--quiet",
-            "--json",
-            str(out),
-        ]
-    )
-    assert code == 0
-    table = capsys.readouterr().out
-    assert "tome:r=1" in table and "speedup" in table and "FLOP-ideal" in table
-    data = json.loads(out.read_text())
-    assert data["environment"]["threads"] == 1 and data["environment"]["model"] == "vit_tiny_patch16_224"
-    rows = {r["method"]: r for r in data["results"]}
-    assert set(rows) == {"none", "tome:r=1", "topk:keep_rate=0.5"}
-    for key in ("method", "params", "images_per_s", "gflops", "speedup", "flops_speedup", "tokens_per_layer"):
-        assert key in rows["tome:r=1"]
-    assert rows["tome:r=1"]["tokens_per_layer"] == list(range(16, 4, -1))
+def test_run_bench_leaves_the_callers_model_as_it_was():
+    model = build("vit").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_bench(model, [MethodSpec("tome", {"r": 2})], batch_size=1, img_size=32, repeats=1, dtype=torch.bfloat16)
+    assert model.training and not tokenreduce.is_patched(model)
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_cli_errors_name_the_problem(capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["bench", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--methods", "tome:r=4", "--quiet"])
-    assert err.value.code == 2
-    assert "r=4 at layer 3 exceeds half" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as err:
-        main(["bench", "--model", "resnet18", "--quiet"])
-    assert "no tokenreduce adapter for ResNet" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown timm model 'not_a_model'"):
-        main(["bench", "--model", "not_a_model"])
+def test_progress_counts_every_forward_including_memory_and_share_passes():
+    ticks = []
+    specs = [MethodSpec("tome", {"r": 2}), MethodSpec("evit")]
+    run_bench(build("vit"), specs, batch_size=1, img_size=32, repeats=3, warmup=2, progress=ticks.append)
+    # 3 models (with the baseline) x (first + 1 warmup + 3 repeats + memory) + 2 reduce-share passes
+    assert sum(ticks) == steps(specs, repeats=3, warmup=2) == 3 * 6 + 2
 
 
-def test_cli_pretrained_goes_to_the_hub():
-    # The download path is real: offline (set before huggingface_hub is imported, in a fresh process)
-    # it fails inside huggingface_hub, and the CLI says which weights it could not get.
-    cmd = [sys.executable, "-m", "tokenreduce.cli", "bench", "--model", "vit_tiny_patch16_224", "--pretrained", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
-    assert proc.returncode == 1
-    assert "could not load pretrained weights for 'vit_tiny_patch16_224' from the hub" in proc.stderr
-
-
-def test_cli_methods_lists_everything(capsys):
-    assert main(["methods"]) == 0
-    out = capsys.readouterr().out
-    for name in tokenreduce.list_methods():
-        assert name in out
+def test_load_warning():
+    assert load_warning((0.1, 0.1, 0.1), (1.9, 1.0, 0.5), threads=2, cores=2) is None
+    assert "1-minute load average 1.50 before" in load_warning((1.5, 1, 1), (2.0, 1, 1), threads=2, cores=2)
+    assert "3.10 after the run on 2 cores" in load_warning((0.0, 0, 0), (3.1, 1, 1), threads=1, cores=2)

@@ -7,7 +7,6 @@ import torch
 
 import tokenreduce
 from conftest import build, images
-from tokenreduce.cli import main
 from tokenreduce.viz import patch_assignment, render_merges
 
 # Final tokens: 0 = CLS, 1 covers patches 0 and 3, 2 covers patch 2; patch 1 was pruned.
@@ -44,30 +43,3 @@ def test_every_patch_is_accounted_for_on_a_real_model(method, config):
     assert owner.min() >= (0 if method in ("tome", "evit") else -1)
     assert owner.max() < rec.tokens_per_layer[-1] and (owner < 0).any() == (method == "random")
     assert not ((owner >= 0) & (owner < rec.num_prefix)).any(), "a patch was attributed to a prefix token"
-
-
-def test_cli_viz_writes_a_figure(tmp_path, capsys):
-    from PIL import Image
-
-    path = tmp_path / "in.png"
-    pixels = (torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    Image.fromarray(pixels.numpy()).save(path)
-    out = tmp_path / "viz.png"
-    code = main(
-        [
-            "viz",
-            str(path),
-            str(path),
-            "--model",
-            "vit_tiny_patch16_224",
-            "--img-size",
-            "64",
-            "--methods",
-            "tome:r=1,topk:keep_rate=0.5",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0 and "wrote" in capsys.readouterr().out
-    figure = Image.open(out)
-    assert figure.size == (3 * 64, 18 + 2 * 64)

@@ -1,15 +1,23 @@
-"""``tokenreduce`` command line: ``methods``, ``bench`` and ``viz``."""
+"""``tokenreduce`` command line: ``methods``, ``bench`` and ``viz``.
+
+Every request is checked before anything slow happens (weights loaded, a model run): method specs,
+input and output paths, the device, and the architecture itself on a meta-device skeleton.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 import tokenreduce
+from tokenreduce.adapters import locate
+from tokenreduce.loading import WeightsUnavailable, check_checkpoint_path, create_timm_model
 
 DEFAULT_MODEL = "vit_small_patch16_224"
 # r=16 needs clip=True on a 197-token ViT-S: its last block has 20 mergeable tokens left, half is 10.
@@ -17,26 +25,55 @@ DEFAULT_METHODS = "none,tome:r=8,tome:r=16:clip=True,evit:keep_rate=0.7"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def create_timm_model(name: str, pretrained: bool, img_size: int) -> torch.nn.Module:
-    """A timm model by name: random weights, or the hub's pretrained ones (needs network access)."""
+class CommandError(Exception):
+    """A request the command cannot serve; printed without a traceback, exit status 2."""
+
+
+def check_specs(text: str):
+    """Parse ``--methods`` and build every method once, so a bad config fails before any model exists."""
+    from tokenreduce.bench.runner import parse_specs
+
+    specs = parse_specs(text)
+    for spec in specs:
+        tokenreduce.make_method(spec.name, **spec.config)
+    return specs
+
+
+def check_device(name: str) -> torch.device:
     try:
-        import timm
-    except ImportError:
-        raise SystemExit("tokenreduce bench --model needs timm: pip install 'tokenreduce[timm]'") from None
-    if name not in timm.list_models():
-        raise SystemExit(f"unknown timm model {name!r}; see timm.list_models()")
-    try:
-        try:
-            return timm.create_model(name, pretrained=pretrained, img_size=img_size)
-        except TypeError as err:
-            if "img_size" not in str(err):
-                raise
-            # not a ViT-style model: build it anyway so that apply() can say why it is unsupported
-            return timm.create_model(name, pretrained=pretrained)
-    except Exception as err:
-        if not pretrained:
-            raise
-        raise SystemExit(f"could not load pretrained weights for {name!r} from the hub ({type(err).__name__}: {err})") from err
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except Exception as err:  # torch raises RuntimeError or AssertionError depending on the backend
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CommandError(f"--device {name!r} is not usable here ({first}); try --device cpu") from None
+    return device
+
+
+def check_writable(path: str, flag: str) -> None:
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise CommandError(f"{flag} {path}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise CommandError(f"{flag} {path}: not writable")
+
+
+def check_positive(value: int, flag: str, low: int = 1) -> None:
+    if value < low:
+        raise CommandError(f"{flag} must be an integer >= {low}, got {value}")
+
+
+def build_model(
+    args: argparse.Namespace, img_size: int, check: Callable[[torch.nn.Module], None] | None = None
+) -> torch.nn.Module:
+    """Check the architecture on a weightless skeleton (supported, and ``check`` if given), then build
+    it with the requested weights."""
+    if args.checkpoint is not None:
+        check_checkpoint_path(args.checkpoint)
+    skeleton = create_timm_model(args.model, img_size=img_size, device="meta")
+    locate(skeleton)  # an unsupported model fails here, before any weights are read or downloaded
+    if check is not None:
+        check(skeleton)
+    return create_timm_model(args.model, img_size=img_size, pretrained=args.pretrained, checkpoint=args.checkpoint)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -49,16 +86,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tokenreduce.bench.runner import environment, format_table, parse_specs, run_bench, steps, to_json, with_baseline
+    from tokenreduce.bench.runner import environment, format_table, load_warning, run_bench, steps, to_json, usable_cores
 
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--img-size", args.img_size, 1),
+        ("--repeats", args.repeats, 1),
+    ):
+        check_positive(value, flag, low)
+    check_positive(args.warmup, "--warmup", 0)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        check_positive(args.threads, "--threads")
+    specs = check_specs(args.methods)
+    device = check_device(args.device)
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    specs = with_baseline(parse_specs(args.methods))
-    model = create_timm_model(args.model, args.pretrained, args.img_size)
-    total = steps(len(specs), args.repeats, args.warmup)
-    with tqdm(total=total, desc=f"bench {args.model}", unit="fwd", disable=args.quiet, file=sys.stderr) as bar:
+    model = build_model(args, args.img_size)
+    load_before = os.getloadavg()
+    with tqdm(
+        total=steps(specs, args.repeats, args.warmup), desc=f"bench {args.model}", unit="fwd", disable=args.quiet, file=sys.stderr
+    ) as bar:
         results = run_bench(
             model,
             specs,
@@ -66,25 +115,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
             img_size=args.img_size,
             repeats=args.repeats,
             warmup=args.warmup,
-            device=args.device,
+            device=device,
             dtype=DTYPES[args.dtype],
             progress=bar.update,
         )
+    load_after = os.getloadavg()
+    warning = load_warning(load_before, load_after, torch.get_num_threads(), usable_cores())
     env = environment(
-        args.device,
+        device,
         DTYPES[args.dtype],
         args.batch_size,
         args.img_size,
         model=args.model,
-        pretrained=args.pretrained,
+        weights=_weights(args),
         repeats=args.repeats,
         warmup=args.warmup,
+        load_avg_before=list(load_before),
+        load_avg_after=list(load_after),
+        warnings=[warning] if warning else [],
     )
     print(
         f"{args.model} | batch {args.batch_size} | {args.img_size}px | {env['dtype']} | {env['machine']} | "
         f"{env['threads']} threads | median of {args.repeats}"
     )
     print(format_table(results))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(to_json(results, env), f, indent=2)
@@ -92,14 +148,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> str:
+    if args.checkpoint is not None:
+        return f"checkpoint {args.checkpoint}"
+    return "pretrained (hub)" if args.pretrained else "random"
+
+
+def check_images(paths: Sequence[str]) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except FileNotFoundError:
+            raise CommandError(f"image {path!r} does not exist") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise CommandError(f"image {path!r} cannot be read as an image ({err})") from None
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    check_positive(args.img_size, "--img-size")
+    specs = check_specs(args.methods)
+    check_images(args.images)
+    check_writable(args.out, "--out")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"--out {args.out}: unknown image format; use e.g. .png or .jpg")
+
+    def whole_patches(skeleton: torch.nn.Module) -> None:
+        ph, pw = skeleton.patch_embed.patch_size
+        if args.img_size % ph or args.img_size % pw:
+            below, above = args.img_size // ph * ph, -(-args.img_size // ph) * ph
+            raise CommandError(
+                f"--img-size {args.img_size} is not a multiple of the {ph}x{pw} patches of {args.model}; "
+                f"the figure draws whole patches: try {below} or {above}"
+            )
+
+    model = build_model(args, args.img_size, check=whole_patches).eval()
+
     from timm.data import resolve_model_data_config
 
-    from tokenreduce.bench.runner import parse_specs
     from tokenreduce.viz.figure import compose, load_image, method_panels
 
-    specs = parse_specs(args.methods)
-    model = create_timm_model(args.model, args.pretrained, args.img_size).eval()
     config = resolve_model_data_config(model)
     grid = tuple(model.patch_embed.grid_size)
     rows = []
@@ -107,13 +199,20 @@ def cmd_viz(args: argparse.Namespace) -> int:
         image = load_image(path, args.img_size)
         rows.append([image, *method_panels(model, image, specs, config["mean"], config["std"], grid)])
     compose(rows, ["input", *(s.label for s in specs)]).save(args.out)
-    weights = "pretrained" if args.pretrained else "random weights: merges follow pixel similarity only"
-    print(f"wrote {args.out} ({len(rows)} image(s) x {len(specs)} method(s), {args.model}, {weights})")
+    note = "" if args.pretrained or args.checkpoint else ": merges follow pixel similarity only"
+    print(f"wrote {args.out} ({len(rows)} image(s) x {len(specs)} method(s), {args.model}, {_weights(args)} weights{note})")
     return 0
+
+
+def add_weight_options(parser: argparse.ArgumentParser) -> None:
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="load the hub's weights (needs network); default random")
+    weights.add_argument("--checkpoint", metavar="PATH", help="load local weights (.safetensors, .pth, .pt or .bin)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description="Training-free token reduction for vision transformers.")
+    parser.add_argument("--version", action="version", version=f"tokenreduce {tokenreduce.__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("methods", help="list the registered methods and their defaults").set_defaults(fn=cmd_methods)
 
@@ -129,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    bench.add_argument("--pretrained", action="store_true", help="load hub weights (needs network); default random")
+    add_weight_options(bench)
     bench.add_argument("--json", help="write the results and the environment to this file")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(fn=cmd_bench)
@@ -139,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
     viz.add_argument("--methods", default="tome:r=16:clip=True,evit:keep_rate=0.7")
     viz.add_argument("--img-size", type=int, default=224)
-    viz.add_argument("--pretrained", action="store_true", help="load hub weights (needs network); default random")
-    viz.add_argument("--out", default="tokenreduce-viz.png", help="PNG to write")
+    add_weight_options(viz)
+    viz.add_argument("--out", default="tokenreduce-viz.png", help="image file to write (.png, .jpg, ...)")
     viz.set_defaults(fn=cmd_viz)
     return parser
 
@@ -153,8 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.fn(args)
-    except (ValueError, TypeError) as err:
+    except (CommandError, ValueError, TypeError) as err:
         parser.exit(2, f"tokenreduce {args.command}: error: {err}\n")
+    except WeightsUnavailable as err:
+        parser.exit(1, f"tokenreduce {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import tokenreduce
-from tokenreduce.adapters import find_adapter
+from tokenreduce.adapters import locate
 from tokenreduce.api import patch_of
 from tokenreduce.bench.flops import model_macs
 from tokenreduce.bench.memory import peak_memory_bytes
+from tokenreduce.validate import as_int
 
 
 @dataclass(frozen=True)
@@ -138,20 +139,19 @@ def run_bench(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int], None] | None = None,
 ) -> list[BenchResult]:
-    """Benchmark every spec on a private copy of ``model``, interleaving the timed repeats.
+    """Benchmark every spec on private copies of ``model`` (which is left as it was), interleaving the
+    timed repeats.
 
     Runs :func:`with_baseline` ``(specs)``; the ``none`` row is the unpatched model. ``progress``
-    is called with 1 after every forward (``steps(len(with_baseline(specs)), repeats, warmup)`` in total).
+    is called with 1 after every forward, ``steps(specs, repeats, warmup)`` times in total.
     """
-    checks = [("batch_size", batch_size, 1), ("img_size", img_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]
-    for name, value, low in checks:
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    batch_size, img_size = as_int("batch_size", batch_size, 1), as_int("img_size", img_size, 1)
+    repeats, warmup = as_int("repeats", repeats, 1), as_int("warmup", warmup, 0)
     specs = with_baseline(specs)
     device = torch.device(device)
     tick = progress or (lambda n: None)
-    base = model.eval().to(device=device, dtype=dtype)
-    adapter = find_adapter(base)
+    base = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
+    _, target, adapter = locate(base)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dtype)
 
@@ -180,13 +180,21 @@ def run_bench(
                 _sync(device)
                 times[i].append(time.perf_counter() - start)
                 tick(1)
-        peaks = [peak_memory_bytes(lambda m=m: m(x), device) for m in models]
-        shares = [_reduce_share(m, x, device) if tokenreduce.is_patched(m) else 0.0 for m in models]
+        peaks, shares = [], []
+        for m in models:
+            peaks.append(peak_memory_bytes(lambda m=m: m(x), device))
+            tick(1)
+        for m in models:
+            if not tokenreduce.is_patched(m):  # the baseline spends nothing on reduction
+                shares.append(0.0)
+                continue
+            shares.append(_reduce_share(m, x, device))
+            tick(1)
 
     results = []
     for spec, rec, t, peak, share in zip(specs, records, times, peaks, shares):
         latency = statistics.median(t)
-        macs = model_macs(adapter, base, rec.input_tokens, rec.tokens_per_layer)
+        macs = model_macs(adapter, target, rec.input_tokens, rec.tokens_per_layer)
         results.append(
             BenchResult(
                 method=spec.label,
@@ -208,9 +216,13 @@ def run_bench(
     return results
 
 
-def steps(num_specs: int, repeats: int, warmup: int) -> int:
-    """Forwards ``run_bench`` reports to ``progress`` for ``num_specs`` specs, baseline included."""
-    return num_specs * (1 + max(warmup - 1, 0) + repeats)
+def steps(specs: Sequence[MethodSpec], repeats: int, warmup: int) -> int:
+    """Forwards ``run_bench`` reports to ``progress`` for ``specs`` (with the baseline it adds): the
+    checked first forward, warmup, timed repeats, the memory pass, and the reduce-share pass of
+    every patched model."""
+    specs = with_baseline(specs)
+    patched = sum(s.name != "none" for s in specs)
+    return len(specs) * (1 + max(warmup - 1, 0) + repeats + 1) + patched
 
 
 def format_table(results: Sequence[BenchResult]) -> str:
@@ -238,6 +250,26 @@ def format_table(results: Sequence[BenchResult]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_warning(before: Sequence[float], after: Sequence[float], threads: int, cores: int) -> str | None:
+    """A warning when other work competed for the cores during a run, from the 1-minute load averages
+    taken before and after it: before the run, other work left fewer than ``threads`` cores free, or
+    after it the load exceeded the cores, each by more than half a core. ``None`` when the machine
+    looked free."""
+    slack = 0.5  # load averages carry background noise; half a core of it is tolerated
+    if before[0] + threads <= cores + slack and after[0] <= cores + slack:
+        return None
+    return (
+        f"machine busy: 1-minute load average {before[0]:.2f} before and {after[0]:.2f} after the run on {cores} cores, "
+        f"with {threads} benchmark threads; timings are unreliable when the load exceeds the cores "
+        "(rerun on an idle machine, or with fewer --threads)"
+    )
+
+
 def environment(device: str | torch.device, dtype: torch.dtype, batch_size: int, img_size: int, **extra: Any) -> dict[str, Any]:
     """Everything a reader needs to know where and how the numbers were taken."""
     device = torch.device(device)
@@ -252,6 +284,7 @@ def environment(device: str | torch.device, dtype: torch.dtype, batch_size: int,
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "device": str(device),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
