@@ -270,14 +270,16 @@ def test_training_mode_and_gradients_flow():
     [("tome", dict(r=4)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5)), ("random", dict(keep_rate=0.5))],
 )
 def test_torch_compile_traces_the_patched_model(method, config):
-    model, x = build("dinov2_reg"), images()
-    tokenreduce.apply(model, method, **config)
+    model, x = build("dinov2_reg"), images(batch=3)
+    tokenreduce.apply(model, method, trace_source=True, **config)
     with torch.no_grad():
         eager = model(x)
-        plan = tokenreduce.record(model).tokens_per_layer
+        want = tokenreduce.record(model)
+        model(images(batch=1))  # so that the record checked below can only come from the compiled call
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # no graph breaks
         torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
-    assert tokenreduce.record(model).tokens_per_layer == plan
+    got = tokenreduce.record(model)
+    assert got.tokens_per_layer == want.tokens_per_layer and torch.equal(got.source, want.source)
 
 
 def test_method_object_can_be_passed():
