@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
 from conftest import build, images
-from tokenreduce.adapters import find_adapter
+from tokenreduce.adapters import locate
 from tokenreduce.bench import MethodSpec, model_macs, parse_specs, run_bench
 from tokenreduce.bench.memory import peak_memory_bytes
 from tokenreduce.bench.runner import load_warning, steps
@@ -42,7 +42,7 @@ def test_analytic_macs_match_torch_flop_counter(model_name, method, config):
     with counter, torch.no_grad():
         model(images(batch=1))
     rec = tokenreduce.record(model)
-    macs = model_macs(find_adapter(model), model, rec.input_tokens, rec.tokens_per_layer)
+    macs = model_macs(locate(model)[2], model, rec.input_tokens, rec.tokens_per_layer)
     # torch counts 2 FLOPs per MAC; scoring and matching (<1% here) are in its count, not ours
     assert counter.get_total_flops() / 2 == pytest.approx(macs, rel=0.01)
 

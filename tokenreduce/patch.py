@@ -118,7 +118,6 @@ class Patch:
         for module, cls in reversed(self._classes):
             module.__class__ = cls
         self._attrs, self._classes = [], []
-        self._local = threading.local()
 
     # -- running -------------------------------------------------------------------------------
     def begin(self, x: Tensor, masked: bool = False) -> ForwardState:

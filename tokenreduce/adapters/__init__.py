@@ -8,7 +8,7 @@ from tokenreduce.adapters import timm_vit  # noqa: F401  (registration)
 from tokenreduce.adapters.base import Adapter, BlockCost
 from tokenreduce.registry import adapters
 
-__all__ = ["Adapter", "BlockCost", "find_adapter", "locate"]
+__all__ = ["Adapter", "BlockCost", "locate"]
 
 
 def _match(module: nn.Module) -> Adapter | None:
@@ -18,16 +18,6 @@ def _match(module: nn.Module) -> Adapter | None:
 def _unsupported(model: nn.Module) -> TypeError:
     families = "; ".join(a.family for a in adapters())
     return TypeError(f"no tokenreduce adapter for {type(model).__qualname__}; supported model families: {families}")
-
-
-def find_adapter(model: object) -> Adapter:
-    """The adapter for ``model`` itself; a ``TypeError`` listing the supported families if there is none."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    adapter = _match(model)
-    if adapter is None:
-        raise _unsupported(model)
-    return adapter
 
 
 def locate(model: object) -> tuple[str, nn.Module, Adapter]:

@@ -194,9 +194,10 @@ class TimmViT(Adapter):
             missing = [a for a in self.attn_requires if not hasattr(block.attn, a)]
             if missing:
                 raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
-            if _structure(block) not in verified:
+            structure = _structure(block)
+            if structure not in verified:
                 _verify_layout(block, layout)
-                verified.add(_structure(block))
+                verified.add(structure)
             layouts.append(layout)
         for i, (block, layout) in enumerate(zip(blocks, layouts)):
             patch.set_attr(block, ATTR, patch)
