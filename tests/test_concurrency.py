@@ -32,7 +32,7 @@ def assert_same(got, want):
     (out, rec), (want_out, want_rec) = got, want
     assert torch.equal(out, want_out)
     assert rec.input_tokens == want_rec.input_tokens and rec.tokens_per_layer == want_rec.tokens_per_layer
-    for a, b in ((rec.size, want_rec.size), (rec.source, want_rec.source)):
+    for a, b in ((rec.size, want_rec.size), (rec.owner, want_rec.owner)):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
@@ -57,11 +57,10 @@ def run_threads(fn, count):
     return results
 
 
-@pytest.mark.parametrize("trace_source", [False, True])
 @pytest.mark.parametrize("method", sorted(REDUCING))
-def test_concurrent_forwards_equal_sequential_ones(method, trace_source):
+def test_concurrent_forwards_equal_sequential_ones(method):
     model = build("vit", dynamic_img_size=True)
-    tokenreduce.apply(model, method, trace_source=trace_source, **REDUCING[method])
+    tokenreduce.apply(model, method, **REDUCING[method])
     expected = [[snapshot(model, x) for x in inputs(t)] for t in range(THREADS)]
     got = run_threads(lambda t: [snapshot(model, x) for x in inputs(t)], THREADS)
     for thread_got, thread_expected in zip(got, expected):
@@ -86,7 +85,7 @@ def test_record_reports_the_calling_threads_last_forward():
 
 def test_compiled_model_serves_threads():
     model = build("dinov2_reg")
-    tokenreduce.apply(model, "evit", keep_rate=0.5, trace_source=True)
+    tokenreduce.apply(model, "evit", keep_rate=0.5)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     xs = [images(batch=2, seed=s) for s in range(4)]
     expected = [snapshot(model, x) for x in xs]
@@ -94,4 +93,4 @@ def test_compiled_model_serves_threads():
     got = run_threads(lambda i: snapshot(compiled, xs[i]), 4)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g[0], e[0], rtol=1e-5, atol=1e-5)
-        assert g[1].tokens_per_layer == e[1].tokens_per_layer and torch.equal(g[1].source, e[1].source)
+        assert g[1].tokens_per_layer == e[1].tokens_per_layer and torch.equal(g[1].owner, e[1].owner)

@@ -70,7 +70,7 @@ def test_identity_config_matches_unpatched(method, model_name):
 def test_remove_is_bit_identical_and_leaves_no_trace(method, model_name):
     model, x = build(model_name), images()
     expected, before = run(model, x), traces(model)
-    tokenreduce.apply(model, method, trace_source=True, **REDUCING[method])
+    tokenreduce.apply(model, method, **REDUCING[method])
     reduced = run(model, x)
     tokenreduce.remove(model)
     assert torch.equal(run(model, x), expected)
@@ -131,7 +131,7 @@ def test_half_precision_is_finite_and_close_to_float32(method, model_name, dtype
     model = build(model_name)
     tokenreduce.apply(model, method, **REDUCING[method])
     reference = run(model, images())
-    model = tokenreduce.apply(model.to(dtype), method, trace_source=True, **REDUCING[method])
+    model = tokenreduce.apply(model.to(dtype), method, **REDUCING[method])
     out = run(model, images().to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
     # Half precision may flip a near-tie merge, so compare directions, not values. bf16 keeps 8 bits of
@@ -159,7 +159,7 @@ def test_state_dict_untouched(method, model_name):
 @pytest.mark.parametrize("method,model_name", CASES)
 def test_sizes_and_sources_account_for_every_token(method, model_name):
     model, x = build(model_name), images()
-    tokenreduce.apply(model, method, trace_source=True, **REDUCING[method])
+    tokenreduce.apply(model, method, **REDUCING[method])
     run(model, x)
     rec = tokenreduce.record(model)
     n0, prefix = rec.input_tokens, rec.num_prefix

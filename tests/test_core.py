@@ -8,12 +8,12 @@ import torch
 from tokenreduce.core import (
     bipartite_soft_matching,
     cls_attention,
-    fuse_tokens,
-    gather_tokens,
     hash_scores,
+    keep,
+    keep_and_fuse,
     keep_indices,
-    merge_wavg,
     split_keep_drop,
+    weighted_mean_coeff,
 )
 
 # Positions 0..6 alternate A (even) / B (odd). Token 2 points the same way as 5, token 4 nearly as 1,
@@ -34,37 +34,52 @@ X = torch.arange(7.0)[None, :, None] * 10  # token i carries the value 10 * i
 
 def test_merges_the_most_similar_pairs_and_protects_cls():
     match = bipartite_soft_matching(METRIC, r=2, num_prefix=1)
-    x, size = merge_wavg(match, X, torch.ones(1, 7, 1))
+    x, size = match.apply(X), match.sizes(torch.ones(1, 7, 1))
     # order: CLS, unmerged A (6), then B tokens 1, 3, 5 with 4 merged into 1 and 2 into 5
     assert x[0, :, 0].tolist() == [0.0, 60.0, 25.0, 30.0, 35.0]
     assert size[0, :, 0].tolist() == [1.0, 1.0, 2.0, 1.0, 2.0]
+    assert match.index[0].tolist() == [0, 6, 1, 3, 5]  # a merged token inherits its B token's place
 
 
 def test_merge_is_size_weighted():
     size = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0])[None, :, None]
-    x, new_size = merge_wavg(bipartite_soft_matching(METRIC, r=2, num_prefix=1), X, size)
-    assert x[0, 2, 0].item() == pytest.approx((10 * 1 + 40 * 3) / 4)
-    assert new_size[0, 2, 0].item() == 4
+    match = bipartite_soft_matching(METRIC, r=2, num_prefix=1, size=size)
+    assert match.apply(X)[0, 2, 0].item() == pytest.approx((10 * 1 + 40 * 3) / 4)
+    assert match.sizes(size)[0, 2, 0].item() == 4
 
 
 def test_r1_takes_only_the_best_pair():
-    x, _ = merge_wavg(bipartite_soft_matching(METRIC, r=1, num_prefix=1), X, torch.ones(1, 7, 1))
+    x = bipartite_soft_matching(METRIC, r=1, num_prefix=1).apply(X)
     assert x[0, :, 0].tolist() == [0.0, 40.0, 60.0, 10.0, 30.0, 35.0]
 
 
 def test_prefix_b_token_never_receives_a_merge():
     # With two prefix tokens (CLS, distillation), token 1 is protected: token 4 must not join it.
     match = bipartite_soft_matching(METRIC, r=2, num_prefix=2)
-    x, size = merge_wavg(match, X, torch.ones(1, 7, 1))
+    x, size = match.apply(X), match.sizes(torch.ones(1, 7, 1))
     assert x[0, :2, 0].tolist() == [0.0, 10.0] and size[0, :2, 0].tolist() == [1.0, 1.0]
     assert size.sum() == 7
 
 
-def test_source_tracking_follows_merges():
+def test_owners_follow_merges():
     match = bipartite_soft_matching(METRIC, r=2, num_prefix=1)
-    source = match.merge(torch.eye(7)[None], mode="amax")
-    covered = [torch.nonzero(row).flatten().tolist() for row in source[0]]
-    assert covered == [[0], [6], [1, 4], [3], [2, 5]]
+    assert match.owners(torch.arange(7)[None]).tolist() == [[0, 2, 4, 3, 2, 4, 1]]
+
+
+def test_unmerge_copies_each_output_back_to_its_inputs():
+    match = bipartite_soft_matching(METRIC, r=2, num_prefix=1)
+    restored = match.unmerge(match.apply(X))
+    assert restored[0, :, 0].tolist() == [0.0, 25.0, 35.0, 30.0, 25.0, 35.0, 60.0]
+    pruned = keep(torch.tensor([[0, 3]]), 4)
+    assert pruned.unmerge(torch.tensor([[[1.0], [2.0]]]), fill=-1)[0, :, 0].tolist() == [1.0, -1.0, -1.0, 2.0]
+
+
+def test_take_carries_aligned_tensors():
+    match = bipartite_soft_matching(METRIC, r=2, num_prefix=1)
+    positions = torch.arange(7) * 10
+    assert match.take(positions).tolist() == [[0, 60, 10, 30, 50]]
+    mask = torch.arange(14).view(1, 2, 7)  # [B, rows, N]: carried along dim 2
+    assert match.take(mask, dim=2)[0, 1].tolist() == [7, 13, 8, 10, 12]
 
 
 def test_r_out_of_range_names_the_range():
@@ -74,7 +89,7 @@ def test_r_out_of_range_names_the_range():
 
 def test_half_precision_merge_accumulates_in_fp32():
     x = torch.full((1, 7, 1), 60000.0, dtype=torch.float16)
-    out, size = merge_wavg(bipartite_soft_matching(METRIC, 2, 1), x, torch.ones(1, 7, 1))
+    out = bipartite_soft_matching(METRIC, 2, 1).apply(x)
     assert out.dtype == torch.float16 and torch.isfinite(out).all() and (out == 60000).all()
 
 
@@ -85,12 +100,21 @@ def test_keep_and_drop_indices():
     assert keep.tolist() == [[0, 2, 4]] and drop.tolist() == [[1, 3, 5]]
 
 
-def test_gather_and_fuse():
+def test_keep_and_fuse():
     x = torch.arange(12.0).reshape(1, 4, 3)
-    assert gather_tokens(x, torch.tensor([[3, 0]])).tolist() == [[[9, 10, 11], [0, 1, 2]]]
-    fused = fuse_tokens(x, torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.25]]))
-    assert fused.tolist() == [[[3 * 0.5 + 6 * 0.25, 4 * 0.5 + 7 * 0.25, 5 * 0.5 + 8 * 0.25]]]
-    assert fuse_tokens(x, torch.tensor([[1, 2]]), reduce="amax").tolist() == [[[6, 7, 8]]]
+    kept = keep(torch.tensor([[3, 0]]), 4)
+    assert kept.apply(x).tolist() == [[[9, 10, 11], [0, 1, 2]]] and kept.gather_only
+    fused = keep_and_fuse(torch.tensor([[3]]), torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.25]]), 4)
+    assert fused.apply(x).tolist() == [[[9, 10, 11], [3 * 0.5 + 6 * 0.25, 4 * 0.5 + 7 * 0.25, 5 * 0.5 + 8 * 0.25]]]
+    assert fused.sizes(torch.ones(1, 4, 1))[0, :, 0].tolist() == [1.0, 2.0]
+    assert fused.owners(torch.arange(4)[None]).tolist() == [[-1, 1, 1, 0]]
+    assert fused.index.tolist() == [[3, 1]]
+
+
+def test_weighted_mean_coefficients():
+    slot = torch.tensor([[0, 1, 0, -1, 1]])
+    coeff = weighted_mean_coeff(slot, torch.tensor([[1.0, 2.0, 3.0, 9.0, 2.0]]), num_out=2)
+    assert coeff.tolist() == [[0.25, 0.5, 0.75, 0.0, 0.5]]
 
 
 def test_cls_attention_equals_the_full_attention_row():

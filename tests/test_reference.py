@@ -8,7 +8,7 @@ import torch
 import reference
 import tokenreduce
 from conftest import build, images
-from tokenreduce.core import bipartite_soft_matching, merge_wavg
+from tokenreduce.core import bipartite_soft_matching
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 2, 5])
@@ -19,7 +19,8 @@ def test_bipartite_matching_matches_naive(prefix, n):
     metric = torch.randn(3, n, 6, generator=gen)
     size = torch.randint(1, 5, (3, n, 1), generator=gen).float()
     for r in [1, (n - prefix) // 4, (n - prefix) // 2]:
-        got_x, got_size = merge_wavg(bipartite_soft_matching(metric, r, prefix), x, size)
+        match = bipartite_soft_matching(metric, r, prefix, size)
+        got_x, got_size = match.apply(x), match.sizes(size)
         for b in range(3):
             want_x, want_size = reference.tome_merge(x[b], metric[b], size[b, :, 0], r, prefix)
             torch.testing.assert_close(got_x[b], want_x, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,6 @@ from tokenreduce.methods.base import Method
 from tokenreduce.patch import ATTR, Patch
 from tokenreduce.registry import method_class, method_names
 from tokenreduce.state import Record
-from tokenreduce.validate import as_bool
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -40,16 +39,14 @@ def make_method(method: str | Method, **config: Any) -> Method:
     return cls(**config)
 
 
-def apply(model: ModelT, method: str | Method, *, trace_source: bool = False, **config: Any) -> ModelT:
+def apply(model: ModelT, method: str | Method, **config: Any) -> ModelT:
     """Patch ``model`` in place to reduce tokens with ``method`` and return it.
 
-    ``config`` goes to the method (e.g. ``r=16`` for ``tome``). ``trace_source=True`` also records which
-    original tokens each token covers (see :func:`record`). Applying again replaces the earlier patch.
+    ``config`` goes to the method (e.g. ``r=16`` for ``tome``). Applying again replaces the earlier patch.
     A wrapper holding exactly one supported model (``torch.compile``, ``DataParallel``, your own module)
     gets that model patched; :func:`describe` names it. Weights and ``state_dict()`` are untouched;
     :func:`remove` restores the original model exactly.
     """
-    trace_source = as_bool("trace_source", trace_source)
     method_obj = make_method(method, **config)
     _, target, adapter = locate(model)
     depth = len(adapter.blocks(target))
@@ -60,7 +57,7 @@ def apply(model: ModelT, method: str | Method, *, trace_source: bool = False, **
     if n0 is not None and depth:
         method_obj.schedule(n0, num_prefix, depth)  # fail at apply time, not at the first forward
     remove(model)  # only now: a bad config leaves an earlier patch in place
-    patch = Patch(adapter, method_obj, num_prefix, depth, trace_source)
+    patch = Patch(adapter, method_obj, num_prefix, depth)
     try:
         adapter.install(target, patch)
     except BaseException:
@@ -98,17 +95,17 @@ def remove(model: ModelT) -> ModelT:
 
 
 @contextmanager
-def applied(model: ModelT, method: str | Method, *, trace_source: bool = False, **config: Any) -> Iterator[ModelT]:
+def applied(model: ModelT, method: str | Method, **config: Any) -> Iterator[ModelT]:
     """Context manager form of :func:`apply`; on exit the model is as it was before (including an
     earlier patch, which is re-applied)."""
     previous = patch_of(model) if is_patched(model) else None
-    apply(model, method, trace_source=trace_source, **config)
+    apply(model, method, **config)
     try:
         yield model
     finally:
         remove(model)
         if previous is not None:
-            apply(model, previous.method, trace_source=previous.trace_source)
+            apply(model, previous.method)
 
 
 def patch_of(model: nn.Module) -> Patch:
@@ -121,7 +118,8 @@ def patch_of(model: nn.Module) -> Patch:
 
 def record(model: nn.Module) -> Record:
     """What the calling thread's last forward of a patched model did: token counts per block, sizes and
-    (with ``trace_source``) sources. Each thread sees its own forwards, so concurrent callers never mix."""
+    which original tokens each final token covers. Each thread sees its own forwards, so concurrent
+    callers never mix."""
     state = patch_of(model).latest()
     if state is None:
         raise ValueError(

@@ -73,12 +73,11 @@ class Patch:
     thread-local slot, so threads calling one patched model never see each other's tokens.
     """
 
-    def __init__(self, adapter: Adapter, method: Method, num_prefix: int, depth: int, trace_source: bool) -> None:
+    def __init__(self, adapter: Adapter, method: Method, num_prefix: int, depth: int) -> None:
         self.adapter = adapter
         self.method = method
         self.num_prefix = num_prefix
         self.depth = depth
-        self.trace_source = trace_source
         self._local = threading.local()
         self._classes: list[tuple[nn.Module, type]] = []
         self._attrs: list[tuple[nn.Module, str]] = []
@@ -133,7 +132,7 @@ class Patch:
                 "torch.jit.trace (and the legacy torch.onnx.export(dynamo=False)) cannot record token reduction; "
                 "use torch.export.export(model, args) or torch.onnx.export(model, args, dynamo=True)"
             )
-        state = ForwardState.start(x, self.num_prefix, schedule, self.trace_source)
+        state = ForwardState.start(x, self.num_prefix, schedule)
         self._local.state = state
         return state
 
@@ -155,12 +154,19 @@ class Patch:
         """The hook point after attention and before the MLP of block ``layer``."""
         if state.q is None or state.k is None:
             raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
-        ctx = LayerContext(layer, self.num_prefix, state.schedule[layer], state.q, state.k, scale, attn_bias)
+        ctx = LayerContext(layer, self.num_prefix, state.schedule[layer], state.q, state.k, scale, attn_bias, state.size)
         state.q = state.k = None
-        out = self.method.reduce(x, ctx, state)
-        if out.shape[1] != ctx.num_out:
+        selection = self.method.select(x, ctx)
+        if selection is not None:
+            if selection.num_out != ctx.num_out:
+                raise RuntimeError(
+                    f"method {self.method.name} left {selection.num_out} tokens at layer {layer}, its schedule says {ctx.num_out}"
+                )
+            state.follow(selection, x)
+            x = selection.apply(x)
+        elif x.shape[1] != ctx.num_out:
             raise RuntimeError(
-                f"method {self.method.name} left {out.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
+                f"method {self.method.name} kept all {x.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
             )
-        state.tokens_per_layer.append(out.shape[1])
-        return out
+        state.tokens_per_layer.append(x.shape[1])
+        return x

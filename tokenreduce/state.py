@@ -7,27 +7,42 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenreduce.core import fuse_tokens, gather_tokens, size_bias
+from tokenreduce.core import Selection, size_bias
 
 
 @dataclass(frozen=True)
 class Record:
-    """What one forward call did: token counts and, when traced, what each final token covers.
+    """What one forward call did: token counts, and which original tokens each final token covers.
 
     :func:`tokenreduce.record` returns the last forward run *by the calling thread*, so threads sharing
     one patched model each see their own.
 
     ``tokens_per_layer[i]`` is the token count leaving block ``i`` (attention of block ``i`` ran on
-    ``input_tokens`` or ``tokens_per_layer[i - 1]``). ``size [B, N, 1]`` counts the original tokens
-    merged into each token (``None`` when nothing was reduced); ``source [B, N, N0]`` is 1 where final
-    token ``n`` covers original token ``j`` (prefix tokens included), or ``None`` without ``trace_source``.
+    ``input_tokens`` or ``tokens_per_layer[i - 1]``). ``owner [B, N0]`` is, for every original token
+    (prefix tokens included), the index of the final token covering it, or -1 where it was dropped.
+    ``size [B, N, 1]`` counts the original tokens merged into each final token (``None`` when nothing
+    was reduced).
     """
 
     input_tokens: int
     tokens_per_layer: tuple[int, ...]
     num_prefix: int
+    owner: Tensor
     size: Tensor | None
-    source: Tensor | None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens after the last block."""
+        return self.tokens_per_layer[-1] if self.tokens_per_layer else self.input_tokens
+
+    @property
+    def source(self) -> Tensor:
+        """``[B, N, N0]``: 1 where final token ``n`` covers original token ``j`` (the dense form of ``owner``)."""
+        b, n0 = self.owner.shape
+        hit = self.owner >= 0
+        out = torch.zeros(b, self.num_tokens + 1, n0, device=self.owner.device)
+        out.scatter_(1, torch.where(hit, self.owner, self.num_tokens)[:, None, :], 1.0)
+        return out[:, : self.num_tokens]
 
 
 @dataclass
@@ -35,25 +50,24 @@ class ForwardState:
     """Token bookkeeping of one forward call, shared by the patched blocks it runs through.
 
     Created by :meth:`start` at the first block and never shared between calls or threads, so a
-    patched model can serve concurrent forwards. Methods read and update it through ``reduce``.
+    patched model can serve concurrent forwards. The engine follows every :class:`Selection` on it.
     """
 
     num_prefix: int
     schedule: list[int]  # expected token count after each block
+    batch: int
     input_tokens: int
+    device: torch.device
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None  # [B, N, 1] float32; None means all ones
-    source: Tensor | None = None  # [B, N, N0]
+    owner: Tensor | None = None  # [B, N0] long; None means every token is its own
     q: Tensor | None = None  # queries/keys of the block now running, captured on their way to attention
     k: Tensor | None = None
 
     @classmethod
-    def start(cls, x: Tensor, num_prefix: int, schedule: list[int], trace_source: bool) -> ForwardState:
+    def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:
         """The state for a forward on tokens ``x [B, N0, C]`` with the per-block ``schedule``."""
-        source = None
-        if trace_source:
-            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
-        return cls(num_prefix=num_prefix, schedule=schedule, input_tokens=x.shape[1], source=source)
+        return cls(num_prefix=num_prefix, schedule=schedule, batch=x.shape[0], input_tokens=x.shape[1], device=x.device)
 
     def sizes(self, x: Tensor) -> Tensor:
         """Current sizes ``[B, N, 1]``, materialising ones before the first reduction."""
@@ -61,29 +75,26 @@ class ForwardState:
             return torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
         return self.size
 
+    def owners(self) -> Tensor:
+        """Current ``owner [B, N0]``, materialising the identity before the first reduction."""
+        if self.owner is None:
+            return torch.arange(self.input_tokens, device=self.device).expand(self.batch, -1)
+        return self.owner
+
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """The proportional-attention mask for the current tokens, or ``None`` while all sizes are 1."""
         return None if self.size is None else size_bias(self.size, dtype)
 
-    def select(self, x: Tensor, keep: Tensor, fuse: Tensor | None = None) -> None:
-        """Follow a keep/fuse step on sizes and sources: tokens ``keep [B, K]`` stay, ``fuse [B, M]``
-        become one trailing token whose size is their sum and whose source is their union."""
-        size = self.sizes(x)
-        sizes = [gather_tokens(size, keep)]
-        sources = [gather_tokens(self.source, keep)] if self.source is not None else []
-        if fuse is not None:
-            sizes.append(fuse_tokens(size, fuse))
-            if self.source is not None:
-                sources.append(fuse_tokens(self.source, fuse, reduce="amax"))
-        self.size = torch.cat(sizes, dim=1)
-        if self.source is not None:
-            self.source = torch.cat(sources, dim=1)
+    def follow(self, selection: Selection, x: Tensor) -> None:
+        """Update sizes and owners for ``selection`` applied to the current tokens ``x``."""
+        self.size = selection.sizes(self.sizes(x))
+        self.owner = selection.owners(self.owners())
 
     def record(self) -> Record:
         return Record(
             input_tokens=self.input_tokens,
             tokens_per_layer=tuple(self.tokens_per_layer),
             num_prefix=self.num_prefix,
+            owner=self.owners().detach(),
             size=None if self.size is None else self.size.detach(),
-            source=None if self.source is None else self.source.detach(),
         )

@@ -96,9 +96,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _reduce_share(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Time spent inside ``Method.reduce`` over the whole forward, on one instrumented pass."""
-    method = patch_of(model).method
-    original, spent = method.reduce, 0.0
+    """Time spent at the reduction hook points (scoring, selecting, applying) over the whole forward,
+    on one instrumented pass."""
+    patch = patch_of(model)
+    original, spent = patch.reduce, 0.0
 
     def timed(*args, **kwargs):
         nonlocal spent
@@ -109,7 +110,7 @@ def _reduce_share(model: nn.Module, x: torch.Tensor, device: torch.device) -> fl
         spent += time.perf_counter() - start
         return out
 
-    method.reduce = timed  # an instance attribute shadows the class method for this pass only
+    patch.reduce = timed  # an instance attribute shadows the class method for this pass only
     try:
         _sync(device)
         start = time.perf_counter()
@@ -117,7 +118,7 @@ def _reduce_share(model: nn.Module, x: torch.Tensor, device: torch.device) -> fl
         _sync(device)
         total = time.perf_counter() - start
     finally:
-        del method.reduce
+        del patch.reduce
     return spent / total
 
 

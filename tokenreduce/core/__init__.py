@@ -1,18 +1,19 @@
 """Pure tensor operations for token reduction: no model code, no model-library imports."""
 
 from tokenreduce.core.attention import cls_attention, size_bias
-from tokenreduce.core.matching import BipartiteMatch, bipartite_soft_matching, merge_wavg
-from tokenreduce.core.select import fuse_tokens, gather_tokens, hash_scores, keep_indices, split_keep_drop
+from tokenreduce.core.matching import bipartite_soft_matching
+from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
+from tokenreduce.core.selection import Selection, keep, keep_and_fuse, weighted_mean_coeff
 
 __all__ = [
-    "BipartiteMatch",
+    "Selection",
     "bipartite_soft_matching",
     "cls_attention",
-    "fuse_tokens",
-    "gather_tokens",
     "hash_scores",
+    "keep",
+    "keep_and_fuse",
     "keep_indices",
-    "merge_wavg",
     "size_bias",
     "split_keep_drop",
+    "weighted_mean_coeff",
 ]

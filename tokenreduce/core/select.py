@@ -1,4 +1,4 @@
-"""Keep/drop selection by score, gathering and fusing tokens (EViT, Top-K, random pruning)."""
+"""Which tokens to keep by score (EViT, Top-K, random pruning), and seeded scores for random pruning."""
 
 from __future__ import annotations
 
@@ -29,25 +29,6 @@ def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Te
     # ascending order with a static shape (no nonzero()), and exports to ONNX (no sort on bool/uint8).
     drop = torch.where(kept, positions + n, positions).argsort(dim=1)[:, : n - keep.shape[1]]
     return keep, drop
-
-
-def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """``x [B, N, C]`` at token indices ``idx [B, M]`` -> ``[B, M, C]``."""
-    # advanced indexing: several times faster than gather with an expanded index on CPU
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
-
-
-def fuse_tokens(x: Tensor, idx: Tensor, weight: Tensor | None = None, reduce: str = "sum") -> Tensor:
-    """Collapse the tokens at ``idx [B, M]`` into one ``[B, 1, C]`` token.
-
-    ``reduce`` is ``"sum"`` (optionally weighted by ``weight [B, M]``) or ``"amax"``.
-    """
-    picked = gather_tokens(x, idx)
-    if reduce == "amax":
-        return picked.amax(dim=1, keepdim=True)
-    if weight is not None:
-        picked = picked * weight[..., None].to(picked.dtype)
-    return picked.sum(dim=1, keepdim=True)
 
 
 def hash_scores(n: int, key: int, device: torch.device | str = "cpu") -> Tensor:

@@ -9,11 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from tokenreduce.core import cls_attention, fuse_tokens, gather_tokens, keep_indices, split_keep_drop
-from tokenreduce.state import ForwardState
+from tokenreduce.core import Selection, cls_attention, keep, keep_and_fuse, keep_indices, split_keep_drop
 from tokenreduce.validate import as_int_tuple, as_real
 
 
@@ -28,6 +26,7 @@ class LayerContext:
     k: Tensor  # [B, H, N, D] keys after qk-norm
     scale: float
     attn_bias: Tensor | None  # the additive mask this layer's attention used
+    size: Tensor | None  # [B, N, 1] original tokens per token; None while all are 1
 
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
@@ -41,8 +40,10 @@ class LayerContext:
 class Method(ABC):
     """A training-free token reduction method. Subclasses are dataclasses holding their config.
 
-    ``schedule`` plans, from the input token count alone, how many tokens leave each block; ``reduce``
-    must then return exactly ``ctx.num_out`` tokens and keep ``state`` (sizes, sources) in step.
+    ``schedule`` plans, from the input token count alone, how many tokens leave each block; ``select``
+    then says, at each block, which tokens become which (a :class:`~tokenreduce.core.Selection` with
+    exactly ``ctx.num_out`` outputs). The engine applies it to the tokens and follows it on sizes and
+    owners, so methods never touch bookkeeping.
     """
 
     name: ClassVar[str]
@@ -55,8 +56,8 @@ class Method(ABC):
         """Token count after each of ``depth`` blocks, for ``num_tokens`` input tokens."""
 
     @abstractmethod
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
-        """Reduce ``x [B, N, C]`` to ``[B, ctx.num_out, C]``."""
+    def select(self, x: Tensor, ctx: LayerContext) -> Selection | None:
+        """How ``x [B, N, C]`` becomes ``ctx.num_out`` tokens; ``None`` when nothing changes here."""
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -111,18 +112,14 @@ class PruneAtLayers(Method):
         """One score per non-prefix token ``[B, N - num_prefix]``; the highest are kept."""
         return ctx.cls_attention()[:, ctx.num_prefix :]
 
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
+    def select(self, x: Tensor, ctx: LayerContext) -> Selection | None:
         n, p = x.shape[1], ctx.num_prefix
         if ctx.num_out == n:
-            return x
+            return None
         scores = self.scores(ctx)
         if not self.fuse:
-            keep = keep_indices(scores, ctx.num_out - p, p)
-            state.select(x, keep)
-            return gather_tokens(x, keep)
+            return keep(keep_indices(scores, ctx.num_out - p, p), n)
         # The fused token is the score-weighted sum of the dropped tokens (EViT: weights are the
         # CLS attention, not renormalised), appended after the kept ones.
-        keep, drop = split_keep_drop(scores, ctx.num_out - p - 1, p)
-        fused = fuse_tokens(x, drop, scores.gather(1, drop - p))
-        state.select(x, keep, fuse=drop)
-        return torch.cat([gather_tokens(x, keep), fused], dim=1)
+        kept, dropped = split_keep_drop(scores, ctx.num_out - p - 1, p)
+        return keep_and_fuse(kept, dropped, scores.gather(1, dropped - p), n)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from tokenreduce.core import Selection
 from tokenreduce.methods.base import LayerContext, Method
 from tokenreduce.registry import register_method
-from tokenreduce.state import ForwardState
 
 
 @register_method
@@ -21,5 +21,5 @@ class NoReduction(Method):
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         return [num_tokens] * depth
 
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
-        return x
+    def select(self, x: Tensor, ctx: LayerContext) -> Selection | None:
+        return None

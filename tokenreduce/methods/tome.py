@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from tokenreduce.core import bipartite_soft_matching, merge_wavg
+from tokenreduce.core import Selection, bipartite_soft_matching
 from tokenreduce.methods.base import LayerContext, Method
 from tokenreduce.registry import register_method
-from tokenreduce.state import ForwardState
 from tokenreduce.validate import as_bool, as_int, as_real, as_sequence
 
 RSpec = int | list[int] | tuple[int, float]
@@ -99,12 +98,8 @@ class ToMe(Method):
             out.append(n)
         return out
 
-    def reduce(self, x: Tensor, ctx: LayerContext, state: ForwardState) -> Tensor:
+    def select(self, x: Tensor, ctx: LayerContext) -> Selection | None:
         r = x.shape[1] - ctx.num_out
         if r == 0:
-            return x
-        match = bipartite_soft_matching(ctx.metric(), r, ctx.num_prefix)
-        if state.source is not None:
-            state.source = match.merge(state.source, mode="amax")
-        x, state.size = merge_wavg(match, x, state.sizes(x))
-        return x
+            return None
+        return bipartite_soft_matching(ctx.metric(), r, ctx.num_prefix, ctx.size)

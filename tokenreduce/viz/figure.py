@@ -34,14 +34,14 @@ def method_panels(
     std: Sequence[float],
     grid: tuple[int, int],
 ) -> list[Tensor]:
-    """Run ``model`` on ``image`` with each method (sources traced) and render what it kept and merged."""
+    """Run ``model`` on ``image`` with each method and render what it kept and merged."""
     x = ((image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
     panels = []
     for spec in specs:
-        with tokenreduce.applied(model, spec.name, trace_source=True, **spec.config), torch.no_grad():
+        with tokenreduce.applied(model, spec.name, **spec.config), torch.no_grad():
             model(x)
             rec = tokenreduce.record(model)
-        panels.append(render_merges(image, patch_assignment(rec.source[0].float(), rec.num_prefix, grid)))
+        panels.append(render_merges(image, patch_assignment(rec.owner[0], rec.num_prefix, grid)))
     return panels
 
 

@@ -1,5 +1,5 @@
-"""Pure functions from a recorded ``source`` matrix to pictures; they work for every method that
-records sources, since they never ask which method made them."""
+"""Pure functions from a recorded ``owner`` vector to pictures; they work for every method, since
+they never ask which method made them."""
 
 from __future__ import annotations
 
@@ -7,22 +7,20 @@ import torch
 from torch import Tensor
 
 
-def patch_assignment(source: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def patch_assignment(owner: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """For each patch of a ``grid = (rows, cols)`` image, the final token covering it, or -1 if pruned.
 
     Args:
-        source: ``[N, N0]`` for one image (``Record.source[i]``): 1 where final token ``n`` covers
-            original token ``j``; the first ``num_prefix`` original tokens are not patches.
+        owner: ``[N0]`` for one image (``Record.owner[i]``): the final token covering each original
+            token; the first ``num_prefix`` original tokens are not patches.
     Returns:
         ``[rows, cols]`` long tensor.
     """
     rows, cols = grid
-    patches = source[:, num_prefix:]
-    if patches.shape[1] != rows * cols:
-        raise ValueError(f"grid {rows}x{cols} has {rows * cols} patches, source covers {patches.shape[1]}")
-    covered = patches.sum(dim=0) > 0
-    owner = patches.argmax(dim=0)
-    return torch.where(covered, owner, torch.full_like(owner, -1)).reshape(rows, cols)
+    patches = owner[num_prefix:]
+    if patches.shape[0] != rows * cols:
+        raise ValueError(f"grid {rows}x{cols} has {rows * cols} patches, owner covers {patches.shape[0]}")
+    return patches.reshape(rows, cols)
 
 
 def render_merges(image: Tensor, assignment: Tensor, dim_pruned: float = 0.15, border: bool = True) -> Tensor:
