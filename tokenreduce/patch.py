@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 ATTR = "_tokenreduce"  # the attribute holding the Patch; adapters prefix any others they add with it
 CAPTURE_SLOT = "_tokenreduce_slot"
+CAPTURE_HEADS = "_tokenreduce_heads"
 
 _subclasses: dict[tuple[type, type], type] = {}
 
@@ -56,11 +57,14 @@ def original_class(module: nn.Module) -> type:
 @loadable
 class CaptureOutput:
     """Mixed in front of the modules whose outputs are a block's queries and keys: stores the output
-    in the running forward's state (``q`` or ``k``, as the module's slot says)."""
+    in the running forward's state (``q`` or ``k``, as the module's slot says) as ``[B, H, N, D]``."""
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)  # type: ignore[misc]
-        setattr(getattr(self, ATTR).current(), getattr(self, CAPTURE_SLOT), out)
+        heads = getattr(self, CAPTURE_HEADS)
+        # A projection's [B, N, H * D] output is split into heads the way the attention itself does.
+        captured = out if heads is None else out.unflatten(-1, (heads, -1)).transpose(1, 2)
+        setattr(getattr(self, ATTR).current(), getattr(self, CAPTURE_SLOT), captured)
         return out
 
 
@@ -102,13 +106,15 @@ class Patch:
         module.__dict__[name] = value
         self._attrs.append((module, name))
 
-    def capture_qk(self, q_module: nn.Module, k_module: nn.Module) -> None:
-        """Record the outputs of the modules producing queries and keys ``[B, H, N, D]``."""
+    def capture_qk(self, q_module: nn.Module, k_module: nn.Module, heads: int | None = None) -> None:
+        """Record the outputs of the modules producing queries and keys: ``[B, H, N, D]``, or
+        ``[B, N, heads * D]`` to be split into ``heads`` when ``heads`` is given."""
         for module, slot in ((q_module, "q"), (k_module, "k")):
             # The module finds the patch through its own attribute, not a closure, so that a deep
             # copy of the patched model writes into its own copy of the patch.
             self.set_attr(module, ATTR, self)
             self.set_attr(module, CAPTURE_SLOT, slot)
+            self.set_attr(module, CAPTURE_HEADS, heads)
             self.swap_class(module, CaptureOutput)
 
     def undo(self) -> None:

@@ -1,71 +1,43 @@
-"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2, register tokens, qk-norm, CLIP towers).
-
-Blocks are not re-implemented: the patched forward calls the block's own submodules in the order
-its ``BlockLayout`` names, and that order is checked against the block's original forward when
-patching, so a timm change that the layout misses raises instead of computing something else.
-"""
+"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2, register tokens, qk-norm, CLIP towers)."""
 
 from __future__ import annotations
 
-import copy
 import inspect
-from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
+from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 
 VIT = "timm.models.vision_transformer.VisionTransformer"
 SUPPORTED_POOLS = ("", "token", "avg", "avgmax", "max")
 
-
-@loadable
-@dataclass(frozen=True)
-class BlockLayout:
-    """Residual branches of a block as submodule names, applied in order; ``attn`` takes the mask."""
-
-    attn: tuple[str, ...]
-    mlp: tuple[str, ...]
-
-    @staticmethod
-    def run(block: nn.Module, names: tuple[str, ...], x: Tensor, **attn_kwargs) -> Tensor:
-        for name in names:
-            x = getattr(block, name)(x, **attn_kwargs) if name == "attn" else getattr(block, name)(x)
-        return x
-
-
+# timm attention: q/k after qk-norm are [B, H, N, D] (Identity norms when qk_norm is off).
+_TIMM = dict(
+    attention="attn",
+    mask_kwarg="attn_mask",
+    params=("attn_mask", "is_causal"),
+    query="attn.q_norm",
+    key="attn.k_norm",
+    split_heads=False,
+    scale="scale",
+    heads="num_heads",
+)
 LAYOUTS = {
     "timm.models.vision_transformer.Block": BlockLayout(
-        attn=("norm1", "attn", "ls1", "drop_path1"), mlp=("norm2", "mlp", "ls2", "drop_path2")
+        attn=("norm1", "attn", "ls1", "drop_path1"), mlp=("norm2", "mlp", "ls2", "drop_path2"), **_TIMM
     ),
     "timm.models.vision_transformer.ResPostBlock": BlockLayout(
-        attn=("attn", "norm1", "drop_path1"), mlp=("mlp", "norm2", "drop_path2")
+        attn=("attn", "norm1", "drop_path1"), mlp=("mlp", "norm2", "drop_path2"), **_TIMM
     ),
 }
 
 
 def _layout(block: nn.Module) -> BlockLayout | None:
     return next((LAYOUTS[n] for n in class_names(block) if n in LAYOUTS), None)
-
-
-@loadable
-class ReducingBlock:
-    """Mixed in front of a timm block class: the reduction hook point sits between the branches."""
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        patch: Patch = getattr(self, ATTR)
-        layer: int = self._tokenreduce_layer
-        layout: BlockLayout = self._tokenreduce_layout
-        state = patch.begin(x, masked=attn_mask is not None or is_causal) if layer == 0 else patch.current()
-        bias = patch.attn_bias(state, x.dtype)
-        mask = attn_mask if bias is None else bias
-        x = x + layout.run(self, layout.attn, x, attn_mask=mask, is_causal=is_causal)
-        x = patch.reduce(state, layer, x, self.attn.scale, bias)
-        return x + layout.run(self, layout.mlp, x)
 
 
 @loadable
@@ -103,49 +75,6 @@ class ReducingVisionTransformer:
         tokens, weight = x[:, start:], size[:, start:].to(x.dtype)
         avg = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
         return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
-
-
-def _structure(block: nn.Module) -> tuple:
-    """The classes of a block and all its submodules: blocks alike in this run the same code."""
-    return tuple((name, type(m)) for name, m in block.named_modules())
-
-
-def _materialized(block: nn.Module) -> nn.Module:
-    """A CPU copy of a meta-device block with random weights, to check its code without its weights."""
-    if any(not b.is_floating_point() for b in block.buffers()):
-        raise TypeError(
-            f"{type(block).__qualname__} has integer buffers, which a meta-device model does not hold; "
-            "materialise the model (model.to_empty(device=...) and load the weights) before tokenreduce.apply"
-        )
-    block = copy.deepcopy(block).to_empty(device="cpu").float()
-    gen = torch.Generator().manual_seed(0)
-    for t in [*block.parameters(), *block.buffers()]:
-        t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
-    return block
-
-
-@torch.no_grad()
-def _verify_layout(block: nn.Module, layout: BlockLayout) -> None:
-    """Raise unless the layout reproduces the block's own forward on a random input."""
-    if next(block.parameters()).is_meta:
-        block = _materialized(block)
-    param = next(block.parameters())
-    x = torch.randn(2, 7, block.attn.qkv.in_features, generator=torch.Generator().manual_seed(0))
-    x = x.to(param.device, param.dtype)
-    training = block.training
-    block.eval()
-    try:
-        expected = type(block).forward(block, x)
-        y = x + layout.run(block, layout.attn, x, attn_mask=None)
-        got = y + layout.run(block, layout.mlp, y)
-    finally:
-        block.train(training)
-    tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
-    if not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol * expected.float().abs().max().item()):
-        raise TypeError(
-            f"{type(block).__qualname__}.forward does not match the layout tokenreduce expects "
-            f"(attn branch {layout.attn}, mlp branch {layout.mlp}); this timm version changed the block"
-        )
 
 
 @register_adapter
@@ -186,7 +115,7 @@ class TimmViT(Adapter):
                 f"global_pool={model.global_pool!r} (attention pooling) is not supported; "
                 f"supported global_pool values: {SUPPORTED_POOLS}"
             )
-        layouts, verified = [], set()
+        layouts = []
         for i, block in enumerate(blocks):
             layout = _layout(block)
             if layout is None:
@@ -194,26 +123,17 @@ class TimmViT(Adapter):
             missing = [a for a in self.attn_requires if not hasattr(block.attn, a)]
             if missing:
                 raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
-            structure = _structure(block)
-            if structure not in verified:
-                _verify_layout(block, layout)
-                verified.add(structure)
             layouts.append(layout)
-        for i, (block, layout) in enumerate(zip(blocks, layouts)):
-            patch.set_attr(block, ATTR, patch)
-            patch.set_attr(block, "_tokenreduce_layer", i)
-            patch.set_attr(block, "_tokenreduce_layout", layout)
-            patch.capture_qk(block.attn.q_norm, block.attn.k_norm)
-            patch.swap_class(block, ReducingBlock)
+        install_blocks(patch, blocks, layouts, width=blocks[0].attn.qkv.in_features)
         patch.set_attr(model, ATTR, patch)
         patch.swap_class(model, ReducingVisionTransformer)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:
         return [
             BlockCost(
-                attn_macs_per_token=_linear_macs(block.attn),
+                attn_macs_per_token=linear_macs(block.attn),
                 attn_dim=block.attn.num_heads * block.attn.head_dim,
-                mlp_macs_per_token=_linear_macs(block.mlp),
+                mlp_macs_per_token=linear_macs(block.mlp),
             )
             for block in self.blocks(model)
         ]
@@ -234,7 +154,3 @@ class TimmViT(Adapter):
             f"{len(blocks)} blocks ({', '.join(kinds)}), {self.num_prefix_tokens(model)} prefix tokens, "
             f"global_pool={model.global_pool!r}, attention {'fused (SDPA)' if fused else 'eager'}"
         )
-
-
-def _linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))

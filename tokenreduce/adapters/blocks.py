@@ -1,0 +1,140 @@
+"""Transformer blocks as data: the encoder-stage hook point shared by every encoder family.
+
+Blocks are not re-implemented: the patched forward calls the block's own submodules in the order its
+:class:`BlockLayout` names, and that order is checked against the block's original forward when
+patching, so a library release that changes the block raises instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tokenreduce.patch import ATTR, Patch
+from tokenreduce.registry import loadable
+
+
+@loadable
+@dataclass(frozen=True)
+class BlockLayout:
+    """A residual block: each branch as submodule names applied in order, and where its attention is.
+
+    ``attention`` (a name in ``attn``) receives the mask under ``mask_kwarg`` and the block's other
+    keyword arguments; a tuple result (Hugging Face's ``(output, weights)``) is reduced to its first
+    item. ``params`` names the block forward's positional parameters after the tokens. ``query`` and
+    ``key`` are the attention submodules whose outputs are the queries and keys, ``[B, H, N, D]``, or
+    ``[B, N, H * D]`` when ``split_heads``; ``scale`` and ``heads`` are attribute names on the attention.
+    """
+
+    attn: tuple[str, ...]
+    mlp: tuple[str, ...]
+    attention: str
+    mask_kwarg: str
+    params: tuple[str, ...]
+    query: str
+    key: str
+    split_heads: bool
+    scale: str
+    heads: str
+
+    def run_attn(self, block: nn.Module, x: Tensor, mask: Tensor | None, kwargs: dict) -> Tensor:
+        for name in self.attn:
+            if name == self.attention:
+                x = getattr(block, name)(x, **{self.mask_kwarg: mask}, **kwargs)
+                if isinstance(x, tuple):
+                    x = x[0]
+            else:
+                x = getattr(block, name)(x)
+        return x
+
+    def run_mlp(self, block: nn.Module, x: Tensor) -> Tensor:
+        for name in self.mlp:
+            x = getattr(block, name)(x)
+        return x
+
+
+@loadable
+class ReducingBlock:
+    """Mixed in front of a block class: the reduction hook point sits between its two branches."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        patch: Patch = getattr(self, ATTR)
+        layer: int = self._tokenreduce_layer
+        layout: BlockLayout = self._tokenreduce_layout
+        kwargs.update(zip(layout.params, args))
+        mask = kwargs.pop(layout.mask_kwarg, None)
+        state = patch.begin(x, masked=mask is not None or bool(kwargs.get("is_causal"))) if layer == 0 else patch.current()
+        bias = patch.attn_bias(state, x.dtype)
+        x = x + layout.run_attn(self, x, mask if bias is None else bias, kwargs)
+        attention = getattr(self, layout.attention)
+        x = patch.reduce(state, layer, x, getattr(attention, layout.scale), bias)
+        return x + layout.run_mlp(self, x)
+
+
+def _structure(block: nn.Module) -> tuple:
+    """The classes of a block and all its submodules: blocks alike in this run the same code."""
+    return tuple((name, type(m)) for name, m in block.named_modules())
+
+
+def _materialized(block: nn.Module) -> nn.Module:
+    """A CPU copy of a meta-device block with random weights, to check its code without its weights."""
+    if any(not b.is_floating_point() for b in block.buffers()):
+        raise TypeError(
+            f"{type(block).__qualname__} has integer buffers, which a meta-device model does not hold; "
+            "materialise the model (model.to_empty(device=...) and load the weights) before tokenreduce.apply"
+        )
+    block = copy.deepcopy(block).to_empty(device="cpu").float()
+    gen = torch.Generator().manual_seed(0)
+    for t in [*block.parameters(), *block.buffers()]:
+        t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+    return block
+
+
+@torch.no_grad()
+def verify_layout(block: nn.Module, layout: BlockLayout, width: int) -> None:
+    """Raise unless the layout reproduces the block's own forward on a random ``[2, 7, width]`` input."""
+    if next(block.parameters()).is_meta:
+        block = _materialized(block)
+    param = next(block.parameters())
+    x = torch.randn(2, 7, width, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    training = block.training
+    block.eval()
+    try:
+        expected = type(block).forward(block, x)
+        y = x + layout.run_attn(block, x, None, {})
+        got = y + layout.run_mlp(block, y)
+    finally:
+        block.train(training)
+    tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
+    if not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol * expected.float().abs().max().item()):
+        raise TypeError(
+            f"{type(block).__qualname__}.forward does not match the layout tokenreduce expects "
+            f"(attention branch {layout.attn}, MLP branch {layout.mlp}); this library version changed the block"
+        )
+
+
+def install_blocks(patch: Patch, blocks: Sequence[nn.Module], layouts: Sequence[BlockLayout], width: int) -> None:
+    """Check every block against its layout (once per distinct structure), then patch them all:
+    a reduction hook point between the branches, and queries/keys captured for the method."""
+    verified = set()
+    for block, layout in zip(blocks, layouts):
+        structure = _structure(block)
+        if structure not in verified:
+            verify_layout(block, layout, width)
+            verified.add(structure)
+    for i, (block, layout) in enumerate(zip(blocks, layouts)):
+        patch.set_attr(block, ATTR, patch)
+        patch.set_attr(block, "_tokenreduce_layer", i)
+        patch.set_attr(block, "_tokenreduce_layout", layout)
+        heads = int(getattr(getattr(block, layout.attention), layout.heads)) if layout.split_heads else None
+        patch.capture_qk(block.get_submodule(layout.query), block.get_submodule(layout.key), heads)
+        patch.swap_class(block, ReducingBlock)
+
+
+def linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
