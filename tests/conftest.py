@@ -1,4 +1,5 @@
-"""Tiny random timm ViTs covering every token layout the timm adapter supports."""
+"""Tiny random encoders covering every token layout the encoder adapters support: timm ViTs and the
+Hugging Face vision towers. Every one sees 64 patches of a 32 px image, plus its prefix tokens."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ torch.set_num_threads(1)
 BASE = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 
 # name -> (class, overrides). 64 patch tokens plus the prefix tokens in every case.
-MODELS = {
+TIMM_MODELS = {
     "vit": (VisionTransformer, {}),
     "deit_distilled": (VisionTransformerDistilled, {}),
     "dinov2_reg": (VisionTransformer, dict(init_values=0.5, reg_tokens=4, no_embed_class=True)),
@@ -26,6 +27,16 @@ MODELS = {
     "respost": (VisionTransformer, dict(block_fn=ResPostBlock, init_values=0.7)),
     "no_cls_avg": (VisionTransformer, dict(class_token=False, global_pool="avg")),
 }
+
+HF_BASE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=32, patch_size=4)
+# name -> (model class, config class) in transformers, by name so that collection does not import it
+HF_MODELS = {
+    "hf_clip": ("CLIPVisionModel", "CLIPVisionConfig"),
+    "hf_siglip": ("SiglipVisionModel", "SiglipVisionConfig"),
+    "hf_dinov2": ("Dinov2Model", "Dinov2Config"),
+    "hf_vit": ("ViTModel", "ViTConfig"),
+}
+MODELS = [*TIMM_MODELS, *HF_MODELS]
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -44,9 +55,45 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def build(name: str, seed: int = 0, **overrides) -> nn.Module:
-    cls, kw = MODELS[name]
-    model = cls(**{**BASE, **kw, **overrides})
+    if name in HF_MODELS:
+        import transformers
+
+        model_cls, config_cls = (getattr(transformers, n) for n in HF_MODELS[name])
+        model = model_cls(config_cls(**{**HF_BASE, **overrides}))
+    else:
+        cls, kw = TIMM_MODELS[name]
+        model = cls(**{**BASE, **kw, **overrides})
     return randomize(model, seed).eval()
+
+
+def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's main output tensor: timm logits, or a Hugging Face tower's last hidden state."""
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+def pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One vector per image (timm logits, a tower's pooler output): robust to which tokens survived."""
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        for block in model.blocks:
+            block.attn.fused_attn = False
+
+
+def layout(model: nn.Module) -> tuple[int, int]:
+    """``(depth, prefix tokens)`` as the model's adapter sees them."""
+    from tokenreduce.adapters import locate
+
+    _, target, adapter = locate(model)
+    return len(adapter.blocks(target)), adapter.num_prefix_tokens(target)
 
 
 def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:

@@ -87,3 +87,42 @@ def vit_forward(model, images: Tensor, step, prop_attn: bool = True) -> Tensor:
                 pooled = t[0]
             outs.append(model.head(model.fc_norm(pooled)))
     return torch.stack(outs)
+
+
+# Hugging Face towers written out: (norm before attention, attention, layer scale after attention,
+# norm before MLP, layer scale after MLP, output projection, norm on the final sequence or None).
+HF_PARTS = {
+    "CLIPVisionModel": ("layer_norm1", "self_attn", None, "layer_norm2", None, "out_proj", None),
+    "SiglipVisionModel": ("layer_norm1", "self_attn", None, "layer_norm2", None, "out_proj", "post_layernorm"),
+    "Dinov2Model": ("norm1", "attention", "layer_scale1", "norm2", "layer_scale2", "o_proj", "layernorm"),
+    "ViTModel": ("layernorm_before", "attention", None, "layernorm_after", None, "o_proj", "layernorm"),
+}
+
+
+def hf_tower_forward(model, images: Tensor, step, prop_attn: bool = True) -> Tensor:
+    """A Hugging Face vision tower run sample by sample with hand-written attention; ``step`` as in
+    :func:`vit_forward`. Returns the last hidden state (stacked; every sample has the same count)."""
+    norm1, attn_name, ls1, norm2, ls2, proj, final = HF_PARTS[type(model).__name__]
+    layers = model.encoder.layers if hasattr(model, "encoder") and hasattr(model.encoder, "layers") else None
+    layers = layers if layers is not None else (model.encoder.layer if hasattr(model, "encoder") else model.layers)
+    outs = []
+    with torch.no_grad():
+        tokens = model.embeddings(images)
+        if hasattr(model, "pre_layrnorm"):
+            tokens = model.pre_layrnorm(tokens)
+        for t in tokens:
+            size = torch.ones(t.shape[0])
+            for layer, blk in enumerate(layers):
+                attn = getattr(blk, attn_name)
+                h = getattr(blk, norm1)(t)
+                n, heads = h.shape[0], attn.q_proj.out_features // attn.head_dim
+                q, k, v = (p(h).reshape(n, heads, attn.head_dim).transpose(0, 1) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+                scale = attn.head_dim**-0.5
+                probs = ((q @ k.transpose(-1, -2)) * scale + (size.log() if prop_attn else 0.0)).softmax(dim=-1)
+                out = getattr(attn, proj)((probs @ v).transpose(0, 1).reshape(n, -1))
+                t = t + (getattr(blk, ls1)(out) if ls1 else out)
+                t, size = step(layer, t, k, probs, size)
+                m = blk.mlp(getattr(blk, norm2)(t))
+                t = t + (getattr(blk, ls2)(m) if ls2 else m)
+            outs.append(getattr(model, final)(t) if final else t)
+    return torch.stack(outs)

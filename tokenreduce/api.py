@@ -59,6 +59,7 @@ def apply(model: ModelT, method: str | Method, **config: Any) -> ModelT:
     remove(model)  # only now: a bad config leaves an earlier patch in place
     patch = Patch(adapter, method_obj, num_prefix, depth)
     try:
+        patch.set_attr(target, ATTR, patch)
         adapter.install(target, patch)
     except BaseException:
         patch.undo()

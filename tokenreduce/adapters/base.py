@@ -53,8 +53,9 @@ class Adapter(ABC):
 
     @abstractmethod
     def install(self, model: nn.Module, patch: Patch) -> None:
-        """Patch ``model`` through ``patch`` (whose undo log makes it reversible). Must raise a
-        ``TypeError`` naming the part it cannot handle rather than patch partially."""
+        """Patch ``model`` through ``patch`` (whose undo log makes it reversible; ``model`` already
+        holds the patch). Must raise a ``TypeError`` naming the part it cannot handle rather than
+        patch partially."""
 
     @abstractmethod
     def block_costs(self, model: nn.Module) -> list[BlockCost]: ...

@@ -65,6 +65,9 @@ class ReducingBlock:
         patch: Patch = getattr(self, ATTR)
         layer: int = self._tokenreduce_layer
         layout: BlockLayout = self._tokenreduce_layout
+        if getattr(self, "gradient_checkpointing", False) and self.training:
+            # Hugging Face layers re-run forward in backward; the token state has moved on by then.
+            raise TypeError("gradient checkpointing cannot be combined with token reduction; tokenreduce.remove(model) first")
         kwargs.update(zip(layout.params, args))
         mask = kwargs.pop(layout.mask_kwarg, None)
         state = patch.begin(x, masked=mask is not None or bool(kwargs.get("is_causal"))) if layer == 0 else patch.current()
@@ -104,7 +107,7 @@ def verify_layout(block: nn.Module, layout: BlockLayout, width: int) -> None:
     training = block.training
     block.eval()
     try:
-        expected = type(block).forward(block, x)
+        expected = type(block).forward(block, x, **{layout.mask_kwarg: None})
         y = x + layout.run_attn(block, x, None, {})
         got = y + layout.run_mlp(block, y)
     finally:

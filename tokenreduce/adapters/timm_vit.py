@@ -125,7 +125,6 @@ class TimmViT(Adapter):
                 raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
             layouts.append(layout)
         install_blocks(patch, blocks, layouts, width=blocks[0].attn.qkv.in_features)
-        patch.set_attr(model, ATTR, patch)
         patch.swap_class(model, ReducingVisionTransformer)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:

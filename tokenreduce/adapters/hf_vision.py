@@ -1,0 +1,155 @@
+"""Hugging Face vision towers (transformers 5.x): ``CLIPVisionModel`` (also the image tower of
+``CLIPModel`` and of LLaVA), ``SiglipVisionModel``, ``Dinov2Model`` and ``ViTModel``.
+
+Facts relied on (transformers 5.24): each tower runs a ``ModuleList`` of pre-norm layers, each a
+norm, an attention module called as ``attention(hidden_states, attention_mask=..., **kwargs)`` that
+returns ``(output, weights)`` and projects queries and keys with ``q_proj`` / ``k_proj``, optional
+layer scale and dropout, a residual add, then the same around the MLP. The layouts below are checked
+against each layer's own forward when patching. The proportional-attention bias reaches the attention
+as its additive ``attention_mask``, which eager and SDPA attention accept (flash attention does not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import nn
+
+from tokenreduce.adapters.base import Adapter, BlockCost, class_names
+from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs
+from tokenreduce.patch import Patch, original_class
+from tokenreduce.registry import register_adapter
+
+
+def _layout(attn: tuple[str, ...], mlp: tuple[str, ...], attention: str, scale: str, heads: str) -> BlockLayout:
+    return BlockLayout(
+        attn=attn,
+        mlp=mlp,
+        attention=attention,
+        mask_kwarg="attention_mask",
+        params=("attention_mask",),
+        query=f"{attention}.q_proj",
+        key=f"{attention}.k_proj",
+        split_heads=True,
+        scale=scale,
+        heads=heads,
+    )
+
+
+@dataclass(frozen=True)
+class Tower:
+    """Where one tower family keeps its layers, and how a layer is laid out."""
+
+    blocks: str  # attribute path of the layer list
+    layer: str  # qualified class name of a layer
+    layout: BlockLayout
+    class_token: bool
+
+
+_CLIP_LIKE = _layout(("layer_norm1", "self_attn"), ("layer_norm2", "mlp"), "self_attn", "scale", "num_heads")
+TOWERS = {
+    "transformers.models.clip.modeling_clip.CLIPVisionModel": Tower(
+        "encoder.layers", "transformers.models.clip.modeling_clip.CLIPEncoderLayer", _CLIP_LIKE, True
+    ),
+    "transformers.models.siglip.modeling_siglip.SiglipVisionModel": Tower(
+        "encoder.layers", "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer", _CLIP_LIKE, False
+    ),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Model": Tower(
+        "encoder.layer",
+        "transformers.models.dinov2.modeling_dinov2.Dinov2Layer",
+        _layout(
+            ("norm1", "attention", "layer_scale1", "drop_path"),
+            ("norm2", "mlp", "layer_scale2", "drop_path"),
+            "attention",
+            "scaling",
+            "num_attention_heads",
+        ),
+        True,
+    ),
+    "transformers.models.vit.modeling_vit.ViTModel": Tower(
+        "layers",
+        "transformers.models.vit.modeling_vit.ViTLayer",
+        _layout(
+            ("layernorm_before", "attention", "dropout"),
+            ("layernorm_after", "mlp", "dropout"),
+            "attention",
+            "scaling",
+            "num_attention_heads",
+        ),
+        True,
+    ),
+}
+
+
+def _tower(model: nn.Module) -> Tower | None:
+    return next((TOWERS[n] for n in class_names(model) if n in TOWERS), None)
+
+
+@register_adapter
+class HFVisionTower(Adapter):
+    name = "hf-vision"
+    family = "Hugging Face vision towers (CLIPVisionModel and CLIPModel's image tower, SiglipVisionModel, Dinov2Model, ViTModel)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _tower(model) is not None
+
+    def _spec(self, model: nn.Module) -> Tower:
+        tower = _tower(model)
+        assert tower is not None
+        return tower
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(self._spec(model).class_token)
+
+    def has_cls_token(self, model: nn.Module) -> bool:
+        return self._spec(model).class_token
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.get_submodule(self._spec(model).blocks))
+
+    def default_num_tokens(self, model: nn.Module) -> int | None:
+        config = model.config
+        side = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+        per_side = side(config.image_size) // side(config.patch_size)
+        return per_side * per_side + self.num_prefix_tokens(model)
+
+    def install(self, model: nn.Module, patch: Patch) -> None:
+        spec = self._spec(model)
+        blocks = self.blocks(model)
+        if not blocks:
+            raise TypeError(f"{type(model).__name__} has no layers to patch ({spec.blocks} is empty)")
+        if getattr(model, "is_activation_checkpointing", False):
+            raise TypeError(
+                "gradient checkpointing re-runs layers after the token state has moved on; "
+                "call model.gradient_checkpointing_disable() before tokenreduce.apply"
+            )
+        for i, block in enumerate(blocks):
+            if spec.layer not in class_names(block):
+                raise TypeError(f"layer {i} is a {type(block).__qualname__}; {type(model).__name__} layers must be {spec.layer}")
+        install_blocks(patch, blocks, [spec.layout] * len(blocks), width=model.config.hidden_size)
+
+    def block_costs(self, model: nn.Module) -> list[BlockCost]:
+        layout = self._spec(model).layout
+        costs = []
+        for block in self.blocks(model):
+            attention = getattr(block, layout.attention)
+            costs.append(
+                BlockCost(
+                    attn_macs_per_token=linear_macs(attention),
+                    attn_dim=attention.q_proj.out_features,
+                    mlp_macs_per_token=linear_macs(block.mlp),
+                )
+            )
+        return costs
+
+    def stem_head_macs(self, model: nn.Module, num_tokens: int) -> int:
+        convs = [m for m in model.embeddings.modules() if isinstance(m, nn.Conv2d)]
+        return sum(c.weight.numel() for c in convs) * (num_tokens - self.num_prefix_tokens(model))
+
+    def summary(self, model: nn.Module) -> str:
+        blocks = self.blocks(model)
+        kinds = sorted({original_class(b).__name__ for b in blocks})
+        return (
+            f"{original_class(model).__name__}: {len(blocks)} layers ({', '.join(kinds)}), "
+            f"{self.num_prefix_tokens(model)} prefix tokens, attention {model.config._attn_implementation}"
+        )
