@@ -12,6 +12,7 @@ as its additive ``attention_mask``, which eager and SDPA attention accept (flash
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch import nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
