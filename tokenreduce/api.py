@@ -12,7 +12,8 @@ from torch import nn
 from tokenreduce.adapters import locate
 from tokenreduce.methods.base import Method
 from tokenreduce.patch import ATTR, Patch
-from tokenreduce.registry import method_class, method_names
+from tokenreduce.registry import method_classes, method_names
+from tokenreduce.stages import Stage
 from tokenreduce.state import Record
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -23,41 +24,78 @@ def list_methods() -> list[str]:
     return method_names()
 
 
-def make_method(method: str | Method, **config: Any) -> Method:
-    """Build a validated method from its name and config (or pass a ready :class:`Method` through)."""
+# A name registered at several stages acts, when nothing else decides, at the one nearest the LLM.
+STAGE_PREFERENCE = (Stage.PRE_LLM, Stage.LLM, Stage.ENCODER)
+
+
+def _fields(cls: type[Method]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+
+def _method_class(name: str, stage: str | Stage | None, config: dict, available: tuple[Stage, ...] | None) -> type[Method]:
+    """The class of method ``name`` to build: at ``stage`` if given, else among the stages the model has
+    (``available``), the one whose config accepts ``config``, then the one nearest the LLM."""
+    classes = method_classes(name)
+    if stage is not None:
+        allowed = [str(s) for s in classes]
+        if str(stage) not in allowed:
+            raise ValueError(f"stage must be one of {allowed} for method {name!r}, got {stage!r}")
+        classes = {s: c for s, c in classes.items() if str(s) == str(stage)}
+    if available is not None:
+        usable = {s: c for s, c in classes.items() if s in available}
+        if not usable:
+            acts = ", ".join(str(s) for s in classes)
+            raise ValueError(f"method {name!r} acts at stage {acts}; this model has stages {', '.join(map(str, available))}")
+        classes = usable
+    if len(classes) > 1:
+        fitting = {s: c for s, c in classes.items() if set(config) <= set(_fields(c))}
+        classes = fitting or classes
+    return next(classes[s] for s in (*STAGE_PREFERENCE, *classes) if s in classes)
+
+
+def make_method(method: str | Method, *, stage: str | Stage | None = None, **config: Any) -> Method:
+    """Build a validated method from its name and config (or pass a ready :class:`Method` through).
+
+    A name registered at several stages (``random``) is built at ``stage`` when given, else at the
+    stage whose config accepts the keywords, else at the one nearest the LLM."""
+    return _build(method, stage, config, None)
+
+
+def _build(method: str | Method, stage: str | Stage | None, config: dict, available: tuple[Stage, ...] | None) -> Method:
     if isinstance(method, Method):
         if config:
             raise TypeError("pass config either inside the Method object or as keywords, not both")
         return method
     if not isinstance(method, str):
         raise TypeError(f"method must be a name from {method_names()} or a Method, got {type(method).__name__}")
-    cls = method_class(method)
-    allowed = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(config) - set(allowed))
+    cls = _method_class(method, stage, config, available)
+    unknown = sorted(set(config) - set(_fields(cls)))
     if unknown:
-        raise TypeError(f"method {method!r} got unknown config {unknown}; it accepts {allowed}")
+        raise TypeError(f"method {method!r} at stage {cls.stage} got unknown config {unknown}; it accepts {_fields(cls)}")
     return cls(**config)
 
 
-def apply(model: ModelT, method: str | Method, **config: Any) -> ModelT:
+def apply(model: ModelT, method: str | Method, *, stage: str | Stage | None = None, **config: Any) -> ModelT:
     """Patch ``model`` in place to reduce tokens with ``method`` and return it.
 
-    ``config`` goes to the method (e.g. ``r=16`` for ``tome``). Applying again replaces the earlier patch.
+    ``config`` goes to the method (e.g. ``r=16`` for ``tome``). ``stage`` picks where a method that
+    exists at several stages acts (``random``: ``"encoder"`` or ``"pre_llm"``); by default it is the
+    stage the model has, the one whose config fits the keywords, then the one nearest the LLM.
+    Applying again replaces the earlier patch.
     A wrapper holding exactly one supported model (``torch.compile``, ``DataParallel``, your own module)
     gets that model patched; :func:`describe` names it. Weights and ``state_dict()`` are untouched;
     :func:`remove` restores the original model exactly.
     """
-    method_obj = make_method(method, **config)
     _, target, adapter = locate(model)
-    depth = len(adapter.blocks(target))
-    num_prefix = adapter.num_prefix_tokens(target)
-    if method_obj.needs_cls_token and not adapter.has_cls_token(target):
-        raise ValueError(f"method {method_obj.name!r} scores tokens by CLS attention; this model has no class token")
-    n0 = adapter.default_num_tokens(target)
-    if n0 is not None and depth:
-        method_obj.schedule(n0, num_prefix, depth)  # fail at apply time, not at the first forward
+    method_obj = _build(method, stage, config, adapter.stages)
+    if method_obj.stage not in adapter.stages:
+        raise ValueError(
+            f"method {method_obj.name!r} acts at stage {method_obj.stage}; "
+            f"{type(target).__name__} has stages {', '.join(map(str, adapter.stages))}"
+        )
+    adapter.validate(target, method_obj)  # fail at apply time, not at the first forward
     remove(model)  # only now: a bad config leaves an earlier patch in place
-    patch = Patch(adapter, method_obj, num_prefix, depth)
+    patch = Patch(adapter, method_obj, adapter.num_prefix_tokens(target), len(adapter.blocks(target)))
     try:
         patch.set_attr(target, ATTR, patch)
         adapter.install(target, patch)
@@ -139,10 +177,7 @@ def describe(model: nn.Module) -> str:
     if path:
         lines.append(f"  patched submodule {path!r} of {type(model).__name__}")
     lines.append(f"  model: {patch.adapter.summary(target)}")
-    n0 = patch.adapter.default_num_tokens(target)
-    if n0 is not None:
-        plan = patch.method.schedule(n0, patch.num_prefix, patch.depth)
-        lines.append(f"  tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}")
+    lines.extend(f"  {line}" for line in patch.adapter.plan(target, patch.method))
     if patch.method.paper:
         lines.append(f"  paper: {patch.method.paper}")
     lines.append("  record(model) reports the calling thread's last forward")

@@ -1,4 +1,4 @@
-"""Name -> class registries for methods and adapters, filled by decorators at import time."""
+"""Registries of methods (by name, one class per stage) and adapters, filled by decorators at import time."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 if TYPE_CHECKING:
     from tokenreduce.adapters.base import Adapter
     from tokenreduce.methods.base import Method
+    from tokenreduce.stages import Stage
 
 M = TypeVar("M", bound=type)
 T = TypeVar("T")
 
-_METHODS: dict[str, type[Method]] = {}
+_METHODS: dict[str, dict[Stage, type[Method]]] = {}
 _ADAPTERS: list[type[Adapter]] = []
 
 
@@ -24,10 +25,12 @@ def loadable(obj: T) -> T:
 
 
 def register_method(cls: M) -> M:
-    """Class decorator: make a :class:`Method` reachable as ``tokenreduce.apply(model, cls.name)``."""
-    if cls.name in _METHODS:
-        raise ValueError(f"method {cls.name!r} is already registered")
-    _METHODS[cls.name] = cls
+    """Class decorator: make a :class:`Method` reachable as ``tokenreduce.apply(model, cls.name)``. One
+    name may have one class per stage (``random`` prunes inside an encoder and before an LLM)."""
+    stages = _METHODS.setdefault(cls.name, {})
+    if cls.stage in stages:
+        raise ValueError(f"method {cls.name!r} is already registered at stage {cls.stage}")
+    stages[cls.stage] = cls
     return loadable(cls)  # patched models pickle their method
 
 
@@ -41,9 +44,10 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_class(name: str) -> type[Method]:
+def method_classes(name: str) -> dict[Stage, type[Method]]:
+    """The classes registered under ``name``, by stage."""
     try:
-        return _METHODS[name]
+        return dict(_METHODS[name])
     except KeyError:
         raise ValueError(f"unknown method {name!r}; method must be one of {method_names()}") from None
 

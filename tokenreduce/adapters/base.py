@@ -9,7 +9,9 @@ from typing import ClassVar
 
 from torch import nn
 
+from tokenreduce.methods.base import EncoderMethod, Method
 from tokenreduce.patch import Patch
+from tokenreduce.stages import Stage
 
 
 def class_names(model: nn.Module) -> Iterator[str]:
@@ -32,6 +34,7 @@ class Adapter(ABC):
 
     name: ClassVar[str]
     family: ClassVar[str]  # human-readable list of supported classes, for error messages
+    stages: ClassVar[tuple[Stage, ...]] = (Stage.ENCODER,)
 
     @classmethod
     @abstractmethod
@@ -66,3 +69,20 @@ class Adapter(ABC):
 
     def summary(self, model: nn.Module) -> str:
         return type(model).__name__
+
+    def validate(self, model: nn.Module, method: Method) -> None:
+        """Raise if ``method`` cannot run on ``model`` (checked at ``apply``, before anything is patched)."""
+        if method.needs_cls_token and not self.has_cls_token(model):
+            raise ValueError(f"method {method.name!r} scores tokens by CLS attention; this model has no class token")
+        n0 = self.default_num_tokens(model)
+        depth = len(self.blocks(model))
+        if isinstance(method, EncoderMethod) and n0 is not None and depth:
+            method.schedule(n0, self.num_prefix_tokens(model), depth)
+
+    def plan(self, model: nn.Module, method: Method) -> list[str]:
+        """Lines for :func:`tokenreduce.describe` saying what ``method`` will do to ``model``."""
+        n0 = self.default_num_tokens(model)
+        if n0 is None or not isinstance(method, EncoderMethod):
+            return []
+        plan = method.schedule(n0, self.num_prefix_tokens(model), len(self.blocks(model)))
+        return [f"tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}"]

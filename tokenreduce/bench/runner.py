@@ -156,13 +156,14 @@ def run_bench(
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dtype)
 
-    models, records = [], []
+    models, records, params = [], [], []
     with torch.inference_mode():
         for spec in specs:  # build and validate every method before timing anything
             m = tokenreduce.apply(copy.deepcopy(base), spec.name, **spec.config)
             m(x)
             tick(1)
             records.append(tokenreduce.record(m))
+            params.append(patch_of(m).method.params())
             if spec.name == "none":
                 tokenreduce.remove(m)  # the baseline is the untouched model
             models.append(m)
@@ -193,13 +194,13 @@ def run_bench(
             tick(1)
 
     results = []
-    for spec, rec, t, peak, share in zip(specs, records, times, peaks, shares):
+    for spec, rec, param, t, peak, share in zip(specs, records, params, times, peaks, shares):
         latency = statistics.median(t)
         macs = model_macs(adapter, target, rec.input_tokens, rec.tokens_per_layer)
         results.append(
             BenchResult(
                 method=spec.label,
-                params=tokenreduce.make_method(spec.name, **spec.config).params(),
+                params=param,
                 images_per_s=batch_size / latency,
                 latency_ms=latency * 1e3,
                 gflops=macs / 1e9,

@@ -1,6 +1,6 @@
 """Token reduction methods: one file each, registered by name on import."""
 
 from tokenreduce.methods import evit, none, random, tome, topk  # noqa: F401  (registration)
-from tokenreduce.methods.base import LayerContext, Method, PruneAtLayers
+from tokenreduce.methods.base import EncoderMethod, LayerContext, Method, PruneAtLayers
 
-__all__ = ["LayerContext", "Method", "PruneAtLayers"]
+__all__ = ["EncoderMethod", "LayerContext", "Method", "PruneAtLayers"]

@@ -1,4 +1,5 @@
-"""The method interface: a validated dataclass config that plans a schedule and reduces tokens."""
+"""The method interface: a validated dataclass config acting at one stage of a model; and the
+encoder-stage form, which plans a per-block schedule and selects tokens after each block's attention."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from tokenreduce.core import Selection, cls_attention, keep, keep_and_fuse, keep_indices, split_keep_drop
+from tokenreduce.stages import Stage
 from tokenreduce.validate import as_int_tuple, as_real
 
 
@@ -38,17 +40,33 @@ class LayerContext:
 
 
 class Method(ABC):
-    """A training-free token reduction method. Subclasses are dataclasses holding their config.
+    """A training-free token reduction method acting at one :class:`~tokenreduce.stages.Stage`.
+    Subclasses are dataclasses holding their validated config; they produce
+    :class:`~tokenreduce.core.Selection` objects and never touch a model or its bookkeeping."""
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    paper: ClassVar[str] = ""
+    needs_cls_token: ClassVar[bool] = False
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+class EncoderMethod(Method):
+    """Acts inside the blocks of a vision encoder.
 
     ``schedule`` plans, from the input token count alone, how many tokens leave each block; ``select``
     then says, at each block, which tokens become which (a :class:`~tokenreduce.core.Selection` with
     exactly ``ctx.num_out`` outputs). The engine applies it to the tokens and follows it on sizes and
-    owners, so methods never touch bookkeeping.
+    owners.
     """
 
-    name: ClassVar[str]
-    paper: ClassVar[str] = ""
-    needs_cls_token: ClassVar[bool] = False
+    stage = Stage.ENCODER
     prop_attn: bool = False  # add log(size) to attention logits (proportional attention)
 
     @abstractmethod
@@ -59,16 +77,9 @@ class Method(ABC):
     def select(self, x: Tensor, ctx: LayerContext) -> Selection | None:
         """How ``x [B, N, C]`` becomes ``ctx.num_out`` tokens; ``None`` when nothing changes here."""
 
-    def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-
-    def __str__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{self.name}({args})"
-
 
 @dataclass
-class PruneAtLayers(Method):
+class PruneAtLayers(EncoderMethod):
     """Keep the ``keep_rate`` best-scored non-prefix tokens at a few layers; optionally fuse the rest.
     Tokens are scored by the CLS token's attention unless a subclass overrides :meth:`scores`.
 

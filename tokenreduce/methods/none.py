@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokenreduce.core import Selection
-from tokenreduce.methods.base import LayerContext, Method
+from tokenreduce.methods.base import EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 
 
 @register_method
 @dataclass
-class NoReduction(Method):
+class NoReduction(EncoderMethod):
     """Keeps every token; the patched model computes exactly what the original does."""
 
     name = "none"

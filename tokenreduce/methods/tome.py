@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokenreduce.core import Selection, bipartite_soft_matching
-from tokenreduce.methods.base import LayerContext, Method
+from tokenreduce.methods.base import EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_real, as_sequence
 
@@ -19,7 +19,7 @@ DEFAULT_KEEP_RATIO = 0.2
 
 @register_method
 @dataclass
-class ToMe(Method):
+class ToMe(EncoderMethod):
     """Merge ``r`` tokens per block by bipartite soft matching on the attention keys.
 
     Give either ``r`` or ``keep_ratio``. ``r`` is an int (the same in every block), a per-block list,
