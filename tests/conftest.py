@@ -103,3 +103,62 @@ def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=sorted(MODELS))
 def model_name(request) -> str:
     return request.param
+
+
+IMAGE_TOKEN = 999
+
+
+def tiny_llava(seed: int = 0, tower: str = "clip", **overrides) -> nn.Module:
+    """A LLaVA-1.5-shaped model: a 2-layer CLIP (or SigLIP) tower on 32 px images with 8 px patches (16
+    visual tokens on a 4x4 grid), the penultimate layer read, and a 4-layer Llama."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    vision_config = (
+        transformers.CLIPVisionConfig(**vision, projection_dim=32)
+        if tower == "clip"
+        else transformers.SiglipVisionConfig(**vision)
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=2048,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if tower == "clip" else "full",
+        image_seq_length=16,
+        **overrides,
+    )
+    return randomize(transformers.LlavaForConditionalGeneration(config), seed).eval()
+
+
+def prompt(text_before: list[int], images: int = 1, text_after: tuple[int, ...] = (7, 8), tokens: int = 16) -> list[int]:
+    """Token ids: text, ``images`` runs of ``tokens`` image placeholders separated by a text token, text."""
+    ids = list(text_before)
+    for i in range(images):
+        ids += [IMAGE_TOKEN] * tokens + ([11 + i] if i < images - 1 else [])
+    return ids + list(text_after)
+
+
+def batch(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` padded with token 0 on ``side``."""
+    length = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        part = slice(length - len(p), length) if side == "left" else slice(0, len(p))
+        ids[i, part], mask[i, part] = torch.tensor(p), 1
+    return ids, mask
+
+
+def pixels(count: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))

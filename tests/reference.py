@@ -126,3 +126,45 @@ def hf_tower_forward(model, images: Tensor, step, prop_attn: bool = True) -> Ten
                 t = t + (getattr(blk, ls2)(m) if ls2 else m)
             outs.append(getattr(model, final)(t) if final else t)
     return torch.stack(outs)
+
+
+def divprune_select(features: Tensor, k: int) -> list[int]:
+    """DivPrune on one image ``features [N, D]``: a greedy max-min subset by cosine distance, returned
+    in position order."""
+    n = features.shape[0]
+    unit = [f / f.norm() for f in features.double()]
+    dist = [[1.0 - float(unit[i] @ unit[j]) for j in range(n)] for i in range(n)]
+    second = [sorted(dist[i][j] for i in range(n))[min(1, n - 1)] for j in range(n)]
+    picked = [max(range(n), key=lambda j: (second[j], -j))]
+    while len(picked) < k:
+        spread = [min(dist[s][j] for s in picked) for j in range(n)]
+        picked.append(max(range(n), key=lambda j: (spread[j], -j)))
+    return sorted(picked)
+
+
+def visionzip_tokens(hidden: Tensor, probs: Tensor, keys: Tensor, dominant: int, contextual: int, cls: bool) -> Tensor:
+    """VisionZip on one image: ``hidden [T, D]`` hidden states of the read layer, ``probs [H, T, T]`` its
+    attention, ``keys [H, T, d]`` its keys. Returns the dominant then contextual tokens ``[K, D]``."""
+    t = hidden.shape[0]
+    if cls:
+        score = {j: float(probs[:, 0, j].sum()) for j in range(1, t)}
+        top = sorted(score, key=lambda j: -score[j])[: dominant - 1]
+        dom = sorted([0, *top])
+    else:
+        score = {j: float(probs[:, :, j].mean()) for j in range(t)}
+        dom = sorted(sorted(score, key=lambda j: -score[j])[:dominant])
+    rest = [i for i in range(t) if i not in dom]
+    metric = keys.mean(0)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, len(rest) // contextual) if contextual else 1
+    targets = [rest[i] for i in range(0, len(rest), step)][:contextual]
+    groups: dict[int, list[int]] = {tgt: [] for tgt in targets}
+    for i in rest:
+        if i not in targets:
+            sims = [float(unit[i] @ unit[tgt]) for tgt in targets]
+            groups[targets[max(range(len(targets)), key=lambda a: (sims[a], -a))]].append(i)
+    out = [hidden[i] for i in dom]
+    for tgt in targets:
+        extra = torch.stack([hidden[i] for i in groups[tgt]]).mean(0) if groups[tgt] else torch.zeros_like(hidden[tgt])
+        out.append(hidden[tgt] + extra)
+    return torch.stack(out)

@@ -132,3 +132,52 @@ def test_hash_scores_are_distinct_deterministic_and_keyed():
     # roughly uniform over [0, 2**32): each quarter holds about a quarter of the positions
     counts = torch.bincount(a // 2**30, minlength=4)
     assert ((counts > 1100) & (counts < 1400)).all()
+
+
+def test_max_min_subset_matches_the_naive_reference():
+    import reference
+    from tokenreduce.core import max_min_subset
+
+    x = torch.randn(3, 20, 5, generator=torch.Generator().manual_seed(4))
+    for k in (1, 4, 20):
+        got = max_min_subset(x, k).sort(dim=1).values
+        assert [g.tolist() for g in got] == [reference.divprune_select(row, k) for row in x]
+
+
+def test_grid_pool_averages_windows_and_cuts_edges():
+    from tokenreduce.core import grid_pool
+
+    x = torch.arange(15.0).view(1, 15, 1)  # a 3 x 5 grid
+    pooled = grid_pool(1, (3, 5), 2).apply(x)[0, :, 0]
+    assert pooled.tolist() == [(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2, (10 + 11) / 2, (12 + 13) / 2, 14.0]
+
+
+def test_nearest_target_merge_adds_the_mean_of_the_assigned_tokens():
+    from tokenreduce.core import nearest_target_merge
+    from tokenreduce.core.selection import Selection
+
+    metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.2], [0.1, 0.9]]])
+    slot, coeff = nearest_target_merge(metric, torch.tensor([0, 2]))
+    assert slot.tolist() == [[0, 0, 1, 0, 1]]
+    x = torch.tensor([[[1.0], [2.0], [10.0], [4.0], [20.0]]])
+    out = Selection(slot, torch.tensor([[0, 2]]), coeff).apply(x)
+    assert out[0, :, 0].tolist() == [1.0 + (2.0 + 4.0) / 2, 10.0 + 20.0]
+
+
+def test_compact_cuts_spans_and_repads():
+    from tokenreduce.core.sequence import SpanKeep, compact
+
+    # row 0: [pad, t, I, I, I, t]; row 1: [t, t, I, I, I, t]; each image keeps 1 token (its 3rd)
+    placeholder = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    spans = [SpanKeep(3, 1, torch.tensor([2]))] * 2
+    c = compact(placeholder, mask, spans, reindex=False)
+    assert c.embed_index.tolist() == [[0, 1, 2, 5], [0, 1, 2, 5]]
+    assert c.position_index.tolist() == [[0, 1, 4, 5], [0, 1, 4, 5]]
+    assert c.mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and c.shift.tolist() == [2, 2]
+    positions = torch.arange(6).expand(2, -1)
+    assert c.positions(positions).tolist() == [[0, 1, 4, 5], [0, 1, 4, 5]]
+    r = compact(placeholder, mask, spans, reindex=True)
+    assert r.positions(positions).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    grown = torch.ones(2, 7, dtype=torch.long)
+    assert r.decode_mask(grown).shape == (2, 5) and r.decode_positions(torch.tensor([[6], [6]])).tolist() == [[4], [4]]

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from tokenreduce.adapters import locate
+from tokenreduce.adapters.hf_vlm import VLMRecord
 from tokenreduce.methods.base import Method
 from tokenreduce.patch import ATTR, Patch
 from tokenreduce.registry import method_classes, method_names
@@ -155,16 +156,21 @@ def patch_of(model: nn.Module) -> Patch:
     return patch
 
 
-def record(model: nn.Module) -> Record:
-    """What the calling thread's last forward of a patched model did: token counts per block, sizes and
-    which original tokens each final token covers. Each thread sees its own forwards, so concurrent
-    callers never mix."""
-    state = patch_of(model).latest()
-    if state is None:
+def record(model: nn.Module) -> Record | VLMRecord:
+    """What the calling thread's last forward of a patched model did. Each thread sees its own
+    forwards, so concurrent callers never mix.
+
+    For an encoder, a :class:`Record`: token counts per block, sizes and which original tokens each
+    final token covers. For a VLM, a :class:`~tokenreduce.adapters.hf_vlm.VLMRecord` of its last prompt
+    (a forward with images, or ``generate``'s prefill): what each image sent to the LLM and the
+    sequence lengths the LLM read."""
+    patch = patch_of(model)
+    rec = patch.adapter.record(patch)
+    if rec is None:
         raise ValueError(
             "the patched model has not run a forward in this thread yet (record() reports the calling thread's last forward)"
         )
-    return state.record()
+    return rec
 
 
 def describe(model: nn.Module) -> str:

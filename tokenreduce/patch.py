@@ -64,8 +64,12 @@ class CaptureOutput:
         heads = getattr(self, CAPTURE_HEADS)
         # A projection's [B, N, H * D] output is split into heads the way the attention itself does.
         captured = out if heads is None else out.unflatten(-1, (heads, -1)).transpose(1, 2)
-        setattr(getattr(self, ATTR).current(), getattr(self, CAPTURE_SLOT), captured)
+        setattr(self._tokenreduce_target(), getattr(self, CAPTURE_SLOT), captured)
         return out
+
+    def _tokenreduce_target(self):
+        """The object the output is stored on: the running encoder forward's state."""
+        return getattr(self, ATTR).current()
 
 
 @loadable
@@ -109,13 +113,17 @@ class Patch:
     def capture_qk(self, q_module: nn.Module, k_module: nn.Module, heads: int | None = None) -> None:
         """Record the outputs of the modules producing queries and keys: ``[B, H, N, D]``, or
         ``[B, N, heads * D]`` to be split into ``heads`` when ``heads`` is given."""
-        for module, slot in ((q_module, "q"), (k_module, "k")):
-            # The module finds the patch through its own attribute, not a closure, so that a deep
-            # copy of the patched model writes into its own copy of the patch.
-            self.set_attr(module, ATTR, self)
-            self.set_attr(module, CAPTURE_SLOT, slot)
-            self.set_attr(module, CAPTURE_HEADS, heads)
-            self.swap_class(module, CaptureOutput)
+        self.capture(q_module, "q", heads)
+        self.capture(k_module, "k", heads)
+
+    def capture(self, module: nn.Module, slot: str, heads: int | None = None, mixin: type = CaptureOutput) -> None:
+        """Store ``module``'s output in the running state's field ``slot`` (split into ``heads`` if given)."""
+        # The module finds the patch through its own attribute, not a closure, so that a deep copy
+        # of the patched model writes into its own copy of the patch.
+        self.set_attr(module, ATTR, self)
+        self.set_attr(module, CAPTURE_SLOT, slot)
+        self.set_attr(module, CAPTURE_HEADS, heads)
+        self.swap_class(module, mixin)
 
     def undo(self) -> None:
         for module, name in reversed(self._attrs):
@@ -153,6 +161,11 @@ class Patch:
             raise RuntimeError("a patched block ran outside a forward call: the first block starts each call")
         return state
 
+    @property
+    def local(self) -> threading.local:
+        """This patch's per-thread namespace, for adapters that keep per-thread state of their own."""
+        return self._local
+
     def attn_bias(self, state: ForwardState, dtype: torch.dtype) -> Tensor | None:
         return state.attn_bias(dtype) if self.method.prop_attn else None
 
@@ -175,4 +188,5 @@ class Patch:
                 f"method {self.method.name} kept all {x.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
             )
         state.tokens_per_layer.append(x.shape[1])
+        state.owner_history.append(state.owner)
         return x

@@ -61,6 +61,7 @@ class ForwardState:
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None  # [B, N, 1] float32; None means all ones
     owner: Tensor | None = None  # [B, N0] long; None means every token is its own
+    owner_history: list[Tensor | None] = field(default_factory=list)  # owner after each block
     q: Tensor | None = None  # queries/keys of the block now running, captured on their way to attention
     k: Tensor | None = None
 
@@ -75,11 +76,16 @@ class ForwardState:
             return torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
         return self.size
 
-    def owners(self) -> Tensor:
-        """Current ``owner [B, N0]``, materialising the identity before the first reduction."""
-        if self.owner is None:
+    def owners(self, after: int | None = None) -> Tensor:
+        """``owner [B, N0]`` now, or after block ``after`` (``-1``: before the first block)."""
+        owner = self.owner if after is None else (None if after < 0 else self.owner_history[after])
+        if owner is None:
             return torch.arange(self.input_tokens, device=self.device).expand(self.batch, -1)
-        return self.owner
+        return owner
+
+    def tokens_after(self, layer: int) -> int:
+        """Token count leaving block ``layer`` (``-1``: entering the first block)."""
+        return self.input_tokens if layer < 0 else self.tokens_per_layer[layer]
 
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """The proportional-attention mask for the current tokens, or ``None`` while all sizes are 1."""

@@ -79,6 +79,11 @@ class Adapter(ABC):
         if isinstance(method, EncoderMethod) and n0 is not None and depth:
             method.schedule(n0, self.num_prefix_tokens(model), depth)
 
+    def record(self, patch: Patch) -> object | None:
+        """What the calling thread's last forward did (``None`` before its first)."""
+        state = patch.latest()
+        return None if state is None else state.record()
+
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         """Lines for :func:`tokenreduce.describe` saying what ``method`` will do to ``model``."""
         n0 = self.default_num_tokens(model)

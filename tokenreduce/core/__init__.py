@@ -1,7 +1,10 @@
 """Pure tensor operations for token reduction: no model code, no model-library imports."""
 
-from tokenreduce.core.attention import cls_attention, size_bias
+from tokenreduce.core.attention import cls_attention, received_attention, size_bias
+from tokenreduce.core.clustering import nearest_target_merge, strided_targets
+from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
+from tokenreduce.core.pooling import grid_pool
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
 from tokenreduce.core.selection import Selection, keep, keep_and_fuse, weighted_mean_coeff
 
@@ -9,6 +12,12 @@ __all__ = [
     "Selection",
     "bipartite_soft_matching",
     "cls_attention",
+    "cosine_distance",
+    "grid_pool",
+    "max_min_subset",
+    "nearest_target_merge",
+    "received_attention",
+    "strided_targets",
     "hash_scores",
     "keep",
     "keep_and_fuse",

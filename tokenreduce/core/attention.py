@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -20,3 +21,16 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None
     if bias is not None:
         logits = logits + bias.float()
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def received_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Softmax attention each token receives, averaged over heads and over all queries: ``[B, N]``.
+
+    The saliency used in place of CLS attention by towers without a class token (SigLIP): the full
+    ``N x N`` map of one layer, computed head by head in float32 beside the layer's own attention.
+    """
+    total = q.new_zeros(q.shape[0], q.shape[2], dtype=torch.float32)
+    for h in range(q.shape[1]):
+        logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
+        total += logits.softmax(dim=-1).mean(dim=1)
+    return total / q.shape[1]

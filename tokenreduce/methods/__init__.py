@@ -1,6 +1,7 @@
 """Token reduction methods: one file each, registered by name on import."""
 
-from tokenreduce.methods import evit, none, random, tome, topk  # noqa: F401  (registration)
+from tokenreduce.methods import divprune, evit, none, pool, random, tome, topk, visionzip  # noqa: F401  (registration)
 from tokenreduce.methods.base import EncoderMethod, LayerContext, Method, PruneAtLayers
+from tokenreduce.methods.visual import VisualContext, VisualMethod
 
-__all__ = ["EncoderMethod", "LayerContext", "Method", "PruneAtLayers"]
+__all__ = ["EncoderMethod", "LayerContext", "Method", "PruneAtLayers", "VisualContext", "VisualMethod"]

@@ -1,0 +1,35 @@
+"""Assigning tokens to a few targets and merging them there (VisionZip's contextual tokens)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def strided_targets(num_tokens: int, num_targets: int, device: torch.device | str = "cpu") -> Tensor:
+    """``num_targets`` evenly spaced positions among ``num_tokens``: every ``num_tokens // num_targets``-th
+    from the first (VisionZip's choice of contextual targets)."""
+    step = max(1, num_tokens // num_targets)
+    return torch.arange(0, num_tokens, step, device=device)[:num_targets]
+
+
+def nearest_target_merge(metric: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Send every token of ``metric [B, R, D]`` to one of the ``targets [T]`` (positions among the R).
+
+    Returns ``(slot, coeff)``, both ``[B, R]``: target ``j`` feeds slot ``j`` with weight 1; every other
+    token feeds the target it is most cosine-similar to, with weight ``1 / (tokens sent there)``. So
+    each output is its target plus the mean of the tokens assigned to it (VisionZip's sum, not a mean
+    over the target too); a target with none assigned stays as it was.
+    """
+    b, r = metric.shape[:2]
+    t = targets.shape[0]
+    unit = metric.float() / metric.float().norm(dim=-1, keepdim=True)
+    nearest = (unit @ unit[:, targets].transpose(-1, -2)).argmax(dim=-1)  # [B, R]
+    is_target = torch.zeros(r, dtype=torch.bool, device=metric.device).index_fill(0, targets, True)
+    own = torch.full((r,), -1, dtype=torch.long, device=metric.device).index_copy(
+        0, targets, torch.arange(t, device=metric.device)
+    )
+    slot = torch.where(is_target, own, nearest)
+    sent = torch.zeros(b, t, device=metric.device).scatter_add_(1, nearest, (~is_target).float().expand(b, -1))
+    coeff = torch.where(is_target, 1.0, 1.0 / sent.clamp(min=1).gather(1, nearest))
+    return slot, coeff

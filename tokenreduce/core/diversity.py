@@ -1,0 +1,35 @@
+"""Diversity-driven selection: greedy max-min subsets (DivPrune, Alvar et al., CVPR 2025)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cosine_distance(x: Tensor) -> Tensor:
+    """``1 - cos`` between all token pairs of ``x [B, N, D]``: ``[B, N, N]`` in float32."""
+    unit = x.float() / x.float().norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return 1.0 - unit @ unit.transpose(-1, -2)
+
+
+def max_min_subset(x: Tensor, k: int) -> Tensor:
+    """Indices ``[B, k]`` of a greedy max-min diverse subset of the tokens of ``x [B, N, D]``, in the
+    order they were picked.
+
+    The first pick is the token farthest from its nearest neighbour (the largest second-smallest
+    distance in its column, the smallest being its distance to itself); each next pick maximises its
+    distance to the nearest token already picked. Ties go to the lowest index.
+    """
+    b, n = x.shape[:2]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for {n} tokens, got {k}")
+    dist = cosine_distance(x)
+    rows = torch.arange(b, device=x.device)
+    first = dist.topk(min(2, n), dim=1, largest=False).values[:, -1].argmax(dim=1)
+    picked = [first]
+    nearest = dist[rows, first]  # [B, N] distance of every token to the picked set
+    for _ in range(k - 1):
+        nxt = nearest.argmax(dim=1)
+        picked.append(nxt)
+        nearest = torch.minimum(nearest, dist[rows, nxt])
+    return torch.stack(picked, dim=1)

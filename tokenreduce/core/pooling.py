@@ -1,0 +1,25 @@
+"""Average pooling of tokens laid out on a patch grid, as a selection."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce.core.selection import Selection, weighted_mean_coeff
+
+
+def grid_pool(batch: int, grid: tuple[int, int], stride: int, device: torch.device | str = "cpu") -> Selection:
+    """Mean of every ``stride x stride`` window of a row-major ``grid = (rows, cols)`` of tokens.
+
+    Windows at the right and bottom edges are cut short (``ceil`` division), so every token feeds one
+    output; outputs are in row-major window order and inherit the position of the window's top-left token.
+    """
+    rows, cols = grid
+    out_cols = -(-cols // stride)
+    r = torch.arange(rows, device=device)[:, None] // stride
+    c = torch.arange(cols, device=device)[None, :] // stride
+    slot = (r * out_cols + c).flatten()
+    num_out = int(slot.max().item()) + 1
+    first = torch.full((num_out,), rows * cols, dtype=torch.long, device=device)
+    index = first.scatter_reduce(0, slot, torch.arange(rows * cols, device=device), reduce="amin")
+    slot, index = slot.expand(batch, -1), index.expand(batch, -1)
+    return Selection(slot, index, weighted_mean_coeff(slot, torch.ones(slot.shape, device=device), num_out))

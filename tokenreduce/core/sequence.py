@@ -1,0 +1,120 @@
+"""Shortening a batch of token sequences where image spans lost tokens, and carrying decode steps.
+
+A VLM's prompt holds one run of placeholder tokens per image. When an image keeps ``k`` of its ``N``
+tokens, its span shrinks to ``k``; rows may shrink by different amounts, so the batch is re-padded.
+Everything here is index bookkeeping on ``[B, L]`` tensors: no model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SpanKeep:
+    """What one image keeps of its span of ``placeholders`` tokens: ``kept`` tokens, written by the
+    caller to the first ``kept`` places of the span, and for each the place within the span whose
+    position id it takes (``position [kept]``)."""
+
+    placeholders: int
+    kept: int
+    position: Tensor
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """How a prefill of ``length`` tokens per row became ``L'`` (``embed_index.shape[1]``), and how to
+    continue decoding after it.
+
+    ``embed_index``/``position_index`` ``[B, L']`` pick, for every new slot, the old position whose
+    embedding and whose position id it takes; ``mask [B, L']`` is the new 2-D attention mask (0 on
+    padding); ``first [B]`` is each row's first real (unpadded) position in the old prompt; ``shift [B]``
+    counts the real tokens each row lost. ``reindex`` numbers the kept tokens consecutively from the
+    row's first position id instead of keeping their original ones.
+    """
+
+    length: int
+    embed_index: Tensor
+    position_index: Tensor
+    mask: Tensor
+    first: Tensor
+    shift: Tensor
+    reindex: bool
+
+    def embeds(self, x: Tensor) -> Tensor:
+        """``[B, L, C] -> [B, L', C]``."""
+        return x.gather(1, self.embed_index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def positions(self, position_ids: Tensor) -> Tensor:
+        """Position ids for the compacted prefill from those of the full one: ``[B, L] -> [B, L']``, or
+        ``[R, B, L] -> [R, B, L']`` for multi-row ids (M-RoPE, kept positions only). Padding keeps its
+        own ids, so a prompt that lost nothing is unchanged."""
+        kept = position_ids.gather(-1, self.position_index.expand(*position_ids.shape[:-2], -1, -1))
+        if not self.reindex:
+            return kept
+        start = position_ids.gather(-1, self.first[:, None])
+        return torch.where(self.mask.bool(), start + (self.mask.cumsum(-1) - 1).clamp(min=0), kept)
+
+    def decode_mask(self, mask: Tensor) -> Tensor:
+        """A decode step's 2-D mask, grown by ``generate`` from the full prefill, for the compacted cache."""
+        return torch.cat([self.mask.to(mask.dtype), mask[:, self.length :]], dim=1)
+
+    def decode_positions(self, position_ids: Tensor) -> Tensor:
+        """A decode step's position ids (counted from the full prefill): reindexed ones move back by
+        the tokens each row lost; kept ones stay."""
+        return position_ids - self.shift.view(*([1] * (position_ids.dim() - 2)), -1, 1) if self.reindex else position_ids
+
+
+def compact(placeholder: Tensor, attention_mask: Tensor | None, spans: Sequence[SpanKeep], reindex: bool) -> Compaction:
+    """The :class:`Compaction` for prompts ``placeholder [B, L]`` (True on image tokens) whose images,
+    in row-major order of their spans, keep what ``spans`` say.
+
+    Every row keeps its real tokens in order (each image span cut to its kept tokens), then is padded
+    to the longest row on the side the batch is padded on (left when only left padding is seen, else
+    right), reusing the row's own padding first: a prompt that lost nothing comes out unchanged.
+    """
+    b, length = placeholder.shape
+    device = placeholder.device
+    mask = torch.ones(b, length, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
+    real = mask.bool()
+    images = iter(spans)
+    rows = []
+    for row in range(b):
+        where = placeholder[row].nonzero().flatten().tolist()
+        embed, position, cursor, taken = [], [], 0, 0
+
+        def text(stop: int, cursor: int = 0, row: int = row) -> Tensor:
+            between = torch.arange(cursor, stop, device=device)
+            return between[real[row, between]]
+
+        while taken < len(where):
+            span = next(images, None)
+            if span is None:
+                raise ValueError(f"row {row} has more image tokens than the images account for")
+            start = where[taken]
+            if where[taken + span.placeholders - 1] != start + span.placeholders - 1:
+                raise ValueError(f"the image tokens of the image span at row {row}, position {start} are not contiguous")
+            before = text(start, cursor)
+            embed += [before, start + torch.arange(span.kept, device=device)]
+            position += [before, start + span.position.to(device)]
+            cursor, taken = start + span.placeholders, taken + span.placeholders
+        tail = text(length, cursor)
+        rows.append((torch.cat([*embed, tail]), torch.cat([*position, tail]), (~real[row]).nonzero().flatten()))
+    if next(images, None) is not None:
+        raise ValueError("there are more images than image token spans in the prompt")
+    new_length = max(e.shape[0] for e, _, _ in rows)
+    left = bool((~real[:, 0]).any()) and bool(real[:, -1].all())
+    embed_index = torch.zeros(b, new_length, dtype=torch.long, device=device)
+    position_index = torch.zeros_like(embed_index)
+    new_mask = torch.zeros_like(embed_index)
+    for row, (e, p, pads) in enumerate(rows):
+        need = new_length - e.shape[0]
+        fill = torch.cat([pads[:need], pads.new_zeros(max(0, need - pads.shape[0]))])
+        embed_index[row] = torch.cat([fill, e] if left else [e, fill])
+        position_index[row] = torch.cat([fill, p] if left else [p, fill])
+        new_mask[row, slice(need, new_length) if left else slice(0, e.shape[0])] = 1
+    return Compaction(length, embed_index, position_index, new_mask, mask.argmax(dim=1), mask.sum(1) - new_mask.sum(1), reindex)

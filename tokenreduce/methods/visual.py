@@ -1,0 +1,91 @@
+"""The pre-LLM form of a method: it selects among the visual tokens of each image before the LLM."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from tokenreduce.core import Selection
+from tokenreduce.methods.base import Method
+from tokenreduce.stages import Stage
+from tokenreduce.validate import as_int, as_real
+
+POSITIONS = ("auto", "keep", "reindex")
+
+
+@dataclass
+class VisualContext:
+    """What a pre-LLM method sees: the visual tokens of ``M`` images that have the same count ``N``.
+
+    ``features`` are in the method's :attr:`VisualMethod.space`: the projected tokens the LLM will read,
+    or the vision encoder's hidden states at the layer the VLM reads (then with the class token in front
+    when the encoder has one: ``num_prefix`` is 1). ``q``/``k`` are that layer's queries and keys
+    ``[M, H, N, D]`` when the method asks for attention, else ``None``.
+    """
+
+    features: Tensor  # [M, N, D]
+    keep: int  # outputs to produce per image
+    num_prefix: int  # leading tokens that are not image patches (a class token)
+    grid: tuple[int, int] | None  # (rows, cols) of the patch tokens, when they form a grid
+    q: Tensor | None = None
+    k: Tensor | None = None
+    scale: float | None = None
+
+
+@dataclass
+class VisualMethod(Method):
+    """Acts on the visual tokens of a VLM before its LLM: one :class:`~tokenreduce.core.Selection` per
+    image, applied to the tokens in :attr:`space`; the LLM then reads fewer tokens.
+
+    The budget is ``keep_ratio`` (a fraction of each image's tokens, rounded) or ``keep_tokens`` (per
+    image), not both; with neither, the method's own default (``default_keep_ratio``, or a form of its
+    own such as VisionZip's dominant + contextual counts). ``positions`` says which position ids
+    the kept tokens get in the LLM: ``"keep"`` their original ones (gaps where tokens went),
+    ``"reindex"`` consecutive ones (as when tokens are dropped before the LLM and it numbers what it
+    gets), ``"auto"`` reindex where positions are a plain count and keep where they encode the image
+    grid (Qwen's M-RoPE).
+    """
+
+    stage = Stage.PRE_LLM
+    space: ClassVar[str] = "projected"  # or "vision": the encoder's hidden states before the projector
+    needs_attention: ClassVar[bool] = False  # wants q/k of the vision layer the VLM reads
+    default_keep_ratio: ClassVar[float | None] = 0.25
+
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    positions: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.keep_ratio is not None and self.keep_tokens is not None:
+            raise ValueError(
+                f"pass keep_ratio or keep_tokens, not both (got keep_ratio={self.keep_ratio!r}, keep_tokens={self.keep_tokens!r})"
+            )
+        if self.keep_tokens is not None:
+            self.keep_tokens = as_int("keep_tokens", self.keep_tokens, 1)
+        elif self.keep_ratio is not None:
+            self.keep_ratio = as_real("keep_ratio", self.keep_ratio, 0, 1, low_open=True)
+        elif self.default_keep_ratio is not None and not self.has_own_budget():
+            self.keep_ratio = self.default_keep_ratio
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+
+    def has_own_budget(self) -> bool:
+        """Whether the config gives the budget in the method's own form (not keep_ratio/keep_tokens)."""
+        return False
+
+    def num_kept(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
+        """Tokens kept per image of ``num_tokens`` visual tokens (laid out on ``grid``, when known)."""
+        if self.keep_tokens is not None:
+            if self.keep_tokens > num_tokens:
+                raise ValueError(
+                    f"keep_tokens must be in [1, {num_tokens}] for images of {num_tokens} tokens, got {self.keep_tokens}"
+                )
+            return self.keep_tokens
+        return min(num_tokens, max(1, round(self.keep_ratio * num_tokens)))
+
+    @abstractmethod
+    def select(self, ctx: VisualContext) -> Selection:
+        """``ctx.features [M, N, D] -> ctx.keep`` tokens per image."""
