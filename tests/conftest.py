@@ -162,3 +162,164 @@ def batch(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, t
 
 def pixels(count: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# Tiny offline configs of every supported VLM family (the spec's values, transformers 5.24).
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=2048,
+)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+_QWEN_IDS = dict(image_token_id=IMAGE_TOKEN, video_token_id=998, vision_start_token_id=996, vision_end_token_id=997)
+VLM_FAMILIES = [
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "internvl",
+    "gemma3",
+]
+
+
+def tiny_vlm(family: str, seed: int = 0) -> nn.Module:
+    import transformers as T
+
+    if family == "llava":
+        return tiny_llava(seed)
+    torch.manual_seed(seed)
+    if family == "llava_next":
+        config = T.LlavaNextConfig(
+            vision_config=T.CLIPVisionConfig(**_VISION, projection_dim=32),
+            text_config=T.LlamaConfig(**_TEXT),
+            image_token_id=IMAGE_TOKEN,
+            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+            vision_feature_layer=-2,
+        )
+        model = T.LlavaNextForConditionalGeneration(config)
+    elif family == "llava_onevision":
+        config = T.LlavaOnevisionConfig(
+            vision_config=T.SiglipVisionConfig(**_VISION),
+            text_config=T.Qwen2Config(**_TEXT),
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=998,
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        model = T.LlavaOnevisionForConditionalGeneration(config)
+    elif family == "qwen2_vl":
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        config = T.Qwen2VLConfig(text_config=dict(_TEXT, rope_parameters=_MROPE), vision_config=vision, **_QWEN_IDS)
+        model = T.Qwen2VLForConditionalGeneration(config)
+    elif family == "qwen2_5_vl":
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        config = T.Qwen2_5_VLConfig(text_config=dict(_TEXT, rope_parameters=_MROPE), vision_config=vision, **_QWEN_IDS)
+        model = T.Qwen2_5_VLForConditionalGeneration(config)
+    elif family == "qwen3_vl":
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        )
+        text = dict(_TEXT, head_dim=16, rope_parameters={**_MROPE, "mrope_interleaved": True})
+        model = T.Qwen3VLForConditionalGeneration(T.Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS))
+    elif family in ("idefics3", "smolvlm"):
+        vision = (T.Idefics3VisionConfig if family == "idefics3" else T.SmolVLMVisionConfig)(**_VISION).to_dict()
+        config = (T.Idefics3Config if family == "idefics3" else T.SmolVLMConfig)(
+            vision_config=vision, text_config=T.LlamaConfig(**_TEXT).to_dict(), scale_factor=2, image_token_id=IMAGE_TOKEN
+        )
+        model = (T.Idefics3ForConditionalGeneration if family == "idefics3" else T.SmolVLMForConditionalGeneration)(config)
+    elif family == "internvl":
+        vision = T.InternVLVisionConfig(**{**_VISION, "image_size": [32, 32], "patch_size": [8, 8]})
+        config = T.InternVLConfig(
+            vision_config=vision,
+            text_config=T.Qwen2Config(**_TEXT),
+            downsample_ratio=0.5,
+            image_seq_length=4,
+            image_token_id=IMAGE_TOKEN,
+        )
+        model = T.InternVLForConditionalGeneration(config)
+    elif family == "gemma3":
+        text = T.Gemma3TextConfig(**{**_TEXT, "head_dim": 16, "sliding_window": 16})
+        config = T.Gemma3Config(
+            text_config=text,
+            vision_config=T.SiglipVisionConfig(**_VISION),
+            mm_tokens_per_image=4,
+            image_token_index=IMAGE_TOKEN,
+            boi_token_index=996,
+            eoi_token_index=997,
+        )
+        model = T.Gemma3ForConditionalGeneration(config)
+    else:
+        raise ValueError(family)
+    return randomize(model, seed).eval()
+
+
+def vlm_pixels(family: str, images: int, seed: int = 3) -> dict:
+    """Pixel inputs for ``images`` images of a family's tiny config."""
+    g = torch.Generator().manual_seed(seed)
+    if family in ("llava_next", "llava_onevision"):  # 64x64 images: 4 crops and the base image
+        return dict(pixel_values=torch.randn(images, 5, 3, 32, 32, generator=g), image_sizes=torch.tensor([[64, 64]] * images))
+    if family.startswith("qwen"):
+        p = 16 if family == "qwen3_vl" else 14
+        return dict(
+            pixel_values=torch.randn(images * 16, 3 * 2 * p * p, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * images)
+        )
+    if family in ("idefics3", "smolvlm"):
+        return dict(pixel_values=torch.randn(images, 1, 3, 32, 32, generator=g))
+    return dict(pixel_values=torch.randn(images, 3, 32, 32, generator=g))
+
+
+def vlm_image_tokens(model: nn.Module, family: str) -> int:
+    with torch.no_grad():
+        return model.model.get_image_features(**vlm_pixels(family, 1)).pooler_output[0].shape[0]
+
+
+def vlm_inputs(model: nn.Module, family: str, texts: list[list[int]], side: str = "left", seed: int = 3) -> dict:
+    """One image per prompt, after the text ``texts[i]``, the image tokens framed as the family's
+    processor frames them, then two text tokens; padded on ``side``. Row ``i``'s image is drawn with
+    seed ``seed + i``, so a row can be rebuilt alone."""
+    n = vlm_image_tokens(model, family)
+    framed = family.startswith("qwen") or family == "gemma3"
+    image = ([996] if framed else []) + [IMAGE_TOKEN] * n + ([997] if framed else [])
+    ids, mask = batch([list(t) + image + [7, 8] for t in texts], side)
+    rows = [vlm_pixels(family, 1, seed + i) for i in range(len(texts))]
+    kw = dict(input_ids=ids, attention_mask=mask, **{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+    if family.startswith("qwen"):
+        kw["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    if family == "gemma3":
+        kw["token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    return kw

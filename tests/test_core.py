@@ -165,19 +165,20 @@ def test_nearest_target_merge_adds_the_mean_of_the_assigned_tokens():
 
 
 def test_compact_cuts_spans_and_repads():
-    from tokenreduce.core.sequence import SpanKeep, compact
+    from tokenreduce.core.sequence import SpanKeep, compact, image_spans
 
     # row 0: [pad, t, I, I, I, t]; row 1: [t, t, I, I, I, t]; each image keeps 1 token (its 3rd)
     placeholder = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    spans = [SpanKeep(3, 1, torch.tensor([2]))] * 2
-    c = compact(placeholder, mask, spans, reindex=False)
+    assert image_spans(placeholder) == [(0, 2, 3), (1, 2, 3)]
+    spans = [SpanKeep(row, start, n, 1, torch.tensor([2])) for row, start, n in image_spans(placeholder)]
+    c = compact(mask, spans, reindex=False)
     assert c.embed_index.tolist() == [[0, 1, 2, 5], [0, 1, 2, 5]]
     assert c.position_index.tolist() == [[0, 1, 4, 5], [0, 1, 4, 5]]
     assert c.mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and c.shift.tolist() == [2, 2]
     positions = torch.arange(6).expand(2, -1)
     assert c.positions(positions).tolist() == [[0, 1, 4, 5], [0, 1, 4, 5]]
-    r = compact(placeholder, mask, spans, reindex=True)
+    r = compact(mask, spans, reindex=True)
     assert r.positions(positions).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
     grown = torch.ones(2, 7, dtype=torch.long)
     assert r.decode_mask(grown).shape == (2, 5) and r.decode_positions(torch.tensor([[6], [6]])).tolist() == [[4], [4]]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.adapters.hf_vision import TOWERS, HFVisionTower
 from tokenreduce.core import Selection
-from tokenreduce.core.sequence import Compaction, SpanKeep, compact
+from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.patch import ATTR, CaptureOutput, Patch, original_class
@@ -82,6 +82,8 @@ class VisualState:
     """One ``XModel`` forward call: where its prompt's image tokens are."""
 
     placeholder: Tensor | None  # [B, L] True on image tokens
+    mask: Tensor | None  # [B, L] the prompt's 2-D attention mask (None: no padding)
+    grids: list[tuple[int, int] | None]  # per image, its visual tokens' grid when the inputs say it
     reindex: bool  # kept visual tokens get consecutive position ids
     active: bool = True
 
@@ -126,18 +128,46 @@ class CaptureVision(CaptureOutput):
 
 @dataclass(frozen=True)
 class Family:
-    """Where a VLM family keeps its parts (attribute names on ``XModel``) and how its positions work."""
+    """Where a VLM family keeps its parts (attribute names on ``XModel``) and how its prompts look.
 
-    vision: str = "vision_tower"
-    projector: str = "multi_modal_projector"
+    ``vision``: the vision tower (encoder-stage and vision-space methods need one tokenreduce's encoder
+    adapter supports); ``projector``: a token-wise projector whose output goes straight into the image
+    spans, which those methods also need (``None`` when it pools, pixel-shuffles or is followed by
+    AnyRes packing); ``tile``: the model or config attribute giving the visual tokens of one square tile
+    (``"tower"``: the tower's patch grid, and every image has exactly that many); ``mrope``:
+    multi-row position ids that encode the image grid (Qwen); ``merge``: the config path of the
+    spatial merge of Qwen's grid (``image_grid_thw`` counts patches before it).
+    """
+
     text: str = "language_model"
-    image_token: str = "image_token_id"  # config attribute
-    mrope: bool = False  # multi-row position ids that encode the image grid (Qwen)
+    vision: str = "vision_tower"
+    projector: str | None = "multi_modal_projector"
+    image_token: str = "image_token_id"
+    tile: str | None = None
+    mrope: bool = False
+    merge: str | None = None
 
 
+_QWEN = Family(vision="visual", projector=None, mrope=True, merge="vision_config.spatial_merge_size")
+_IDEFICS = Family(text="text_model", vision="vision_model", projector=None, tile="image_seq_len")
 FAMILIES = {
-    "transformers.models.llava.modeling_llava.LlavaModel": Family(),
+    "transformers.models.llava.modeling_llava.LlavaModel": Family(tile="tower"),
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextModel": Family(projector=None),
+    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel": Family(projector=None),
+    "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLModel": _QWEN,
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLModel": _QWEN,
+    "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLModel": _QWEN,
+    "transformers.models.idefics3.modeling_idefics3.Idefics3Model": _IDEFICS,
+    "transformers.models.smolvlm.modeling_smolvlm.SmolVLMModel": _IDEFICS,
+    "transformers.models.internvl.modeling_internvl.InternVLModel": Family(projector=None, tile="image_seq_length"),
+    "transformers.models.gemma3.modeling_gemma3.Gemma3Model": Family(projector=None, tile="mm_tokens_per_image"),
 }
+FAMILY_NAMES = (
+    "LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
+    "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
+    "Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, InternVLForConditionalGeneration, "
+    "Gemma3ForConditionalGeneration"
+)
 
 
 def _family(model: nn.Module) -> Family | None:
@@ -183,7 +213,9 @@ class VLMModel:
         placeholder = None if input_ids is None else input_ids == getattr(self.config, adapter.spec(self).image_token)
         if images and not placeholder.any():
             raise ValueError("images were given but the prompt (input_ids) has no image tokens")
-        state = VisualState(placeholder, adapter.reindex(self, patch.method))
+        mask = kwargs.get("attention_mask")
+        grids = adapter.grids(self, kwargs.get("image_grid_thw"))
+        state = VisualState(placeholder, mask, grids, adapter.reindex(self, patch.method))
         _thread(patch).state = state
         try:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -220,7 +252,7 @@ class CompactingLLM:
                     "pre-LLM token reduction needs the prompt to start an empty cache; continuing a cache is not supported"
                 )
             adapter: HFVLM = patch.adapter  # type: ignore[assignment]
-            compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_geometry)
+            compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile)
             out = super().forward(**kwargs)  # type: ignore[misc]
             if out.cache is not None:
                 setattr(out.cache, COMPACTION, compaction)
@@ -238,7 +270,11 @@ def _decode_step(compaction: Compaction, cache, kwargs: dict) -> None:
     q, cached = embeds.shape[1], cache.get_seq_length()
     full_length = compaction.length + cached - compaction.mask.shape[1] + q
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
+    if isinstance(mask, dict):  # 4-D masks per attention type (Gemma3), built over the full prompt
+        kwargs["attention_mask"] = {k: None if v is None else _decode_4d(compaction, v, full_length) for k, v in mask.items()}
+    elif mask is not None and mask.dim() == 4:
+        kwargs["attention_mask"] = _decode_4d(compaction, mask, full_length)
+    elif mask is not None:
         if mask.shape[1] == full_length:
             kwargs["attention_mask"] = compaction.decode_mask(mask)
         elif mask.shape[1] != cached + q:
@@ -251,10 +287,14 @@ def _decode_step(compaction: Compaction, cache, kwargs: dict) -> None:
     kwargs["position_ids"] = compaction.decode_positions(positions)
 
 
+def _decode_4d(compaction: Compaction, mask: Tensor, full_length: int) -> Tensor:
+    return compaction.decode_columns(mask) if mask.shape[-1] == full_length else mask
+
+
 @register_adapter
 class HFVLM(Adapter):
     name = "hf-vlm"
-    family = "Hugging Face VLMs (LlavaForConditionalGeneration)"
+    family = f"Hugging Face VLMs ({FAMILY_NAMES})"
     stages: ClassVar[tuple[Stage, ...]] = (Stage.ENCODER, Stage.PRE_LLM)
     tower = HFVisionTower()
 
@@ -268,25 +308,32 @@ class HFVLM(Adapter):
         assert family is not None
         return family
 
-    def vision(self, model: nn.Module) -> nn.Module:
+    def _supported_tower(self, model: nn.Module) -> nn.Module | None:
         vision = getattr(model, self.spec(model).vision)
-        if not HFVisionTower.matches(vision):
+        return vision if HFVisionTower.matches(vision) else None
+
+    def vision(self, model: nn.Module, why: str) -> nn.Module:
+        """The vision tower, for methods that act in it or on its hidden states (``why`` names them)."""
+        vision = self._supported_tower(model)
+        spec = self.spec(model)
+        if vision is None or spec.projector is None:
+            part = "vision tower" if vision is None else "projector (it pools, shuffles pixels or packs crops)"
             raise TypeError(
-                f"{type(model).__name__}'s vision tower is a {type(vision).__name__}; supported towers: {sorted(TOWERS)}"
+                f"{why} cannot run in {type(model).__name__}: its {part} is not one tokenreduce can follow; "
+                "pre-LLM methods that select among the projected tokens (divprune, random, pool) work"
             )
         return vision
 
-    def feature_layer(self, model: nn.Module) -> int:
+    def feature_layer(self, model: nn.Module, vision: nn.Module) -> int:
         """0-based index of the vision layer whose output the VLM reads (``-1``: the embeddings)."""
         layer = model.config.vision_feature_layer
         if not isinstance(layer, int):
             raise TypeError(f"vision_feature_layer={layer!r}: token reduction needs the features of one vision layer")
-        depth = len(self.tower.blocks(self.vision(model)))
+        depth = len(self.tower.blocks(vision))
         return depth + layer if layer < 0 else layer - 1
 
-    def image_geometry(self, model: nn.Module) -> tuple[int, tuple[int, int] | None, int]:
-        """``(visual tokens per image in the prompt, their grid or None, class tokens of the encoder)``."""
-        vision = self.vision(model)
+    def tower_geometry(self, model: nn.Module, vision: nn.Module) -> tuple[int, tuple[int, int] | None, int]:
+        """``(visual tokens per image in the prompt, their grid or None, class tokens of the tower)``."""
         n0 = self.tower.default_num_tokens(vision)
         prefix = self.tower.num_prefix_tokens(vision)
         side = int(round((n0 - prefix) ** 0.5))
@@ -294,79 +341,113 @@ class HFVLM(Adapter):
             return n0 - prefix, (side, side), prefix
         return n0, ((side, side) if not prefix else None), prefix
 
+    def tile_tokens(self, model: nn.Module) -> int | None:
+        """Visual tokens of one square tile, when the family has a fixed one."""
+        tile = self.spec(model).tile
+        if tile == "tower":
+            vision = self._supported_tower(model)
+            return None if vision is None else self.tower_geometry(model, vision)[0]
+        return None if tile is None else int(getattr(model, tile, None) or getattr(model.config, tile))
+
+    def grids(self, model: nn.Module, image_grid_thw: Tensor | None) -> list[tuple[int, int] | None]:
+        """Per image, the grid of its visual tokens as the inputs give it (Qwen's ``image_grid_thw``)."""
+        merge = self.spec(model).merge
+        if image_grid_thw is None or merge is None:
+            return []
+        m = int(_config_path(model.config, merge))
+        return [(int(h) // m, int(w) // m) if int(t) == 1 else None for t, h, w in image_grid_thw.tolist()]
+
     # -- the encoder stage delegates to the tower -----------------------------------------------
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        return self.tower.num_prefix_tokens(self.vision(model))
+        vision = self._supported_tower(model)
+        return 0 if vision is None else self.tower.num_prefix_tokens(vision)
 
     def has_cls_token(self, model: nn.Module) -> bool:
-        return self.tower.has_cls_token(self.vision(model))
+        vision = self._supported_tower(model)
+        return vision is not None and self.tower.has_cls_token(vision)
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return self.tower.blocks(self.vision(model))
+        vision = self._supported_tower(model)
+        return [] if vision is None else self.tower.blocks(vision)
 
     def default_num_tokens(self, model: nn.Module) -> int | None:
-        return self.tower.default_num_tokens(self.vision(model))
+        vision = self._supported_tower(model)
+        return None if vision is None else self.tower.default_num_tokens(vision)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:
-        return self.tower.block_costs(self.vision(model))
+        vision = self._supported_tower(model)
+        return [] if vision is None else self.tower.block_costs(vision)
 
     def stem_head_macs(self, model: nn.Module, num_tokens: int) -> int:
-        return self.tower.stem_head_macs(self.vision(model), num_tokens)
+        vision = self._supported_tower(model)
+        return 0 if vision is None else self.tower.stem_head_macs(vision, num_tokens)
 
     def summary(self, model: nn.Module) -> str:
-        text = getattr(model, self.spec(model).text)
+        vision = self._supported_tower(model)
+        spec = self.spec(model)
+        tower = self.tower.summary(vision) if vision is not None else type(getattr(model, spec.vision)).__name__
+        text = getattr(model, spec.text)
         return (
-            f"{original_class(model).__name__}: vision {self.tower.summary(self.vision(model))}; "
+            f"{original_class(model).__name__}: vision {tower}; "
             f"LLM {original_class(text).__name__} ({model.config.get_text_config()._attn_implementation})"
         )
 
     # -- checks and installation --------------------------------------------------------------
     def validate(self, model: nn.Module, method: Method) -> None:
         if isinstance(method, EncoderMethod):
-            self.tower.validate(self.vision(model), method)
-            self.feature_layer(model)
+            vision = self.vision(model, f"encoder-stage method {method.name!r}")
+            self.tower.validate(vision, method)
+            self.feature_layer(model, vision)
             return
         assert isinstance(method, VisualMethod)
-        tokens, grid, _ = self.image_geometry(model)
-        method.num_kept(tokens, grid)
         if method.positions == "reindex" and self.spec(model).mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
             )
         if method.space == "vision":
-            self.feature_layer(model)
+            vision = self.vision(model, f"{method.name!r}, which selects among the vision encoder's hidden states,")
+            self.feature_layer(model, vision)
+        tile = self.tile_tokens(model)
+        if tile is not None:
+            method.num_kept(tile, _square(tile))
 
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         if isinstance(method, EncoderMethod):
-            return self.tower.plan(self.vision(model), method)
-        tokens, grid, _ = self.image_geometry(model)
-        return [f"visual tokens per image into the LLM: {tokens} -> {method.num_kept(tokens, grid)}"]
+            return self.tower.plan(self.vision(model, method.name), method)
+        tile = self.tile_tokens(model)
+        if tile is None:
+            return ["visual tokens per image into the LLM: as the method's budget gives for each image's size"]
+        kept = method.num_kept(tile, _square(tile))
+        return [f"visual tokens per image into the LLM: {tile} -> {kept}"]
 
     def install(self, model: nn.Module, patch: Patch) -> None:
         spec = self.spec(model)
-        vision = self.vision(model)
         method = patch.method
-        projector = getattr(model, spec.projector)
-        if isinstance(method, EncoderMethod):
-            patch.set_attr(vision, ATTR, patch)
-            self.tower.install(vision, patch)
-        elif method.space == "vision":
-            layer = self.tower.blocks(vision)[self.feature_layer(model)]
-            layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
-            attention = getattr(layer, layout.attention)
-            heads = int(getattr(attention, layout.heads))
-            patch.capture(layer, "hidden", mixin=CaptureVision)
-            patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
-            patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
-            patch.set_attr(projector, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
         if isinstance(method, EncoderMethod) or method.space == "vision":
+            vision = self.vision(model, method.name)
+            projector = getattr(model, spec.projector)
+            layer_index = self.feature_layer(model, vision)
+            if isinstance(method, EncoderMethod):
+                patch.set_attr(vision, ATTR, patch)
+                self.tower.install(vision, patch)
+            else:
+                layer = self.tower.blocks(vision)[layer_index]
+                layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
+                attention = getattr(layer, layout.attention)
+                heads = int(getattr(attention, layout.heads))
+                patch.capture(layer, "hidden", mixin=CaptureVision)
+                patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
+                patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
+                patch.set_attr(projector, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
             patch.set_attr(projector, ATTR, patch)
-            patch.set_attr(projector, "_tokenreduce_geometry", self.image_geometry(model))
-            patch.set_attr(projector, "_tokenreduce_layer", self.feature_layer(model))
+            patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
+            patch.set_attr(projector, "_tokenreduce_layer", layer_index)
             patch.swap_class(projector, ReducingProjector)
         text = getattr(model, spec.text)
         patch.set_attr(text, ATTR, patch)
-        patch.set_attr(text, "_tokenreduce_geometry", self.image_geometry(model))
+        tile = self.tile_tokens(model)
+        patch.set_attr(text, "_tokenreduce_chunk", tile if spec.tile == "tower" else None)  # every image has `tile` tokens
+        patch.set_attr(text, "_tokenreduce_tile", tile)
         patch.swap_class(text, CompactingLLM)
         patch.swap_class(model, VLMModel)
 
@@ -404,44 +485,64 @@ class HFVLM(Adapter):
         thread.reduced = ReducedImages(padded, images, encoder_record)
         return padded
 
-    def compact_prompt(self, patch: Patch, state: VisualState, kwargs: dict, geometry: tuple) -> Compaction:
-        """Reduce the prompt's images and shorten the prompt in ``kwargs`` (the LLM's arguments) to the
-        kept visual tokens; record what was done."""
+    def _select_spans(
+        self, method: VisualMethod, state: VisualState, spans: list, tile: int | None, tensors: list[Tensor]
+    ) -> list[ImageRecord]:
+        """Run a pre-LLM method on every image span of ``tensors[0]`` (the prompt's embeddings), images
+        of equal size and grid together, writing each span's kept tokens to its front in every tensor of
+        ``tensors`` (aligned per-token inputs such as Qwen3's deepstack features follow the same
+        selection). Returns each image's record, in span order."""
+        records: list[ImageRecord | None] = [None] * len(spans)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, _, n) in enumerate(spans):
+            groups.setdefault((n, _grid(state, i, n, tile)), []).append(i)
+        for (n, grid), members in groups.items():
+            keep = method.num_kept(n, grid)
+            selection = None
+            for tensor in tensors:
+                features = torch.stack([tensor[spans[i][0], spans[i][1] : spans[i][1] + n] for i in members])
+                if selection is None:
+                    selection = method.select(VisualContext(features, keep, 0, grid))
+                kept = selection.apply(features)
+                for j, i in enumerate(members):
+                    row, start, _ = spans[i]
+                    tensor[row, start : start + keep] = kept[j]
+            for j, record in zip(members, _records(selection, 0, n, grid)):
+                records[j] = record
+        return records  # type: ignore[return-value]
+
+    def compact_prompt(self, patch: Patch, state: VisualState, kwargs: dict, chunk: int | None, tile: int | None) -> Compaction:
+        """Reduce the prompt's images and shorten the LLM's arguments ``kwargs`` to the kept visual
+        tokens (embeddings, masks, position ids, per-visual-token inputs); record what was done. Image
+        spans are runs of image tokens, cut in ``chunk``-token pieces when every image has that many;
+        a span of ``tile`` tokens is a square grid."""
         embeds = kwargs["inputs_embeds"]
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise TypeError(f"pre-LLM token reduction needs a 2-D attention_mask, got {mask.dim()}-D")
-        placeholder, method, thread = state.placeholder, patch.method, _thread(patch)
-        tokens, grid, _ = geometry
-        spans = embeds[placeholder]  # [images * tokens, D] in row-major order, as the model scattered them
-        if spans.shape[0] % tokens:
-            raise ValueError(f"the prompt has {spans.shape[0]} image tokens, not a multiple of {tokens} per image")
+        method, thread = patch.method, _thread(patch)
+        spans = image_spans(state.placeholder, chunk)
         if isinstance(method, VisualMethod) and method.space == "projected":
-            features = spans.view(-1, tokens, spans.shape[-1])
-            selection = method.select(VisualContext(features, method.num_kept(tokens, grid), 0, grid))
-            images, encoder = _records(selection, 0, tokens, grid), None
-            embeds = embeds.masked_scatter(placeholder[..., None], _front(selection.apply(features), tokens))
+            embeds = embeds.clone()
+            deepstack = _deepstack(kwargs, embeds)
+            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack])
+            encoder = None
         else:
+            spans_flat = embeds[state.placeholder]
             reduced = thread.reduced
-            if reduced is None or not torch.equal(spans, reduced.features.reshape(spans.shape).to(spans.dtype)):
+            if reduced is None or not torch.equal(spans_flat, reduced.features.reshape(spans_flat.shape).to(spans_flat.dtype)):
                 raise RuntimeError(
                     "the image features of this prompt were not reduced by this model in this thread "
                     "(compute them with the patched model, in the thread that runs the prompt)"
                 )
-            images, encoder = reduced.images, reduced.encoder
+            images, encoder, deepstack = reduced.images, reduced.encoder, []
         thread.reduced = None
-        compaction = compact(placeholder, mask, [SpanKeep(im.placeholders, im.kept, im.position) for im in images], state.reindex)
-        positions = kwargs.get("position_ids")
-        if positions is None:  # what the LLM itself would count for the full prompt
-            b, length = embeds.shape[:2]
-            positions = torch.arange(length, device=embeds.device).expand(b, -1)
-        kwargs["inputs_embeds"] = compaction.embeds(embeds)
-        kwargs["attention_mask"] = compaction.mask if mask is None else compaction.mask.to(mask.dtype)
-        kwargs["position_ids"] = compaction.positions(positions)
-        full = torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask
+        if len(images) != len(spans):
+            raise ValueError(f"the prompt has {len(spans)} image token spans for {len(images)} images")
+        mask2d = state.mask if state.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        keeps = [SpanKeep(row, start, n, im.kept, im.position) for (row, start, n), im in zip(spans, images)]
+        compaction = compact(mask2d, keeps, state.reindex)
+        _shorten(compaction, kwargs, embeds, deepstack)
         thread.record = VLMRecord(
             images=tuple(images),
-            input_lengths=tuple(int(v) for v in full.sum(1).tolist()),
+            input_lengths=tuple(int(v) for v in mask2d.sum(1).tolist()),
             llm_lengths=tuple(int(v) for v in compaction.mask.sum(1).tolist()),
             positions="reindex" if state.reindex else "keep",
             encoder=encoder,
@@ -450,3 +551,57 @@ class HFVLM(Adapter):
 
     def record(self, patch: Patch) -> VLMRecord | None:
         return _thread(patch).record
+
+
+def _config_path(config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _square(tokens: int) -> tuple[int, int] | None:
+    side = int(round(tokens**0.5))
+    return (side, side) if side * side == tokens else None
+
+
+def _grid(state: VisualState, image: int, tokens: int, tile: int | None) -> tuple[int, int] | None:
+    """The grid of an image's visual tokens: from the inputs (Qwen), else a square tile."""
+    if image < len(state.grids) and state.grids[image] is not None:
+        rows, cols = state.grids[image]
+        return (rows, cols) if rows * cols == tokens else None
+    return _square(tokens) if tile == tokens else None
+
+
+def _deepstack(kwargs: dict, embeds: Tensor) -> list[Tensor]:
+    """Qwen3-VL's deepstack features laid out like the prompt (one full-length tensor per level), so
+    that they follow the same selection and compaction as the embeddings."""
+    levels = kwargs.get("deepstack_visual_embeds")
+    if not levels:
+        return []
+    out = []
+    for level in levels:
+        full = embeds.new_zeros(*embeds.shape[:2], level.shape[-1])
+        full[kwargs["visual_pos_masks"]] = level.to(full.dtype)
+        out.append(full)
+    return out
+
+
+def _shorten(compaction: Compaction, kwargs: dict, embeds: Tensor, deepstack: list[Tensor]) -> None:
+    """The LLM's arguments for the compacted prompt."""
+    positions = kwargs.get("position_ids")
+    if positions is None:  # what the LLM itself would count for the full prompt
+        b, length = embeds.shape[:2]
+        positions = torch.arange(length, device=embeds.device).expand(b, -1)
+    kwargs["inputs_embeds"] = compaction.embeds(embeds)
+    kwargs["position_ids"] = compaction.positions(positions)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):
+        kwargs["attention_mask"] = {k: None if v is None else compaction.square_mask(v) for k, v in mask.items()}
+    elif mask is not None and mask.dim() == 4:
+        kwargs["attention_mask"] = compaction.square_mask(mask)
+    else:  # always a 2-D mask: without one, position ids with gaps read as packed sequences
+        kwargs["attention_mask"] = compaction.mask if mask is None else compaction.mask.to(mask.dtype)
+    if "visual_pos_masks" in kwargs and kwargs["visual_pos_masks"] is not None:
+        visual = kwargs["visual_pos_masks"].gather(1, compaction.embed_index) & compaction.mask.bool()
+        kwargs["visual_pos_masks"] = visual
+        kwargs["deepstack_visual_embeds"] = [compaction.embeds(level)[visual] for level in deepstack]

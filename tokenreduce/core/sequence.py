@@ -16,10 +16,12 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SpanKeep:
-    """What one image keeps of its span of ``placeholders`` tokens: ``kept`` tokens, written by the
-    caller to the first ``kept`` places of the span, and for each the place within the span whose
-    position id it takes (``position [kept]``)."""
+    """What one image keeps of its span (``placeholders`` tokens from ``start`` in row ``row``):
+    ``kept`` tokens, written by the caller to the first ``kept`` places of the span, and for each the
+    place within the span whose position id it takes (``position [kept]``)."""
 
+    row: int
+    start: int
     placeholders: int
     kept: int
     position: Tensor
@@ -63,49 +65,83 @@ class Compaction:
         """A decode step's 2-D mask, grown by ``generate`` from the full prefill, for the compacted cache."""
         return torch.cat([self.mask.to(mask.dtype), mask[:, self.length :]], dim=1)
 
+    def square_mask(self, mask: Tensor) -> Tensor:
+        """A prefill's 4-D mask ``[B, H, L, L]`` (bool, or additive float) for the compacted prompt."""
+        index = self.embed_index[:, None]
+        rows = mask.gather(2, index[..., None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+        out = rows.gather(3, index[:, :, None].expand(-1, mask.shape[1], rows.shape[2], -1))
+        return _hide(out, self.mask.bool())
+
+    def decode_columns(self, mask: Tensor) -> Tensor:
+        """A decode step's 4-D mask ``[B, H, q, L + t]`` over the full prefill, for the compacted cache."""
+        grown = mask.shape[-1] - self.length
+        steps = torch.arange(self.length, self.length + grown, device=mask.device).expand(mask.shape[0], -1)
+        columns = torch.cat([self.embed_index, steps], dim=1)[:, None, None]
+        out = mask.gather(3, columns.expand(-1, mask.shape[1], mask.shape[2], -1))
+        return _hide(out, torch.cat([self.mask.bool(), torch.ones_like(steps, dtype=torch.bool)], dim=1))
+
     def decode_positions(self, position_ids: Tensor) -> Tensor:
         """A decode step's position ids (counted from the full prefill): reindexed ones move back by
         the tokens each row lost; kept ones stay."""
         return position_ids - self.shift.view(*([1] * (position_ids.dim() - 2)), -1, 1) if self.reindex else position_ids
 
 
-def compact(placeholder: Tensor, attention_mask: Tensor | None, spans: Sequence[SpanKeep], reindex: bool) -> Compaction:
-    """The :class:`Compaction` for prompts ``placeholder [B, L]`` (True on image tokens) whose images,
-    in row-major order of their spans, keep what ``spans`` say.
+def _hide(mask: Tensor, visible: Tensor) -> Tensor:
+    """Mask out the key columns where ``visible [B, K]`` is False (bool masks: False; float: -inf-like)."""
+    visible = visible[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & visible
+    return mask.masked_fill(~visible, torch.finfo(mask.dtype).min)
+
+
+def image_spans(placeholder: Tensor, tokens: int | None = None) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every image span of ``placeholder [B, L]`` in row-major order: each
+    run of consecutive image tokens, cut into pieces of ``tokens`` when every image has that many."""
+    spans = []
+    for row in range(placeholder.shape[0]):
+        where = placeholder[row].nonzero().flatten().tolist()
+        start = prev = None
+        for i in [*where, None]:
+            if start is not None and (i is None or i != prev + 1):
+                run = prev - start + 1
+                if tokens is not None and run % tokens:
+                    raise ValueError(f"an image token run of {run} at row {row}, position {start} is not a multiple of {tokens}")
+                step = tokens or run
+                spans += [(row, s, step) for s in range(start, start + run, step)]
+                start = None
+            if i is not None and start is None:
+                start = i
+            prev = i
+    return spans
+
+
+def compact(attention_mask: Tensor, spans: Sequence[SpanKeep], reindex: bool) -> Compaction:
+    """The :class:`Compaction` of prompts with 2-D mask ``attention_mask [B, L]`` whose image spans keep
+    what ``spans`` say.
 
     Every row keeps its real tokens in order (each image span cut to its kept tokens), then is padded
     to the longest row on the side the batch is padded on (left when only left padding is seen, else
     right), reusing the row's own padding first: a prompt that lost nothing comes out unchanged.
     """
-    b, length = placeholder.shape
-    device = placeholder.device
-    mask = torch.ones(b, length, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
+    b, length = attention_mask.shape
+    device = attention_mask.device
+    mask = attention_mask.long()
     real = mask.bool()
-    images = iter(spans)
+    by_row: dict[int, list[SpanKeep]] = {}
+    for span in spans:
+        by_row.setdefault(span.row, []).append(span)
     rows = []
     for row in range(b):
-        where = placeholder[row].nonzero().flatten().tolist()
-        embed, position, cursor, taken = [], [], 0, 0
-
-        def text(stop: int, cursor: int = 0, row: int = row) -> Tensor:
-            between = torch.arange(cursor, stop, device=device)
-            return between[real[row, between]]
-
-        while taken < len(where):
-            span = next(images, None)
-            if span is None:
-                raise ValueError(f"row {row} has more image tokens than the images account for")
-            start = where[taken]
-            if where[taken + span.placeholders - 1] != start + span.placeholders - 1:
-                raise ValueError(f"the image tokens of the image span at row {row}, position {start} are not contiguous")
-            before = text(start, cursor)
-            embed += [before, start + torch.arange(span.kept, device=device)]
-            position += [before, start + span.position.to(device)]
-            cursor, taken = start + span.placeholders, taken + span.placeholders
-        tail = text(length, cursor)
+        embed, position, cursor = [], [], 0
+        for span in sorted(by_row.get(row, []), key=lambda sp: sp.start):
+            between = torch.arange(cursor, span.start, device=device)
+            before = between[real[row, between]]
+            embed += [before, span.start + torch.arange(span.kept, device=device)]
+            position += [before, span.start + span.position.to(device)]
+            cursor = span.start + span.placeholders
+        tail = torch.arange(cursor, length, device=device)
+        tail = tail[real[row, tail]]
         rows.append((torch.cat([*embed, tail]), torch.cat([*position, tail]), (~real[row]).nonzero().flatten()))
-    if next(images, None) is not None:
-        raise ValueError("there are more images than image token spans in the prompt")
     new_length = max(e.shape[0] for e, _, _ in rows)
     left = bool((~real[:, 0]).any()) and bool(real[:, -1].all())
     embed_index = torch.zeros(b, new_length, dtype=torch.long, device=device)
