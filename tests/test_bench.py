@@ -87,3 +87,35 @@ def test_load_warning():
     assert load_warning((0.1, 0.1, 0.1), (1.9, 1.0, 0.5), threads=2, cores=2) is None
     assert "1-minute load average 1.50 before" in load_warning((1.5, 1, 1), (2.0, 1, 1), threads=2, cores=2)
     assert "3.10 after the run on 2 cores" in load_warning((0.0, 0, 0), (3.1, 1, 1), threads=1, cores=2)
+
+
+def test_vlm_bench_reports_tokens_flops_and_cache_against_the_unpatched_model():
+    from conftest import tiny_llava
+    from tokenreduce.bench.vlm import run_vlm_bench
+
+    model = tiny_llava()
+    specs = parse_specs("divprune:keep_tokens=4,tome:r=3")
+    results = run_vlm_bench(model, specs, prompt_tokens=6, new_tokens=3, repeats=1)
+    none, divprune, tome = results
+    assert [r.method for r in results] == ["none", "divprune:keep_tokens=4", "tome:r=3"]
+    assert (none.visual_tokens, divprune.visual_tokens, tome.visual_tokens) == (16, 4, 13)
+    assert (none.llm_tokens, divprune.llm_tokens) == (22, 10)
+    assert divprune.llm_prefill_gflops < none.llm_prefill_gflops and divprune.kv_cache_mib < none.kv_cache_mib
+    assert tome.prefill_gflops < none.prefill_gflops and none.speedup == 1.0
+    assert 0 < divprune.reduce_share < 1 and divprune.decode_tokens_per_s > 0 and divprune.params["keep_tokens"] == 4
+    assert not tokenreduce.is_patched(model)
+
+
+def test_llm_prefill_macs_match_torch_flop_counter():
+    from conftest import tiny_llava
+    from tokenreduce.bench.vlm import llm_prefill_macs
+
+    model = tiny_llava()
+    model.set_attn_implementation("eager")
+    text, head = model.model.language_model, model.get_output_embeddings()
+    embeds = torch.randn(1, 37, 64)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        hidden = text(inputs_embeds=embeds).last_hidden_state
+        head(hidden[:, -1:])
+    assert counter.get_total_flops() / 2 == pytest.approx(llm_prefill_macs(text, head, 37), rel=0.01)

@@ -177,3 +177,39 @@ def test_cli_viz_writes_a_figure(tmp_path, capsys, image):
     assert main(["viz", str(image), str(image), *TINY, "--methods", "tome:r=1,topk:keep_rate=0.5", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     assert Image.open(out).size == (3 * 64, 18 + 2 * 64)
+
+
+def test_cli_vlm_bench_on_a_saved_model(tmp_path, capsys):
+    from conftest import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path / "vlm")
+    out = tmp_path / "vlm.json"
+    argv = ["bench", "--vlm", "--checkpoint", str(tmp_path / "vlm"), "--methods", "divprune:keep_tokens=4"]
+    assert (
+        main(
+            [
+                *argv,
+                "--prompt-tokens",
+                "6",
+                "--new-tokens",
+                "3",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "divprune:keep_tokens=4" in table and "TTFT ms" in table and "KV MiB" in table
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["divprune:keep_tokens=4"]["visual_tokens"] == 4 and rows["none"]["visual_tokens"] == 16
+
+
+def test_cli_vlm_bench_needs_weights_for_a_hub_model(capsys):
+    err = fails(["bench", "--vlm", "--model", "llava-hf/llava-1.5-7b-hf", "--quiet"], capsys)
+    assert "a hub VLM needs --pretrained (or --checkpoint DIR)" in err

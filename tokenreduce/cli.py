@@ -23,6 +23,8 @@ DEFAULT_MODEL = "vit_small_patch16_224"
 # r=16 needs clip=True on a 197-token ViT-S: its last block has 20 mergeable tokens left, half is 10.
 DEFAULT_METHODS = "none,tome:r=8,tome:r=16:clip=True,evit:keep_rate=0.7"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The VLM bench's default: 64 visual tokens of 576 for the selection methods (VisionZip's 54+10 setting).
+DEFAULT_VLM_METHODS = "none,visionzip:dominant=54:contextual=10,divprune:keep_tokens=64,random:keep_tokens=64,pool:stride=3"
 
 
 class CommandError(Exception):
@@ -86,6 +88,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.vlm:
+        args.batch_size = 1 if args.batch_size is None else args.batch_size
+        return cmd_bench_vlm(args)
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
+
     from tokenreduce.bench.runner import environment, format_table, load_warning, run_bench, steps, to_json, usable_cores
 
     for flag, value, low in (
@@ -139,6 +146,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{env['threads']} threads | median of {args.repeats}"
     )
     print(format_table(results))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(results, env), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_vlm(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tokenreduce.bench.runner import environment, load_warning, to_json, usable_cores
+    from tokenreduce.bench.vlm import DEFAULT_VLM, format_vlm_table, run_vlm_bench, vlm_steps
+    from tokenreduce.loading import create_hf_vlm
+
+    model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                             ("--prompt-tokens", args.prompt_tokens, 0), ("--new-tokens", args.new_tokens, 2)):  # fmt: skip
+        check_positive(value, flag, low)
+    specs = check_specs(args.methods if args.methods != DEFAULT_METHODS else DEFAULT_VLM_METHODS)
+    device = check_device(args.device)
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.threads is not None:
+        check_positive(args.threads, "--threads")
+        torch.set_num_threads(args.threads)
+    model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    load_before = os.getloadavg()
+    total = vlm_steps(specs, args.repeats, args.warmup)
+    with tqdm(total=total, desc=f"bench {model_name}", unit="call", disable=args.quiet, file=sys.stderr) as bar:
+        results = run_vlm_bench(
+            model,
+            specs,
+            batch_size=args.batch_size,
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=device,
+            dtype=DTYPES[args.dtype],
+            progress=bar.update,
+        )
+    load_after = os.getloadavg()
+    warning = load_warning(load_before, load_after, torch.get_num_threads(), usable_cores())
+    env = environment(
+        device,
+        DTYPES[args.dtype],
+        args.batch_size,
+        None,
+        model=model_name,
+        weights=_weights(args),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        load_avg_before=list(load_before),
+        load_avg_after=list(load_after),
+        warnings=[warning] if warning else [],
+    )
+    print(
+        f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + image | {env['dtype']} | "
+        f"{env['machine']} | {env['threads']} threads | median of {args.repeats}"
+    )
+    print(format_vlm_table(results))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -221,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods", default=DEFAULT_METHODS, help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS})"
     )
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32; 1 prompt with --vlm)")
     bench.add_argument("--img-size", type=int, default=224)
     bench.add_argument("--repeats", type=int, default=5, help="timed forwards per method; the median is reported")
     bench.add_argument("--warmup", type=int, default=1, help="untimed forwards per method before timing")
@@ -231,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_options(bench)
     bench.add_argument("--json", help="write the results and the environment to this file")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--vlm",
+        action="store_true",
+        help="benchmark a VLM's prefill and decoding instead (default model llava-cpu, LLaVA-1.5 shapes scaled for CPU; "
+        f"default methods {DEFAULT_VLM_METHODS}); --checkpoint is then a save_pretrained directory",
+    )
+    bench.add_argument("--prompt-tokens", type=int, default=64, help="VLM bench: text tokens per prompt besides the image")
+    bench.add_argument("--new-tokens", type=int, default=16, help="VLM bench: tokens generated to time decoding")
     bench.set_defaults(fn=cmd_bench)
 
     viz = sub.add_parser("viz", help="draw which patches each method kept and merged on your images")

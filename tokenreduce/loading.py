@@ -152,3 +152,40 @@ def _match_classifier(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         model.reset_classifier(0)
     elif state[key].shape[0] != head.out_features:
         model.reset_classifier(state[key].shape[0])
+
+
+def create_hf_vlm(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """A Hugging Face VLM: the built-in ``llava-cpu`` shapes with random weights, a hub id with
+    ``pretrained``, or a local directory written by ``save_pretrained`` as ``checkpoint``."""
+    from tokenreduce.bench.vlm import DEFAULT_VLM, llava_cpu
+
+    if pretrained and checkpoint is not None:
+        raise ValueError("pass --pretrained or --checkpoint, not both")
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"checkpoint {str(path)!r} must be a directory written by save_pretrained (with config.json)")
+        import transformers
+
+        return transformers.AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
+    if name == DEFAULT_VLM:
+        if pretrained:
+            raise ValueError(f"{DEFAULT_VLM} is a random-weight shape; pass a hub id with --pretrained")
+        return llava_cpu()
+    if not pretrained:
+        raise ValueError(
+            f"--model {name!r}: a hub VLM needs --pretrained (or --checkpoint DIR); the built-in one is {DEFAULT_VLM}"
+        )
+    reachable = hub_reachable()
+    if not reachable:
+        _hub_offline()
+    import transformers
+
+    try:
+        return transformers.AutoModelForImageTextToText.from_pretrained(name).eval()
+    except Exception as err:
+        reach = "" if reachable else f" (the hub at {hub_endpoint()} cannot be reached from here)"
+        raise WeightsUnavailable(
+            f"could not load {name!r} from the hub{reach}: {type(err).__name__}: {str(err).rstrip('.')}. "
+            "Save it with save_pretrained where the hub is reachable and pass --checkpoint DIR"
+        ) from err

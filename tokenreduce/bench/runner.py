@@ -95,30 +95,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reduce_share(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Time spent at the reduction hook points (scoring, selecting, applying) over the whole forward,
-    on one instrumented pass."""
-    patch = patch_of(model)
-    original, spent = patch.reduce, 0.0
+def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, str]], device: torch.device) -> float:
+    """Share of one instrumented ``call()`` spent inside the methods ``(object, name)`` of ``targets``
+    (the reduction's hook points: scoring, selecting, applying). A target called from inside another
+    counts once."""
+    spent, depth = 0.0, 0
 
-    def timed(*args, **kwargs):
-        nonlocal spent
-        _sync(device)
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        _sync(device)
-        spent += time.perf_counter() - start
-        return out
+    def timer(original):
+        def timed(*args, **kwargs):
+            nonlocal spent, depth
+            if depth:
+                return original(*args, **kwargs)
+            depth += 1
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _sync(device)
+                spent += time.perf_counter() - start
+                depth -= 1
 
-    patch.reduce = timed  # an instance attribute shadows the class method for this pass only
+        return timed
+
+    for obj, name in targets:  # instance attributes shadow the class methods for this pass only
+        setattr(obj, name, timer(getattr(obj, name)))
     try:
         _sync(device)
         start = time.perf_counter()
-        model(x)
+        call()
         _sync(device)
         total = time.perf_counter() - start
     finally:
-        del patch.reduce
+        for obj, name in targets:
+            delattr(obj, name)
     return spent / total
 
 
@@ -190,7 +200,7 @@ def run_bench(
             if not tokenreduce.is_patched(m):  # the baseline spends nothing on reduction
                 shares.append(0.0)
                 continue
-            shares.append(_reduce_share(m, x, device))
+            shares.append(reduction_share(lambda m=m: m(x), [(patch_of(m), "reduce")], device))
             tick(1)
 
     results = []
@@ -272,7 +282,9 @@ def load_warning(before: Sequence[float], after: Sequence[float], threads: int, 
     )
 
 
-def environment(device: str | torch.device, dtype: torch.dtype, batch_size: int, img_size: int, **extra: Any) -> dict[str, Any]:
+def environment(
+    device: str | torch.device, dtype: torch.dtype, batch_size: int, img_size: int | None, **extra: Any
+) -> dict[str, Any]:
     """Everything a reader needs to know where and how the numbers were taken."""
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
