@@ -213,3 +213,16 @@ def test_cli_vlm_bench_on_a_saved_model(tmp_path, capsys):
 def test_cli_vlm_bench_needs_weights_for_a_hub_model(capsys):
     err = fails(["bench", "--vlm", "--model", "llava-hf/llava-1.5-7b-hf", "--quiet"], capsys)
     assert "a hub VLM needs --pretrained (or --checkpoint DIR)" in err
+
+
+def test_cli_viz_draws_what_a_vlm_kept(tmp_path, capsys, image):
+    from PIL import Image
+
+    from conftest import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path / "vlm")
+    out = tmp_path / "viz.png"
+    argv = ["viz", str(image), "--vlm", "--checkpoint", str(tmp_path / "vlm"), "--methods", "divprune:keep_tokens=4,pool"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert Image.open(out).size == (3 * 32, 18 + 32)

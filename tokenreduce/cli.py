@@ -24,6 +24,8 @@ DEFAULT_MODEL = "vit_small_patch16_224"
 DEFAULT_METHODS = "none,tome:r=8,tome:r=16:clip=True,evit:keep_rate=0.7"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The VLM bench's default: 64 visual tokens of 576 for the selection methods (VisionZip's 54+10 setting).
+DEFAULT_VIZ_METHODS = "tome:r=16:clip=True,evit:keep_rate=0.7"
+DEFAULT_VIZ_VLM_METHODS = "visionzip,divprune:keep_tokens=64,pool:stride=3"
 DEFAULT_VLM_METHODS = "none,visionzip:dominant=54:contextual=10,divprune:keep_tokens=64,random:keep_tokens=64,pool:stride=3"
 
 
@@ -243,11 +245,13 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from PIL import Image
 
     check_positive(args.img_size, "--img-size")
-    specs = check_specs(args.methods)
+    specs = check_specs(args.methods or (DEFAULT_VIZ_VLM_METHODS if args.vlm else DEFAULT_VIZ_METHODS))
     check_images(args.images)
     check_writable(args.out, "--out")
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise CommandError(f"--out {args.out}: unknown image format; use e.g. .png or .jpg")
+    if args.vlm:
+        return cmd_viz_vlm(args, specs)
 
     def whole_patches(skeleton: torch.nn.Module) -> None:
         ph, pw = skeleton.patch_embed.patch_size
@@ -273,6 +277,38 @@ def cmd_viz(args: argparse.Namespace) -> int:
     compose(rows, ["input", *(s.label for s in specs)]).save(args.out)
     note = "" if args.pretrained or args.checkpoint else ": merges follow pixel similarity only"
     print(f"wrote {args.out} ({len(rows)} image(s) x {len(specs)} method(s), {args.model}, {_weights(args)} weights{note})")
+    return 0
+
+
+# CLIP's normalisation; SigLIP towers use 0.5 / 0.5.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def cmd_viz_vlm(args: argparse.Namespace, specs) -> int:
+    """The figure for a LLaVA-style VLM: the image as its tower sees it, a prompt of image tokens only."""
+    from tokenreduce.bench.vlm import DEFAULT_VLM, prompt_inputs
+    from tokenreduce.loading import create_hf_vlm
+    from tokenreduce.viz.figure import compose, load_image, method_panels
+
+    model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
+    model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    _, inner, adapter = locate(model)
+    vision = adapter.vision(inner, "tokenreduce viz --vlm")
+    _, grid, _ = adapter.tower_geometry(inner, vision)
+    size = vision.config.image_size
+    siglip = "Siglip" in type(vision).__name__
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
+    prompt = prompt_inputs(model, 1, 0)
+
+    def run(x: torch.Tensor) -> object:
+        return model(**{**prompt, "pixel_values": x})
+
+    rows = []
+    for path in args.images:
+        image = load_image(path, size)
+        rows.append([image, *method_panels(model, image, specs, mean, std, grid, run)])
+    compose(rows, ["input", *(s.label for s in specs)]).save(args.out)
+    print(f"wrote {args.out} ({len(rows)} image(s) x {len(specs)} method(s), {model_name}, {_weights(args)} weights)")
     return 0
 
 
@@ -316,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     viz = sub.add_parser("viz", help="draw which patches each method kept and merged on your images")
     viz.add_argument("images", nargs="+", help="image files")
     viz.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
-    viz.add_argument("--methods", default="tome:r=16:clip=True,evit:keep_rate=0.7")
+    viz.add_argument("--methods", default=None, help=f"default {DEFAULT_VIZ_METHODS}; with --vlm {DEFAULT_VIZ_VLM_METHODS}")
+    viz.add_argument(
+        "--vlm", action="store_true", help="a LLaVA-style VLM (default llava-cpu); --checkpoint is a save_pretrained directory"
+    )
     viz.add_argument("--img-size", type=int, default=224)
     add_weight_options(viz)
     viz.add_argument("--out", default="tokenreduce-viz.png", help="image file to write (.png, .jpg, ...)")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 import tokenreduce
+from tokenreduce.adapters.hf_vlm import VLMRecord
 from tokenreduce.bench.runner import MethodSpec
+from tokenreduce.state import Record
 from tokenreduce.viz.sources import patch_assignment, render_merges
 
 LABEL_HEIGHT = 18
@@ -33,16 +35,25 @@ def method_panels(
     mean: Sequence[float],
     std: Sequence[float],
     grid: tuple[int, int],
+    run: Callable[[Tensor], object] | None = None,
 ) -> list[Tensor]:
-    """Run ``model`` on ``image`` with each method and render what it kept and merged."""
+    """Run ``model`` on ``image`` with each method and render what it kept and merged. ``run`` calls the
+    model on the normalised ``[1, 3, H, W]`` image (default ``model(x)``; a VLM needs a prompt)."""
     x = ((image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
     panels = []
     for spec in specs:
         with tokenreduce.applied(model, spec.name, **spec.config), torch.no_grad():
-            model(x)
-            rec = tokenreduce.record(model)
-        panels.append(render_merges(image, patch_assignment(rec.owner[0], rec.num_prefix, grid)))
+            (run or model)(x)
+            owner, prefix = first_image_owner(tokenreduce.record(model))
+        panels.append(render_merges(image, patch_assignment(owner, prefix, grid)))
     return panels
+
+
+def first_image_owner(record: Record | VLMRecord) -> tuple[Tensor, int]:
+    """``(owner, leading non-patch tokens)`` of the first image of an encoder's or a VLM's record."""
+    if isinstance(record, VLMRecord):
+        return record.images[0].owner, 0
+    return record.owner[0], record.num_prefix
 
 
 def compose(rows: Sequence[Sequence[Tensor]], labels: Sequence[str]):
