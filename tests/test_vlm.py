@@ -293,3 +293,14 @@ def test_text_only_prompts_pass_through():
     want = logits(model, input_ids=ids)
     tokenreduce.apply(model, "divprune")
     assert torch.equal(logits(model, input_ids=ids), want)
+
+
+def test_patched_vlm_deep_copies_and_saves(tmp_path):
+    import copy
+
+    model, kw = tokenreduce.apply(tiny_llava(), "visionzip", dominant=4, contextual=2), inputs()
+    # saved before running: transformers itself leaves unpicklable output hooks on a model that ran
+    torch.save(model, tmp_path / "vlm.pt")
+    want = generate(model, **kw)
+    assert torch.equal(generate(copy.deepcopy(model), **kw), want)
+    assert torch.equal(generate(torch.load(tmp_path / "vlm.pt", weights_only=False), **kw), want)

@@ -87,6 +87,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_bench_args(args: argparse.Namespace, *sizes: tuple[str, int, int]) -> torch.device:
+    """Check the options every bench shares (and ``sizes``: ``(flag, value, lowest)``), set the thread
+    count, and return the device."""
+    common = [("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)]
+    for flag, value, low in [*common, *sizes]:
+        check_positive(value, flag, low)
+    if args.threads is not None:
+        check_positive(args.threads, "--threads")
+    device = check_device(args.device)
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return device
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -95,28 +111,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_vlm(args)
     args.batch_size = 32 if args.batch_size is None else args.batch_size
 
-    from tokenreduce.bench.runner import environment, format_table, load_warning, run_bench, steps, to_json, usable_cores
+    from tokenreduce.bench.runner import format_table, run_bench, steps
 
-    for flag, value, low in (
-        ("--batch-size", args.batch_size, 1),
-        ("--img-size", args.img_size, 1),
-        ("--repeats", args.repeats, 1),
-    ):
-        check_positive(value, flag, low)
-    check_positive(args.warmup, "--warmup", 0)
-    if args.threads is not None:
-        check_positive(args.threads, "--threads")
     specs = check_specs(args.methods)
-    device = check_device(args.device)
-    if args.json:
-        check_writable(args.json, "--json")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = check_bench_args(args, ("--img-size", args.img_size, 1))
     model = build_model(args, args.img_size)
     load_before = os.getloadavg()
-    with tqdm(
-        total=steps(specs, args.repeats, args.warmup), desc=f"bench {args.model}", unit="fwd", disable=args.quiet, file=sys.stderr
-    ) as bar:
+    total = steps(specs, args.repeats, args.warmup)
+    with tqdm(total=total, desc=f"bench {args.model}", unit="fwd", disable=args.quiet, file=sys.stderr) as bar:
         results = run_bench(
             model,
             specs,
@@ -128,53 +130,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dtype=DTYPES[args.dtype],
             progress=bar.update,
         )
-    load_after = os.getloadavg()
-    warning = load_warning(load_before, load_after, torch.get_num_threads(), usable_cores())
-    env = environment(
-        device,
-        DTYPES[args.dtype],
-        args.batch_size,
-        args.img_size,
-        model=args.model,
-        weights=_weights(args),
-        repeats=args.repeats,
-        warmup=args.warmup,
-        load_avg_before=list(load_before),
-        load_avg_after=list(load_after),
-        warnings=[warning] if warning else [],
-    )
-    print(
-        f"{args.model} | batch {args.batch_size} | {args.img_size}px | {env['dtype']} | {env['machine']} | "
-        f"{env['threads']} threads | median of {args.repeats}"
-    )
-    print(format_table(results))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(results, env), f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    header = f"{args.model} | batch {args.batch_size} | {args.img_size}px"
+    return report(args, device, results, format_table(results), header, load_before, img_size=args.img_size, model=args.model)
 
 
 def cmd_bench_vlm(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tokenreduce.bench.runner import environment, load_warning, to_json, usable_cores
     from tokenreduce.bench.vlm import DEFAULT_VLM, format_vlm_table, run_vlm_bench, vlm_steps
     from tokenreduce.loading import create_hf_vlm
 
     model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
-                             ("--prompt-tokens", args.prompt_tokens, 0), ("--new-tokens", args.new_tokens, 2)):  # fmt: skip
-        check_positive(value, flag, low)
     specs = check_specs(args.methods if args.methods != DEFAULT_METHODS else DEFAULT_VLM_METHODS)
-    device = check_device(args.device)
-    if args.json:
-        check_writable(args.json, "--json")
-    if args.threads is not None:
-        check_positive(args.threads, "--threads")
-        torch.set_num_threads(args.threads)
+    device = check_bench_args(args, ("--prompt-tokens", args.prompt_tokens, 0), ("--new-tokens", args.new_tokens, 2))
     model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint)
     load_before = os.getloadavg()
     total = vlm_steps(specs, args.repeats, args.warmup)
@@ -191,28 +159,31 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
             dtype=DTYPES[args.dtype],
             progress=bar.update,
         )
+    header = f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + image"
+    extra = dict(model=model_name, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    return report(args, device, results, format_vlm_table(results), header, load_before, img_size=None, **extra)
+
+
+def report(args: argparse.Namespace, device: torch.device, results, table: str, header: str, load_before, **extra) -> int:
+    """Print a bench's table under its environment, warn when the machine was busy, and write the JSON."""
+    from tokenreduce.bench.runner import environment, load_warning, to_json, usable_cores
+
     load_after = os.getloadavg()
     warning = load_warning(load_before, load_after, torch.get_num_threads(), usable_cores())
     env = environment(
         device,
         DTYPES[args.dtype],
         args.batch_size,
-        None,
-        model=model_name,
         weights=_weights(args),
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
         load_avg_before=list(load_before),
         load_avg_after=list(load_after),
         warnings=[warning] if warning else [],
+        **extra,
     )
-    print(
-        f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + image | {env['dtype']} | "
-        f"{env['machine']} | {env['threads']} threads | median of {args.repeats}"
-    )
-    print(format_vlm_table(results))
+    print(f"{header} | {env['dtype']} | {env['machine']} | {env['threads']} threads | median of {args.repeats}")
+    print(table)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:

@@ -282,9 +282,7 @@ def load_warning(before: Sequence[float], after: Sequence[float], threads: int, 
     )
 
 
-def environment(
-    device: str | torch.device, dtype: torch.dtype, batch_size: int, img_size: int | None, **extra: Any
-) -> dict[str, Any]:
+def environment(device: str | torch.device, dtype: torch.dtype, batch_size: int, **extra: Any) -> dict[str, Any]:
     """Everything a reader needs to know where and how the numbers were taken."""
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
@@ -305,7 +303,6 @@ def environment(
         "tokenreduce": tokenreduce.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch_size,
-        "img_size": img_size,
     }
     try:
         import timm
