@@ -132,6 +132,25 @@ def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, 
     return spent / total
 
 
+def interleaved_times(
+    calls: Sequence[Sequence[Callable[[], object]]], repeats: int, device: torch.device, tick: Callable[[int], None]
+) -> list[list[list[float]]]:
+    """Wall times ``[model][call][repeat]`` of ``calls[model]``, run ``repeats`` times with the models
+    taking turns, their order rotated every repeat so that drift spreads over all of them."""
+    times = [[[] for _ in row] for row in calls]
+    for rep in range(repeats):
+        order = list(range(len(calls)))
+        for i in order[rep % len(order) :] + order[: rep % len(order)]:
+            for j, call in enumerate(calls[i]):
+                _sync(device)
+                start = time.perf_counter()
+                call()
+                _sync(device)
+                times[i][j].append(time.perf_counter() - start)
+                tick(1)
+    return times
+
+
 def with_baseline(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
     """``specs`` with a ``none`` baseline in front when they lack one."""
     specs = list(specs)
@@ -181,17 +200,7 @@ def run_bench(
             for m in models:
                 m(x)
                 tick(1)
-        times: list[list[float]] = [[] for _ in specs]
-        for rep in range(repeats):
-            order = list(range(len(specs)))
-            order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate to spread drift
-            for i in order:
-                _sync(device)
-                start = time.perf_counter()
-                models[i](x)
-                _sync(device)
-                times[i].append(time.perf_counter() - start)
-                tick(1)
+        times = [t for (t,) in interleaved_times([[lambda m=m: m(x)] for m in models], repeats, device, tick)]
         peaks, shares = [], []
         for m in models:
             peaks.append(peak_memory_bytes(lambda m=m: m(x), device))

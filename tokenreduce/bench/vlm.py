@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from tokenreduce.adapters.blocks import linear_macs
 from tokenreduce.api import patch_of
 from tokenreduce.bench.flops import model_macs
 from tokenreduce.bench.memory import peak_memory_bytes
-from tokenreduce.bench.runner import MethodSpec, _sync, reduction_share, with_baseline
+from tokenreduce.bench.runner import MethodSpec, interleaved_times, reduction_share, with_baseline
 from tokenreduce.methods.base import EncoderMethod
 from tokenreduce.validate import as_int
 
@@ -168,23 +167,11 @@ def run_vlm_bench(
             for m in models:
                 _prefill(m, inputs)
                 tick(1)
-        prefill: list[list[float]] = [[] for _ in specs]
-        first: list[list[float]] = [[] for _ in specs]
-        whole: list[list[float]] = [[] for _ in specs]
-        for rep in range(repeats):
-            order = list(range(len(specs)))
-            for i in order[rep % len(order) :] + order[: rep % len(order)]:
-                for times, call in (
-                    (prefill[i], lambda m=models[i]: _prefill(m, inputs)),
-                    (first[i], lambda m=models[i]: _generate(m, inputs, 1)),
-                    (whole[i], lambda m=models[i]: _generate(m, inputs, new_tokens)),
-                ):
-                    _sync(device)
-                    start = time.perf_counter()
-                    call()
-                    _sync(device)
-                    times.append(time.perf_counter() - start)
-                    tick(1)
+        calls = [
+            [lambda m=m: _prefill(m, inputs), lambda m=m: _generate(m, inputs, 1), lambda m=m: _generate(m, inputs, new_tokens)]
+            for m in models
+        ]
+        prefill, first, whole = zip(*interleaved_times(calls, repeats, device, tick))
         peaks, shares = [], []
         for m in models:
             peaks.append(peak_memory_bytes(lambda m=m: _prefill(m, inputs), device))
