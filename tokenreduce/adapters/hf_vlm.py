@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.adapters.hf_vision import TOWERS, HFVisionTower
 from tokenreduce.core import Selection
+from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
 from tokenreduce.methods.visual import VisualContext, VisualMethod
@@ -185,11 +186,8 @@ def _records(selection: Selection, offset: int, placeholders: int, grid: tuple[i
 def _records_from_owner(owner: Tensor, kept: int, grid: tuple[int, int] | None) -> list[ImageRecord]:
     """Records for an encoder-stage reduction: ``owner [M, N]`` maps each visual token to its output;
     an output takes the position of the first visual token it covers."""
-    m, n = owner.shape
-    covered = torch.where(owner >= 0, owner, kept)
-    first = torch.full((m, kept + 1), n, dtype=torch.long, device=owner.device)
-    first = first.scatter_reduce(1, covered, torch.arange(n, device=owner.device).expand(m, -1), reduce="amin")
-    return [ImageRecord(n, kept, o, f[:kept], grid) for o, f in zip(owner, first)]
+    n = owner.shape[1]
+    return [ImageRecord(n, kept, o, f, grid) for o, f in zip(owner, first_inputs(owner, kept))]
 
 
 def _front(kept: Tensor, length: int) -> Tensor:
@@ -336,10 +334,9 @@ class HFVLM(Adapter):
         """``(visual tokens per image in the prompt, their grid or None, class tokens of the tower)``."""
         n0 = self.tower.default_num_tokens(vision)
         prefix = self.tower.num_prefix_tokens(vision)
-        side = int(round((n0 - prefix) ** 0.5))
         if model.config.vision_feature_select_strategy == "default" and prefix:
-            return n0 - prefix, (side, side), prefix
-        return n0, ((side, side) if not prefix else None), prefix
+            return n0 - prefix, _square(n0 - prefix), prefix
+        return n0, (_square(n0) if not prefix else None), prefix
 
     def tile_tokens(self, model: nn.Module) -> int | None:
         """Visual tokens of one square tile, when the family has a fixed one."""

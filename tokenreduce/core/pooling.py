@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenreduce.core.selection import Selection, weighted_mean_coeff
+from tokenreduce.core.selection import Selection, first_inputs, weighted_mean_coeff
 
 
 def grid_pool(batch: int, grid: tuple[int, int], stride: int, device: torch.device | str = "cpu") -> Selection:
@@ -17,9 +17,7 @@ def grid_pool(batch: int, grid: tuple[int, int], stride: int, device: torch.devi
     out_cols = -(-cols // stride)
     r = torch.arange(rows, device=device)[:, None] // stride
     c = torch.arange(cols, device=device)[None, :] // stride
-    slot = (r * out_cols + c).flatten()
-    num_out = int(slot.max().item()) + 1
-    first = torch.full((num_out,), rows * cols, dtype=torch.long, device=device)
-    index = first.scatter_reduce(0, slot, torch.arange(rows * cols, device=device), reduce="amin")
-    slot, index = slot.expand(batch, -1), index.expand(batch, -1)
+    slot = (r * out_cols + c).flatten()[None]
+    num_out = -(-rows // stride) * out_cols
+    slot, index = slot.expand(batch, -1), first_inputs(slot, num_out).expand(batch, -1)
     return Selection(slot, index, weighted_mean_coeff(slot, torch.ones(slot.shape, device=device), num_out))

@@ -87,6 +87,15 @@ class Selection:
         return torch.where((self.slot >= 0)[..., None], picked, torch.full_like(picked, fill))
 
 
+def first_inputs(slot: Tensor, num_out: int) -> Tensor:
+    """``[B, num_out]``: the lowest input feeding each output of ``slot [B, N]`` (``N`` where none does)."""
+    b, n = slot.shape
+    target = torch.where(slot >= 0, slot, num_out)  # dropped inputs go to a spare output, cut off
+    first = torch.full((b, num_out + 1), n, dtype=torch.long, device=slot.device)
+    first = first.scatter_reduce(1, target, torch.arange(n, device=slot.device).expand(b, -1), reduce="amin")
+    return first[:, :num_out]
+
+
 def keep(index: Tensor, num_tokens: int) -> Selection:
     """Prune: keep the tokens at ``index [B, K]``, in that order, out of ``num_tokens``."""
     b, k = index.shape
