@@ -142,9 +142,12 @@ def divprune_select(features: Tensor, k: int) -> list[int]:
     return sorted(picked)
 
 
-def visionzip_tokens(hidden: Tensor, probs: Tensor, keys: Tensor, dominant: int, contextual: int, cls: bool) -> Tensor:
+def visionzip_tokens(
+    hidden: Tensor, probs: Tensor, keys: Tensor, dominant: int, contextual: int, cls: bool, with_dominant: bool = False
+):
     """VisionZip on one image: ``hidden [T, D]`` hidden states of the read layer, ``probs [H, T, T]`` its
-    attention, ``keys [H, T, d]`` its keys. Returns the dominant then contextual tokens ``[K, D]``."""
+    attention, ``keys [H, T, d]`` its keys. Returns the dominant then contextual tokens ``[K, D]`` (and
+    the dominant tokens' indices when ``with_dominant``)."""
     t = hidden.shape[0]
     if cls:
         score = {j: float(probs[:, 0, j].sum()) for j in range(1, t)}
@@ -167,4 +170,4 @@ def visionzip_tokens(hidden: Tensor, probs: Tensor, keys: Tensor, dominant: int,
     for tgt in targets:
         extra = torch.stack([hidden[i] for i in groups[tgt]]).mean(0) if groups[tgt] else torch.zeros_like(hidden[tgt])
         out.append(hidden[tgt] + extra)
-    return torch.stack(out)
+    return (torch.stack(out), dom) if with_dominant else torch.stack(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import reference
 import tokenreduce
 from conftest import VLM_FAMILIES, tiny_vlm, vlm_inputs
 
@@ -35,25 +36,33 @@ def test_keep_all_equals_the_unpatched_model(family):
     assert torch.equal(generate(model, kw), want_gen)
 
 
-@pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_reduced_batch_equals_singles_and_remove_restores(family):
+def reduce_batch_and_singles(family: str, method: str, **config):
+    """Reduce a batch of three prompts of different lengths and check each row against the row alone
+    (generated tokens equal, last logits close) and that remove() restores the model; returns the
+    batch's record."""
     model = tiny_vlm(family)
     kw = vlm_inputs(model, family, TEXTS)
     before = logits(model, kw)
-    tokenreduce.apply(model, "divprune", keep_ratio=0.5)
+    tokenreduce.apply(model, method, **config)
     batched, last = generate(model, kw), logits(model, kw)[:, -1]
     rec = tokenreduce.record(model)
-    assert all(im.kept == max(1, round(im.placeholders / 2)) for im in rec.images)
-    assert all(a - b == im.placeholders - im.kept for a, b, im in zip(rec.input_lengths, rec.llm_lengths, rec.images))
     for row in range(len(TEXTS)):
         single = vlm_inputs(model, family, [TEXTS[row]], seed=3 + row)
         assert torch.equal(generate(model, single), batched[row : row + 1]), f"row {row}"
         torch.testing.assert_close(logits(model, single)[:, -1], last[row : row + 1], rtol=1e-4, atol=1e-4)
     tokenreduce.remove(model)
     assert torch.equal(logits(model, kw), before)
+    return rec
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3", "internvl", "gemma3"])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_reduced_batch_equals_singles_and_remove_restores(family):
+    rec = reduce_batch_and_singles(family, "divprune", keep_ratio=0.5)
+    assert all(im.kept == max(1, round(im.placeholders / 2)) for im in rec.images)
+    assert all(a - b == im.placeholders - im.kept for a, b, im in zip(rec.input_lengths, rec.llm_lengths, rec.images))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "internvl", "gemma3"])
 def test_encoder_side_methods_say_where_they_cannot_run(family):
     model = tiny_vlm(family)
     for method, config in [("tome", dict(r=1)), ("visionzip", dict(keep_tokens=2))]:
@@ -90,3 +99,81 @@ def test_deepstack_inputs_follow_the_kept_tokens():
     assert kwargs["visual_pos_masks"].tolist() == [[False, False, True, False]]
     assert kwargs["deepstack_visual_embeds"][0].tolist() == [[11.0, 11.0]]
     assert kwargs["position_ids"].tolist() == [[0, 1, 3, 5]]
+
+
+ANYRES = ["llava_next", "llava_onevision"]
+
+
+def anyres_reference(family: str, kw: dict, dominant: int, contextual: int) -> list[torch.Tensor]:
+    """Per row, the projected tokens VisionZip's reference gives the LLM for the row's image: VisionZip
+    on each crop, then the base image's tokens, the crops' dominant patches put back in the image's
+    row-major order, the crops' class tokens, their contextual tokens (no newline tokens)."""
+    model = tiny_vlm(family)
+    model.model.vision_tower.set_attn_implementation("eager")
+    layer_index = 0 if family == "llava_next" else 1  # vision_feature_layer -2 of 2 layers / -1
+    cls, side, cols = family == "llava_next", 4, 2  # 64x64 images: 2x2 crops of 4x4 patches, and the base
+    out = []
+    with torch.no_grad():
+        crops = kw["pixel_values"].flatten(0, 1)
+        vis = model.model.vision_tower(crops, output_hidden_states=True, output_attentions=True)
+        layer = model.model.vision_tower.encoder.layers[layer_index]
+        hidden_in = layer.layer_norm1(vis.hidden_states[layer_index])
+        keys = layer.self_attn.k_proj(hidden_in).unflatten(-1, (2, -1)).transpose(1, 2)
+        per_crop = []
+        for h, p, k in zip(vis.hidden_states[layer_index + 1], vis.attentions[layer_index], keys):
+            tokens, dom = reference.visionzip_tokens(h, p, k, dominant, contextual, cls, with_dominant=True)
+            per_crop.append((model.model.multi_modal_projector(tokens), dom))
+        for row in range(kw["pixel_values"].shape[0]):
+            image = per_crop[row * 5 : row * 5 + 5]
+            placed, classes, summaries = {}, [], []
+            for c, (tokens, dom) in enumerate(image[1:]):
+                gi, gj = divmod(c, cols)
+                for j, d in enumerate(dom):
+                    if cls and d == 0:
+                        classes.append(tokens[j])
+                        continue
+                    r, q = divmod(d - cls, side)
+                    placed[(gi * side + r) * cols * side + gj * side + q] = tokens[j]
+                summaries += list(tokens[len(dom) :])
+            out.append(torch.cat([image[0][0], torch.stack([placed[i] for i in sorted(placed)] + classes + summaries)]))
+    return out
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_visionzip_per_anyres_crop_gives_the_llm_the_references_tokens(family):
+    dominant, contextual = 4, 2
+    kw = vlm_inputs(tiny_vlm(family), family, TEXTS[:2])
+    want = anyres_reference(family, kw, dominant, contextual)
+    model = tokenreduce.apply(tiny_vlm(family), "visionzip", dominant=dominant, contextual=contextual)
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    logits(model, kw)
+    hook.remove()
+    rec = tokenreduce.record(model)
+    assert [im.kept for im in rec.images] == [5 * (dominant + contextual)] * 2
+    for row, expected in enumerate(want):
+        start = seen[0].shape[1] - 2 - expected.shape[0]  # left padded: [pad, text, image, 7, 8]
+        torch.testing.assert_close(seen[0][row, start : start + expected.shape[0]], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ANYRES)
+@pytest.mark.parametrize("method, config", [("visionzip", dict(keep_ratio=0.5)), ("tome", dict(r=2))])
+def test_anyres_crops_reduced_before_the_projector_batch_equals_singles(family, method, config):
+    rec = reduce_batch_and_singles(family, method, **config)
+    for image in rec.images:  # every packed placeholder but the newline tokens maps to a kept token
+        covered = image.owner[image.owner >= 0]
+        assert image.kept < image.placeholders and covered.max() < image.kept
+        assert (image.owner >= 0).sum() == image.placeholders - 8  # 8 newline tokens
+
+
+def test_anyres_budget_beyond_the_span_is_refused():
+    model = tiny_vlm("llava_next")
+    wide = dict(pixel_values=torch.randn(1, 5, 3, 32, 32), image_sizes=torch.tensor([[20, 64]]))  # 2 crops, unpadded
+    with torch.no_grad():
+        span = model.model.get_image_features(**wide).pooler_output[0].shape[0]
+    ids = torch.tensor([[1, 5, *[999] * span, 7]])
+    tokenreduce.apply(model, "visionzip", keep_tokens=16)
+    with pytest.raises(ValueError, match=rf"keeps 16 tokens for each of an image's 3 crops \(48 in all\), more than the {span}"):
+        logits(model, dict(input_ids=ids, **wide))

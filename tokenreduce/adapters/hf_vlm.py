@@ -24,6 +24,7 @@ No forward is re-implemented; mixins sit at three places:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -92,11 +93,17 @@ class VisualState:
 @dataclass
 class ReducedImages:
     """Features the projector reduced (kept tokens at the front of full-length spans), waiting for the
-    prompt that reads them."""
+    prompt that reads them. Before AnyRes packing there is one entry per crop, and ``kept`` holds the
+    kept tokens with ``rank`` saying how packing orders them (see :meth:`HFVLM.pack_reduced`)."""
 
-    features: Tensor  # [M, N, D]
+    features: Tensor  # [M, N, D], or the packed spans [sum of N_i, D]
     images: list[ImageRecord]
     encoder: Record | None
+    kept: Tensor | None = None  # [M, k, D]
+    rank: Tensor | None = None  # [M, k]: IN_PLACE, CLASS_TOKEN or SUMMARY
+
+
+IN_PLACE, CLASS_TOKEN, SUMMARY = 0, 1, 2  # kinds of kept tokens, in their AnyRes packing order
 
 
 @dataclass
@@ -137,7 +144,9 @@ class Family:
     AnyRes packing); ``tile``: the model or config attribute giving the visual tokens of one square tile
     (``"tower"``: the tower's patch grid, and every image has exactly that many); ``mrope``:
     multi-row position ids that encode the image grid (Qwen); ``merge``: the config path of the
-    spatial merge of Qwen's grid (``image_grid_thw`` counts patches before it).
+    spatial merge of Qwen's grid (``image_grid_thw`` counts patches before it); ``anyres``: the
+    projected crops of an image are packed (unpadded, with newline tokens) by the model's
+    ``pack_image_features`` into one span (LLaVA-NeXT, OneVision).
     """
 
     text: str = "language_model"
@@ -147,14 +156,15 @@ class Family:
     tile: str | None = None
     mrope: bool = False
     merge: str | None = None
+    anyres: bool = False
 
 
 _QWEN = Family(vision="visual", projector=None, mrope=True, merge="vision_config.spatial_merge_size")
 _IDEFICS = Family(text="text_model", vision="vision_model", projector=None, tile="image_seq_len")
 FAMILIES = {
     "transformers.models.llava.modeling_llava.LlavaModel": Family(tile="tower"),
-    "transformers.models.llava_next.modeling_llava_next.LlavaNextModel": Family(projector=None),
-    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel": Family(projector=None),
+    "transformers.models.llava_next.modeling_llava_next.LlavaNextModel": Family(anyres=True),
+    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel": Family(anyres=True),
     "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLModel": _QWEN,
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLModel": _QWEN,
     "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLModel": _QWEN,
@@ -219,6 +229,20 @@ class VLMModel:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         finally:
             state.active = False
+
+
+@loadable
+class PackingVLMModel(VLMModel):
+    """:class:`VLMModel` of an AnyRes family whose crops are reduced before the projector: packs each
+    image's kept tokens in place of its crops' grids (see :meth:`HFVLM.pack_reduced`)."""
+
+    def pack_image_features(self, image_features, image_sizes, *args, **kwargs):
+        def pack(features: list[Tensor], newline: Tensor):
+            kw = {**kwargs, "image_newline": newline}
+            return super(PackingVLMModel, self).pack_image_features(features, image_sizes, *args, **kw)
+
+        patch: Patch = getattr(self, ATTR)
+        return patch.adapter.pack_reduced(self, patch, image_features, image_sizes, pack)  # type: ignore[attr-defined]
 
 
 @loadable
@@ -404,6 +428,8 @@ class HFVLM(Adapter):
         if method.space == "vision":
             vision = self.vision(model, f"{method.name!r}, which selects among the vision encoder's hidden states,")
             self.feature_layer(model, vision)
+            tokens, grid, _ = self.tower_geometry(model, vision)
+            method.num_kept(tokens, grid)
         tile = self.tile_tokens(model)
         if tile is not None:
             method.num_kept(tile, _square(tile))
@@ -411,6 +437,9 @@ class HFVLM(Adapter):
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         if isinstance(method, EncoderMethod):
             return self.tower.plan(self.vision(model, method.name), method)
+        if method.space == "vision" and self.spec(model).anyres:
+            tokens, grid, _ = self.tower_geometry(model, self.vision(model, method.name))
+            return [f"visual tokens per crop (the base image and each AnyRes crop): {tokens} -> {method.num_kept(tokens, grid)}"]
         tile = self.tile_tokens(model)
         if tile is None:
             return ["visual tokens per image into the LLM: as the method's budget gives for each image's size"]
@@ -440,13 +469,16 @@ class HFVLM(Adapter):
             patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
             patch.set_attr(projector, "_tokenreduce_layer", layer_index)
             patch.swap_class(projector, ReducingProjector)
+            if spec.anyres:
+                patch.swap_class(model, PackingVLMModel)
         text = getattr(model, spec.text)
         patch.set_attr(text, ATTR, patch)
         tile = self.tile_tokens(model)
         patch.set_attr(text, "_tokenreduce_chunk", tile if spec.tile == "tower" else None)  # every image has `tile` tokens
         patch.set_attr(text, "_tokenreduce_tile", tile)
         patch.swap_class(text, CompactingLLM)
-        patch.swap_class(model, VLMModel)
+        if not isinstance(model, PackingVLMModel):
+            patch.swap_class(model, VLMModel)
 
     # -- running ------------------------------------------------------------------------------
     def reindex(self, model: nn.Module, method: Method) -> bool:
@@ -469,6 +501,7 @@ class HFVLM(Adapter):
                 kept -= prefix
             images, encoder_record = _records_from_owner(owner, kept, grid), encoder.record()
             out = project(x)
+            rank = torch.full(out.shape[:2], IN_PLACE, dtype=torch.long, device=x.device)
         else:
             hidden, q, k = thread.hidden, thread.q, thread.k
             if hidden is None or q is None or k is None:
@@ -478,9 +511,61 @@ class HFVLM(Adapter):
             thread.hidden = thread.q = thread.k = None
             images, encoder_record = _records(selection, prefix, tokens, grid), None
             out = project(selection.apply(hidden))
+            rank = torch.where(selection.index < prefix, CLASS_TOKEN, IN_PLACE)
+            rank[:, out.shape[1] - method.summary_outputs(out.shape[1]) :] = SUMMARY
         padded = _front(out, tokens)
-        thread.reduced = ReducedImages(padded, images, encoder_record)
+        thread.reduced = ReducedImages(padded, images, encoder_record, out, rank)
         return padded
+
+    def pack_reduced(self, model: nn.Module, patch: Patch, features: list[Tensor], image_sizes, pack) -> tuple:
+        """Pack each image's reduced crops (``features``: per image ``[crops, N, D]``, as the projector
+        returned them) into one span: the kept tokens of the base image in their order, then those of
+        the AnyRes crops: tokens in place in the image's row-major order over all crops, then class
+        tokens, then summaries, with no newline tokens (VisionZip's ``restore_image_features_sorted``),
+        zero-padded to the span length the model's own packing gives the image (``pack(features,
+        newline)`` runs it). Each image's record maps every packed placeholder to the kept token
+        covering it; a kept token takes the position of the first placeholder it covers."""
+        thread = _thread(patch)
+        reduced = thread.reduced
+        assert reduced is not None and reduced.kept is not None and reduced.rank is not None
+        n = features[0].shape[1]
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise TypeError(f"AnyRes packing needs square crops; this tower gives {n} tokens per crop")
+        grid_shape = sys.modules[original_class(model).__module__].get_anyres_image_grid_shape
+        counts = [f.shape[0] for f in features]
+        shapes = [
+            grid_shape(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size) if c > 1 else (1, 1)
+            for size, c in zip(image_sizes, counts)
+        ]
+        # The model's packing run on each patch's (row, column) in its image's crop grid traces where
+        # every patch lands (unpadding crops, OneVision's downscaling interpolates: nearest patch).
+        coords = [_crop_coordinates(c, side, cols) for c, (_, cols) in zip(counts, shapes)]
+        packed, _ = pack(coords, torch.tensor([-1.0, -1.0], dtype=torch.float64))
+        k = reduced.kept.shape[1]
+        spans, records, lengths, offset = [], [], [], 0
+        for c, (rows, cols), where in zip(counts, shapes, packed):
+            crops = reduced.images[offset : offset + c]
+            kept, rank = reduced.kept[offset : offset + c], reduced.rank[offset : offset + c]
+            offset += c
+            order = _packing_order(rank, torch.stack([r.position for r in crops]).cpu(), side, rows, cols)
+            total, length = c * k, where.shape[0]
+            if total > length:
+                raise ValueError(
+                    f"{patch.method.name!r} keeps {k} tokens for each of an image's {c} crops ({total} in all), "
+                    f"more than the {length} tokens of its prompt span; lower the budget"
+                )
+            slot = torch.empty(total, dtype=torch.long)
+            slot[order] = torch.arange(total)
+            owner = _packed_owner(where, torch.stack([r.owner for r in crops]).cpu(), slot.view(c, k), side, cols)
+            first = first_inputs(owner[None], total)[0]
+            position = torch.where(first < length, first, 0)
+            device = reduced.kept.device
+            spans.append(_front(kept.reshape(1, total, -1)[:, order.to(device)], length)[0])
+            records.append(ImageRecord(length, total, owner.to(device), position.to(device), None))
+            lengths.append(length)
+        thread.reduced = ReducedImages(torch.cat(spans), records, reduced.encoder)
+        return spans, torch.tensor(lengths, dtype=torch.long, device=reduced.kept.device)
 
     def _select_spans(
         self, method: VisualMethod, state: VisualState, spans: list, tile: int | None, tensors: list[Tensor]
@@ -548,6 +633,46 @@ class HFVLM(Adapter):
 
     def record(self, patch: Patch) -> VLMRecord | None:
         return _thread(patch).record
+
+
+def _crop_coordinates(crops: int, side: int, cols: int) -> Tensor:
+    """``[crops, side*side, 2]`` float64 (row, column) of every patch: in its own grid for the base
+    image (crop 0), in the grid of all AnyRes crops (``cols`` crops wide) for the others."""
+    t = torch.arange(side * side)
+    c = torch.arange(crops)[:, None]
+    tile = (c - 1).clamp(min=0)
+    r = torch.where(c > 0, tile // cols * side, 0) + t // side
+    q = torch.where(c > 0, tile % cols * side, 0) + t % side
+    return torch.stack([r, q], dim=-1).double()
+
+
+def _packing_order(rank: Tensor, position: Tensor, side: int, rows: int, cols: int) -> Tensor:
+    """The order of an image's kept tokens (``rank``/``position`` ``[crops, k]``) in its packed span,
+    as flat indices into ``[crops * k]``: base image first as it is, then the crops' tokens in place by
+    their row-major place in the grid of all crops, then class tokens, then summaries, crop by crop."""
+    c, k = rank.shape
+    tile = (torch.arange(c)[:, None] - 1).clamp(min=0)
+    width = cols * side
+    place = (tile // cols * side + position // side) * width + tile % cols * side + position % side
+    sequence = torch.arange(c * k).view(c, k)
+    span = rows * side * width + c * k  # above every place and sequence number
+    key = torch.where(rank.cpu() == IN_PLACE, place, rank.cpu() * span + sequence)
+    key[0] = sequence[0] - span  # the base image first
+    return key.flatten().argsort(stable=True)
+
+
+def _packed_owner(where: Tensor, crop_owner: Tensor, slot: Tensor, side: int, cols: int) -> Tensor:
+    """``[P]``: the kept token (index in the packed order ``slot [crops, k]``) covering each packed
+    placeholder, from the packing trace ``where [P, 2]`` and each crop's owners ``[crops, N]``."""
+    length, n = where.shape[0], side * side
+    t = torch.arange(length)
+    r, q = where[:, 0].round().long().clamp(min=0), where[:, 1].round().long().clamp(min=0)
+    base = t < n
+    crop = torch.where(base, 0, 1 + r // side * cols + q // side).clamp(max=crop_owner.shape[0] - 1)
+    patch = torch.where(base, t.clamp(max=n - 1), r % side * side + q % side)
+    out = crop_owner[crop, patch]
+    owner = slot[crop, out.clamp(min=0)]
+    return torch.where((where[:, 0] < 0) | (out < 0), -1, owner)
 
 
 def _config_path(config, path: str):

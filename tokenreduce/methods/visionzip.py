@@ -35,6 +35,11 @@ class VisionZip(VisualMethod):
     averaged over heads and all queries (the pseudo-CLS saliency of VisionZip's SigLIP ports), and all
     ``dominant`` tokens are patches; the class token's kept output takes the image's first position when
     ``positions="keep"``.
+
+    AnyRes (LLaVA-NeXT, OneVision): the budget applies per crop (the base image and each crop), as
+    the reference's ``encode_images_visionzip_multi``; the LLM reads the base image's tokens, then the
+    crops' dominant patches in the image's row-major order, their class tokens, then their contextual
+    tokens, with no newline tokens (``restore_image_features_sorted``).
     """
 
     name = "visionzip"
@@ -73,6 +78,9 @@ class VisionZip(VisualMethod):
         if total > num_tokens:
             raise ValueError(f"dominant + contextual must be at most the {num_tokens} tokens of an image, got {total}")
         return total
+
+    def summary_outputs(self, keep: int) -> int:
+        return self.split(keep)[1]
 
     def select(self, ctx: VisualContext) -> Selection:
         x, p = ctx.features, ctx.num_prefix

@@ -86,6 +86,12 @@ class VisualMethod(Method):
             return self.keep_tokens
         return min(num_tokens, max(1, round(self.keep_ratio * num_tokens)))
 
+    def summary_outputs(self, keep: int) -> int:
+        """How many trailing outputs of a selection of ``keep`` summarise other tokens rather than
+        stand in their place (VisionZip's contextual tokens): where an image's crops are packed into
+        one span (AnyRes) they follow the tokens in place, which take the image's spatial order."""
+        return 0
+
     @abstractmethod
     def select(self, ctx: VisualContext) -> Selection:
         """``ctx.features [M, N, D] -> ctx.keep`` tokens per image."""
