@@ -8,7 +8,7 @@ import torch
 
 import reference
 import tokenreduce
-from conftest import VLM_FAMILIES, tiny_vlm, vlm_inputs
+from conftest import VLM_FAMILIES, batch, tiny_vlm, vlm_inputs
 
 pytest.importorskip("transformers")
 
@@ -19,6 +19,17 @@ TEXTS = [[1, 5], [1, 5, 6, 9, 4], [2, 3, 4]]
 def logits(model, kw):
     with torch.no_grad():
         return model(**kw).logits
+
+
+def llm_input(model, kw) -> torch.Tensor:
+    """The embeddings the LLM's first layer reads on a forward of ``kw``."""
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    logits(model, kw)
+    hook.remove()
+    return seen[0]
 
 
 def generate(model, kw):
@@ -65,7 +76,8 @@ def test_reduced_batch_equals_singles_and_remove_restores(family):
 @pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "internvl", "gemma3"])
 def test_encoder_side_methods_say_where_they_cannot_run(family):
     model = tiny_vlm(family)
-    for method, config in [("tome", dict(r=1)), ("visionzip", dict(keep_tokens=2))]:
+    methods = [("tome", dict(r=1))] + ([] if family.startswith("qwen") else [("visionzip", dict(keep_tokens=2))])
+    for method, config in methods:
         with pytest.raises(TypeError, match=r"cannot run in .*Model: its (vision tower|projector)"):
             tokenreduce.apply(model, method, **config)
     assert not tokenreduce.is_patched(model)
@@ -145,12 +157,7 @@ def test_visionzip_per_anyres_crop_gives_the_llm_the_references_tokens(family):
     kw = vlm_inputs(tiny_vlm(family), family, TEXTS[:2])
     want = anyres_reference(family, kw, dominant, contextual)
     model = tokenreduce.apply(tiny_vlm(family), "visionzip", dominant=dominant, contextual=contextual)
-    seen = []
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True
-    )
-    logits(model, kw)
-    hook.remove()
+    seen = [llm_input(model, kw)]
     rec = tokenreduce.record(model)
     assert [im.kept for im in rec.images] == [5 * (dominant + contextual)] * 2
     for row, expected in enumerate(want):
@@ -177,3 +184,93 @@ def test_anyres_budget_beyond_the_span_is_refused():
     tokenreduce.apply(model, "visionzip", keep_tokens=16)
     with pytest.raises(ValueError, match=rf"keeps 16 tokens for each of an image's 3 crops \(48 in all\), more than the {span}"):
         logits(model, dict(input_ids=ids, **wide))
+
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def qwen_reference(family: str, kw: dict, dominant: int, contextual: int) -> list[torch.Tensor]:
+    """Per row, VisionZip's tokens for Qwen from the unpatched tower: a token is a merged 2x2 group
+    of patches (row-major groups; Qwen2.5's window order undone), scored by the attention its patches
+    receive in the last vision block, merged on its patches' concatenated states, then projected by
+    the merger."""
+    import sys
+
+    model = tiny_vlm(family)
+    visual = model.model.visual
+    seen = {}
+    visual.blocks[-1].attn.register_forward_pre_hook(lambda m, a, k: seen.update(attn=(a[0], k)), with_kwargs=True)
+    visual.merger.register_forward_pre_hook(lambda m, a: seen.update(merger=a[0]))
+    with torch.no_grad():
+        model.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"])
+        attn, module = visual.blocks[-1].attn, sys.modules[type(visual).__module__]
+        x_in, attn_kw = seen["attn"]
+        q, k, _ = attn.qkv(x_in).reshape(x_in.shape[0], 3, attn.num_heads, -1).unbind(1)
+        q, k = module.apply_rotary_pos_emb_vision(q, k, *attn_kw["position_embeddings"])
+        states = seen["merger"]
+        if family == "qwen2_5_vl":
+            window, _ = module.get_vision_window_index(
+                kw["image_grid_thw"], spatial_merge_size=2, window_size=visual.window_size, patch_size=visual.patch_size
+            )
+            back = torch.argsort(window)
+            q, k, states = (t.view(-1, 4, *t.shape[1:])[back].flatten(0, 1) for t in (q, k, states))
+        out, p = [], QWEN_PATCHES
+        for image in range(kw["image_grid_thw"].shape[0]):
+            rows = slice(p * image, p * image + p)
+            qi, ki = q[rows].transpose(0, 1), k[rows].transpose(0, 1)  # [H, p, d]
+            probs = ((qi @ ki.transpose(-1, -2)) * attn.scaling).softmax(-1)  # [H, p, p]
+            token_probs = probs.view(probs.shape[0], p, p // 4, 4).sum(-1)  # attention received by each group
+            token_keys = ki.view(ki.shape[0], p // 4, 4, -1).mean(2)
+            units = states[rows].reshape(p // 4, -1)
+            tokens = reference.visionzip_tokens(units, token_probs, token_keys, dominant, contextual, cls=False)
+            out.append(type(visual.merger).forward(visual.merger, tokens.reshape(-1, states.shape[-1])))
+    return out
+
+
+QWEN_PATCHES = 64  # 8x8 patches, 16 tokens: Qwen2.5's windows (2x2 tokens) reorder the tower's sequence
+
+
+def qwen_inputs(family: str, texts: list[list[int]]) -> dict:
+    side = 16 if family == "qwen3_vl" else 14
+    g = torch.Generator().manual_seed(5)
+    image = [996] + [999] * (QWEN_PATCHES // 4) + [997]
+    ids, mask = batch([t + image + [7, 8] for t in texts])
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        mm_token_type_ids=(ids == 999).long(),
+        pixel_values=torch.randn(len(texts) * QWEN_PATCHES, 3 * 2 * side * side, generator=g),
+        image_grid_thw=torch.tensor([[1, 8, 8]] * len(texts)),
+    )
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_visionzip_on_qwen_gives_the_llm_the_references_tokens(family):
+    dominant, contextual = 5, 3
+    kw = qwen_inputs(family, TEXTS[:2])
+    want = qwen_reference(family, kw, dominant, contextual)
+    model = tokenreduce.apply(tiny_vlm(family), "visionzip", dominant=dominant, contextual=contextual)
+    seen = [llm_input(model, kw)]
+    for row, expected in enumerate(want):
+        start = seen[0].shape[1] - 3 - expected.shape[0]  # left padded: [pad, text, 996, image, 997, 7, 8]
+        torch.testing.assert_close(seen[0][row, start : start + expected.shape[0]], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_visionzip_on_qwen_batch_equals_singles(family):
+    rec = reduce_batch_and_singles(family, "visionzip", dominant=2, contextual=1)
+    assert all(im.kept == 3 and im.grid == (2, 2) for im in rec.images) and rec.positions == "keep"
+
+
+def test_visionzip_on_qwen_leaves_videos_alone():
+    model = tiny_vlm("qwen2_vl")
+    ids = torch.tensor([[1, 5, 996, *[998] * 8, 997, 7, 8]])  # 2x4x4 patches: 2 frames of 2x2 merged tokens
+    kw = dict(
+        input_ids=ids,
+        mm_token_type_ids=(ids == 998).long() * 2,
+        pixel_values_videos=torch.randn(32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1)),
+        video_grid_thw=torch.tensor([[2, 4, 4]]),
+    )
+    want = logits(model, kw)
+    tokenreduce.apply(model, "visionzip", dominant=2, contextual=1)
+    assert torch.equal(logits(model, kw), want)

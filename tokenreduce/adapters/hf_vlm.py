@@ -117,6 +117,8 @@ class VLMThread:
     q: Tensor | None = None
     k: Tensor | None = None
     reduced: ReducedImages | None = None
+    attention: tuple | None = None  # Qwen's last vision block: (input, cos, sin)
+    images: bool = False  # inside get_image_features (Qwen: the vision tower also encodes videos)
 
 
 def _thread(patch: Patch) -> VLMThread:
@@ -243,6 +245,47 @@ class PackingVLMModel(VLMModel):
 
         patch: Patch = getattr(self, ATTR)
         return patch.adapter.pack_reduced(self, patch, image_features, image_sizes, pack)  # type: ignore[attr-defined]
+
+
+@loadable
+class MergingVLMModel(VLMModel):
+    """:class:`VLMModel` of a Qwen family when a method selects among the vision encoder's states:
+    image features are reduced before Qwen's patch merger (see :meth:`HFVLM.merge_reduced`)."""
+
+    # Qwen's own signature: generate() reads it to pass the image inputs.
+    def get_image_features(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
+        patch: Patch = getattr(self, ATTR)
+        thread = _thread(patch)
+        thread.images = True
+        try:
+            out = super().get_image_features(pixel_values, image_grid_thw, **kwargs)  # type: ignore[misc]
+        finally:
+            thread.images = False
+        return patch.adapter.merge_reduced(self, patch, image_grid_thw, out)  # type: ignore[attr-defined]
+
+
+@loadable
+class DeferredMerger:
+    """Mixed in front of Qwen's patch merger: while image features are computed, stores the patches
+    and passes zeros of the merged shape on; :meth:`HFVLM.merge_reduced` merges the kept tokens only."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        thread = _thread(getattr(self, ATTR))
+        if not thread.images:
+            return super().forward(x)  # type: ignore[misc]
+        thread.hidden = x
+        return x.new_zeros(x.shape[0] // self._tokenreduce_group, self._tokenreduce_width)
+
+
+@loadable
+class CaptureAttentionInput:
+    """Mixed in front of Qwen's last vision attention: stores its input and rotary tables."""
+
+    def forward(self, hidden_states: Tensor, *args, position_embeddings=None, **kwargs):
+        thread = _thread(getattr(self, ATTR))
+        if thread.images:
+            thread.attention = (hidden_states, *position_embeddings)
+        return super().forward(hidden_states, *args, position_embeddings=position_embeddings, **kwargs)  # type: ignore[misc]
 
 
 @loadable
@@ -425,7 +468,9 @@ class HFVLM(Adapter):
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
             )
-        if method.space == "vision":
+        if method.space == "vision" and self.spec(model).merge is not None:
+            pass  # Qwen: the last vision block's output, before the patch merger
+        elif method.space == "vision":
             vision = self.vision(model, f"{method.name!r}, which selects among the vision encoder's hidden states,")
             self.feature_layer(model, vision)
             tokens, grid, _ = self.tower_geometry(model, vision)
@@ -449,7 +494,18 @@ class HFVLM(Adapter):
     def install(self, model: nn.Module, patch: Patch) -> None:
         spec = self.spec(model)
         method = patch.method
-        if isinstance(method, EncoderMethod) or method.space == "vision":
+        if isinstance(method, VisualMethod) and method.space == "vision" and spec.merge is not None:
+            visual = getattr(model, spec.vision)
+            merger, attention = visual.merger, visual.blocks[-1].attn
+            patch.set_attr(merger, ATTR, patch)
+            patch.set_attr(merger, "_tokenreduce_group", visual.spatial_merge_size**2)
+            width = [m for m in merger.modules() if isinstance(m, nn.Linear)][-1].out_features
+            patch.set_attr(merger, "_tokenreduce_width", width)
+            patch.swap_class(merger, DeferredMerger)
+            patch.set_attr(attention, ATTR, patch)
+            patch.swap_class(attention, CaptureAttentionInput)
+            patch.swap_class(model, MergingVLMModel)
+        elif isinstance(method, EncoderMethod) or method.space == "vision":
             vision = self.vision(model, method.name)
             projector = getattr(model, spec.projector)
             layer_index = self.feature_layer(model, vision)
@@ -477,7 +533,7 @@ class HFVLM(Adapter):
         patch.set_attr(text, "_tokenreduce_chunk", tile if spec.tile == "tower" else None)  # every image has `tile` tokens
         patch.set_attr(text, "_tokenreduce_tile", tile)
         patch.swap_class(text, CompactingLLM)
-        if not isinstance(model, PackingVLMModel):
+        if not isinstance(model, VLMModel):
             patch.swap_class(model, VLMModel)
 
     # -- running ------------------------------------------------------------------------------
@@ -516,6 +572,73 @@ class HFVLM(Adapter):
         padded = _front(out, tokens)
         thread.reduced = ReducedImages(padded, images, encoder_record, out, rank)
         return padded
+
+    def merge_reduced(self, model: nn.Module, patch: Patch, grid_thw: Tensor, out):
+        """Qwen: reduce ``out``, the output of ``get_image_features`` whose merger deferred, per image.
+
+        A token is a group of ``spatial_merge_size**2`` patches (consecutive in the tower, row-major
+        groups after undoing Qwen2.5's window order); the method selects among the groups' concatenated
+        patch states of the last vision block, with that block's queries and keys (rotary applied) for
+        the groups' patches; the merger projects the kept tokens only, written to the front of each
+        image's span; Qwen3-VL's deepstack features follow the same selection."""
+        thread, method = _thread(patch), patch.method
+        x, attention = thread.hidden, thread.attention
+        thread.hidden = thread.attention = None
+        if x is None or attention is None:
+            raise RuntimeError("Qwen's vision tower did not run its last block and merger for these images")
+        visual = getattr(model, self.spec(model).vision)
+        attn, merger = visual.blocks[-1].attn, visual.merger
+        merge = visual.spatial_merge_size
+        group = merge * merge
+        hidden_in, cos, sin = attention
+        q, k, _ = attn.qkv(hidden_in).reshape(hidden_in.shape[0], 3, attn.num_heads, -1).unbind(1)
+        q, k = sys.modules[original_class(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+        order = self._unit_order(visual, grid_thw)
+
+        def row_major(t: Tensor) -> Tensor:
+            t = t.reshape(t.shape[0] // group, group, *t.shape[1:])
+            return t if order is None else t[order]
+
+        x, q, k = row_major(x), row_major(q), row_major(k)  # [U, group, C], [U, group, H, d]
+        sizes = (grid_thw.prod(-1) // group).tolist()
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        grids = [(int(h) // merge, int(w) // merge) if int(t) == 1 else None for t, h, w in grid_thw.tolist()]
+        pooled = torch.zeros_like(torch.cat(out.pooler_output))
+        levels = [torch.cat(level) for level in getattr(out, "deepstack_features", None) or []]
+        reduced_levels = [torch.zeros_like(level) for level in levels]
+        records: list[ImageRecord | None] = [None] * len(sizes)
+        batches: dict[tuple, list[int]] = {}
+        for i, (n, grid) in enumerate(zip(sizes, grids)):
+            batches.setdefault((n, grid), []).append(i)
+        for (n, grid), members in batches.items():
+            keep = method.num_kept(n, grid)
+            spans = [slice(offsets[i], offsets[i] + n) for i in members]
+            features = torch.stack([x[sp].flatten(1) for sp in spans])
+            heads = [torch.stack([t[sp].flatten(0, 1) for sp in spans]).transpose(1, 2) for t in (q, k)]
+            selection = method.select(VisualContext(features, keep, 0, grid, *heads, attn.scaling, group=group))
+            kept = selection.apply(features).reshape(-1, x.shape[-1])
+            merged = original_class(merger).forward(merger, kept).view(len(members), keep, -1)
+            chosen = [merged] + [selection.apply(torch.stack([level[sp] for sp in spans])) for level in levels]
+            for target, tokens in zip([pooled, *reduced_levels], chosen):
+                for j, sp in enumerate(spans):
+                    target[sp.start : sp.start + keep] = tokens[j]
+            for j, record in zip(members, _records(selection, 0, n, grid)):
+                records[j] = record
+        out.pooler_output = tuple(torch.split(pooled, sizes))
+        if levels:
+            out.deepstack_features = [tuple(torch.split(level, sizes)) for level in reduced_levels]
+        thread.reduced = ReducedImages(pooled, records, None)  # type: ignore[arg-type]
+        return out
+
+    @staticmethod
+    def _unit_order(visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
+        """Where each row-major merged token sits in the tower's order (Qwen2.5 reorders by window)."""
+        if not hasattr(visual, "fullatt_block_indexes"):
+            return None
+        window_index, _ = sys.modules[original_class(visual).__module__].get_vision_window_index(
+            grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        return torch.argsort(window_index).to(grid_thw.device)
 
     def pack_reduced(self, model: nn.Module, patch: Patch, features: list[Tensor], image_sizes, pack) -> tuple:
         """Pack each image's reduced crops (``features``: per image ``[crops, N, D]``, as the projector
@@ -614,7 +737,7 @@ class HFVLM(Adapter):
                     "the image features of this prompt were not reduced by this model in this thread "
                     "(compute them with the patched model, in the thread that runs the prompt)"
                 )
-            images, encoder, deepstack = reduced.images, reduced.encoder, []
+            images, encoder, deepstack = reduced.images, reduced.encoder, _deepstack(kwargs, embeds)
         thread.reduced = None
         if len(images) != len(spans):
             raise ValueError(f"the prompt has {len(spans)} image token spans for {len(images)} images")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenreduce.core import Selection, cls_attention, nearest_target_merge, received_attention, strided_targets
+from tokenreduce.core import Selection, cls_attention, nearest_target_merge, strided_targets
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int
@@ -34,7 +34,11 @@ class VisionZip(VisualMethod):
     encoder without a class token (SigLIP) the dominant score is the attention each patch receives,
     averaged over heads and all queries (the pseudo-CLS saliency of VisionZip's SigLIP ports), and all
     ``dominant`` tokens are patches; the class token's kept output takes the image's first position when
-    ``positions="keep"``.
+    ``positions="keep"``. On Qwen2-VL and Qwen2.5-VL (no class token; the patch merger is the projector)
+    a token is a merged 2x2 group of patches: its score is the attention its four patches receive in
+    the last vision block (over the whole image, also where that block attends within windows), its
+    key the mean of theirs, and merging adds the groups' four concatenated patch states, which the
+    merger then projects.
 
     AnyRes (LLaVA-NeXT, OneVision): the budget applies per crop (the base image and each crop), as
     the reference's ``encode_images_visionzip_multi``; the LLM reads the base image's tokens, then the
@@ -88,7 +92,7 @@ class VisionZip(VisualMethod):
         dominant, contextual = self.split(ctx.keep)
         if dominant < p:
             raise ValueError(f"dominant must be >= {p} (the class token is always dominant), got {dominant}")
-        scores = cls_attention(ctx.q, ctx.k, ctx.scale)[:, 1:] if p else received_attention(ctx.q, ctx.k, ctx.scale)
+        scores = cls_attention(ctx.q, ctx.k, ctx.scale)[:, 1:] if p else ctx.received()
         top = scores.topk(dominant - p, dim=1).indices + p
         picked = torch.cat([torch.arange(p, device=x.device).expand(m, -1), top], dim=1).sort(dim=1).values
         is_dominant = torch.zeros(m, t, dtype=torch.bool, device=x.device).scatter(1, picked, True)
@@ -100,7 +104,7 @@ class VisionZip(VisualMethod):
         index = picked
         if contextual:
             targets = strided_targets(t - dominant, contextual, x.device)
-            metric = ctx.k.mean(dim=1).gather(1, rest[..., None].expand(-1, -1, ctx.k.shape[-1]))
+            metric = ctx.key_metric().gather(1, rest[..., None].expand(-1, -1, ctx.k.shape[-1]))
             rest_slot, rest_coeff = nearest_target_merge(metric, targets)
             slot = slot.scatter(1, rest, dominant + rest_slot)
             coeff = coeff.scatter(1, rest, rest_coeff)

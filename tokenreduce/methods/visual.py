@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from tokenreduce.core import Selection
+from tokenreduce.core import Selection, received_attention
 from tokenreduce.methods.base import Method
 from tokenreduce.stages import Stage
 from tokenreduce.validate import as_int, as_real
@@ -23,7 +23,7 @@ class VisualContext:
     ``features`` are in the method's :attr:`VisualMethod.space`: the projected tokens the LLM will read,
     or the vision encoder's hidden states at the layer the VLM reads (then with the class token in front
     when the encoder has one: ``num_prefix`` is 1). ``q``/``k`` are that layer's queries and keys
-    ``[M, H, N, D]`` when the method asks for attention, else ``None``.
+    ``[M, H, N * group, D]`` when the method asks for attention, else ``None``.
     """
 
     features: Tensor  # [M, N, D]
@@ -33,6 +33,20 @@ class VisualContext:
     q: Tensor | None = None
     k: Tensor | None = None
     scale: float | None = None
+    group: int = 1  # consecutive q/k rows per token: Qwen's patch merger joins 2x2 patches into one
+
+    def received(self) -> Tensor:
+        """Softmax attention each token receives, averaged over heads, all queries and its group's
+        rows: ``[M, N]`` (the saliency of towers without a class token)."""
+        return _pool(received_attention(self.q, self.k, self.scale), self.group)
+
+    def key_metric(self) -> Tensor:
+        """The layer's keys averaged over heads and over each token's group: ``[M, N, D]``."""
+        return _pool(self.k.mean(dim=1), self.group)
+
+
+def _pool(x: Tensor, group: int) -> Tensor:
+    return x if group == 1 else x.unflatten(1, (-1, group)).mean(dim=2)
 
 
 @dataclass
