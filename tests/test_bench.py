@@ -119,3 +119,27 @@ def test_llm_prefill_macs_match_torch_flop_counter():
         hidden = text(inputs_embeds=embeds).last_hidden_state
         head(hidden[:, -1:])
     assert counter.get_total_flops() / 2 == pytest.approx(llm_prefill_macs(text, head, 37), rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl", "gemma3"])
+def test_vlm_bench_builds_each_familys_prompt(family):
+    from conftest import tiny_vlm
+    from tokenreduce.bench.vlm import run_vlm_bench
+
+    none, pruned = run_vlm_bench(tiny_vlm(family), parse_specs("random:keep_ratio=0.5"), prompt_tokens=4, new_tokens=2, repeats=1)
+    assert pruned.visual_tokens == round(none.visual_tokens / 2)
+    assert none.llm_tokens - pruned.llm_tokens == none.visual_tokens - pruned.visual_tokens
+    assert pruned.prefill_gflops < none.prefill_gflops and pruned.kv_cache_mib < none.kv_cache_mib
+
+
+def test_counted_vision_macs_include_sdpa_attention():
+    from conftest import tiny_llava
+    from tokenreduce.bench.flops import counted_macs
+
+    pixels = torch.randn(1, 3, 32, 32)
+    counts = []
+    for attention in ("eager", "sdpa"):
+        model = tiny_llava()
+        model.set_attn_implementation(attention)
+        counts.append(counted_macs(lambda m=model: m.model.get_image_features(pixel_values=pixels)))
+    assert counts[0] == counts[1] > 0

@@ -226,3 +226,21 @@ def test_cli_viz_draws_what_a_vlm_kept(tmp_path, capsys, image):
     assert main([*argv, "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     assert Image.open(out).size == (3 * 32, 18 + 32)
+
+
+def test_cli_viz_refuses_a_vlm_it_cannot_draw(tmp_path, capsys, image):
+    from conftest import tiny_vlm
+
+    tiny_vlm("qwen2_vl").save_pretrained(tmp_path / "qwen")
+    err = fails(["viz", str(image), "--vlm", "--checkpoint", str(tmp_path / "qwen"), "--out", str(tmp_path / "v.png")], capsys)
+    assert "viz --vlm draws VLMs that read one square tile per image" in err and "Qwen2VLModel is not one" in err
+
+
+def test_cli_vlm_bench_on_a_saved_qwen(tmp_path, capsys):
+    from conftest import tiny_vlm
+
+    tiny_vlm("qwen2_vl").save_pretrained(tmp_path / "qwen")
+    argv = ["bench", "--vlm", "--checkpoint", str(tmp_path / "qwen"), "--methods", "visionzip:dominant=30:contextual=6"]
+    assert main([*argv, "--repeats", "1", "--new-tokens", "2", "--threads", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "visionzip:dominant=30:contextual=6" in out and " 144 " in out and " 36 " in out

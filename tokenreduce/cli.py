@@ -264,6 +264,10 @@ def cmd_viz_vlm(args: argparse.Namespace, specs) -> int:
     model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
     model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint)
     _, inner, adapter = locate(model)
+    if adapter.spec(inner).tile != "tower":
+        raise TypeError(
+            f"viz --vlm draws VLMs that read one square tile per image (LLaVA-1.5 style); {type(inner).__name__} is not one"
+        )
     vision = adapter.vision(inner, "tokenreduce viz --vlm")
     _, grid, _ = adapter.tower_geometry(inner, vision)
     size = vision.config.image_size

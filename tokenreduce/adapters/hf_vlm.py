@@ -159,10 +159,20 @@ class Family:
     mrope: bool = False
     merge: str | None = None
     anyres: bool = False
+    frame: tuple[str, str] | None = None  # config ids of the tokens around an image's span
+    type_ids: str | None = None  # the forward argument marking image tokens (1) among text (0)
+    tiles: bool = False  # pixel_values [B, tiles, 3, H, W] (Idefics3)
 
 
-_QWEN = Family(vision="visual", projector=None, mrope=True, merge="vision_config.spatial_merge_size")
-_IDEFICS = Family(text="text_model", vision="vision_model", projector=None, tile="image_seq_len")
+_QWEN = Family(
+    vision="visual",
+    projector=None,
+    mrope=True,
+    merge="vision_config.spatial_merge_size",
+    frame=("vision_start_token_id", "vision_end_token_id"),
+    type_ids="mm_token_type_ids",
+)
+_IDEFICS = Family(text="text_model", vision="vision_model", projector=None, tile="image_seq_len", tiles=True)
 FAMILIES = {
     "transformers.models.llava.modeling_llava.LlavaModel": Family(tile="tower"),
     "transformers.models.llava_next.modeling_llava_next.LlavaNextModel": Family(anyres=True),
@@ -173,7 +183,13 @@ FAMILIES = {
     "transformers.models.idefics3.modeling_idefics3.Idefics3Model": _IDEFICS,
     "transformers.models.smolvlm.modeling_smolvlm.SmolVLMModel": _IDEFICS,
     "transformers.models.internvl.modeling_internvl.InternVLModel": Family(projector=None, tile="image_seq_length"),
-    "transformers.models.gemma3.modeling_gemma3.Gemma3Model": Family(projector=None, tile="mm_tokens_per_image"),
+    "transformers.models.gemma3.modeling_gemma3.Gemma3Model": Family(
+        projector=None,
+        tile="mm_tokens_per_image",
+        image_token="image_token_index",
+        frame=("boi_token_index", "eoi_token_index"),
+        type_ids="token_type_ids",
+    ),
 }
 FAMILY_NAMES = (
     "LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
@@ -420,6 +436,54 @@ class HFVLM(Adapter):
             return []
         m = int(_config_path(model.config, merge))
         return [(int(h) // m, int(w) // m) if int(t) == 1 else None for t, h, w in image_grid_thw.tolist()]
+
+    def example_images(self, model: nn.Module, count: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Random pixel inputs for ``count`` images of the tower's native size, laid out as the
+        family's processor lays them out (AnyRes: a 2x2 crop grid and the base image; Qwen: a 24x24
+        patch grid, flattened patches)."""
+        spec, config = self.spec(model), model.config
+        vision = config.vision_config
+        if spec.merge is not None:
+            p, tp = vision.patch_size, vision.temporal_patch_size
+            rows = torch.randn(count * 24 * 24, vision.in_channels * tp * p * p, generator=generator)
+            return dict(pixel_values=rows, image_grid_thw=torch.tensor([[1, 24, 24]] * count))
+        side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+        if spec.anyres:
+            size = [2 * side, 2 * side]
+            module = sys.modules[original_class(model).__module__]
+            crops = module.image_size_to_num_patches(size, config.image_grid_pinpoints, side)
+            pixels = torch.randn(count, crops, 3, side, side, generator=generator)
+            return dict(pixel_values=pixels, image_sizes=torch.tensor([size] * count))
+        pixels = torch.randn(count, 3, side, side, generator=generator)
+        return dict(pixel_values=pixels[:, None] if spec.tiles else pixels)
+
+    def example_inputs(self, model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0) -> dict[str, Tensor]:
+        """A batch of prompts of one random image and ``prompt_tokens`` random text tokens each (half
+        before the image, half after), framed and typed as the family's processor does."""
+        spec, config = self.spec(model), model.config
+        gen = torch.Generator().manual_seed(seed)
+        images = self.example_images(model, batch_size, gen)
+        one = {k: v[: v.shape[0] // batch_size] for k, v in images.items()}
+        with torch.no_grad():
+            tokens = self.get_image_features_count(model, one)
+        image_id = int(getattr(config, spec.image_token))
+        frame = [int(getattr(config, a)) for a in spec.frame] if spec.frame else []
+        special = {image_id, *frame, *(int(v) for k, v in vars(config).items() if k.endswith("token_id") and isinstance(v, int))}
+        vocab = config.get_text_config().vocab_size
+        text = torch.randint(3, min(vocab, 32000), (batch_size, prompt_tokens), generator=gen)
+        text = text.masked_fill(torch.isin(text, torch.tensor(sorted(special))), 3)
+        image = torch.tensor(frame[:1] + [image_id] * tokens + frame[1:]).expand(batch_size, -1)
+        before = prompt_tokens // 2
+        ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **images)
+        if spec.type_ids:
+            inputs[spec.type_ids] = (ids == image_id).long()
+        return inputs
+
+    @staticmethod
+    def get_image_features_count(model: nn.Module, images: dict[str, Tensor]) -> int:
+        """Visual tokens the model gives the first image of ``images`` (its own feature computation)."""
+        return int(original_class(model).get_image_features(model, **images).pooler_output[0].shape[0])
 
     # -- the encoder stage delegates to the tower -----------------------------------------------
     def num_prefix_tokens(self, model: nn.Module) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 from tokenreduce.adapters.base import Adapter, BlockCost
 
@@ -27,3 +29,19 @@ def model_macs(adapter: Adapter, model, input_tokens: int, tokens_per_layer: Seq
     n_in = [input_tokens, *tokens_per_layer[:-1]]
     blocks = sum(block_macs(c, i, o) for c, i, o in zip(costs, n_in, tokens_per_layer))
     return adapter.stem_head_macs(model, input_tokens) + blocks
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    b, h, length, e = query_shape
+    return 2 * b * h * length * key_shape[-2] * (e + value_shape[-1])
+
+
+def counted_macs(fn: Callable[[], object]) -> int:
+    """Multiply-accumulates of the matrix products, convolutions and attention ``fn`` runs, counted
+    by torch's ``FlopCounterMode`` (for models no analytic count knows; CPU SDPA counted too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops() // 2

@@ -17,10 +17,9 @@ import tokenreduce
 from tokenreduce.adapters import locate
 from tokenreduce.adapters.blocks import linear_macs
 from tokenreduce.api import patch_of
-from tokenreduce.bench.flops import model_macs
+from tokenreduce.bench.flops import counted_macs
 from tokenreduce.bench.memory import peak_memory_bytes
 from tokenreduce.bench.runner import MethodSpec, interleaved_times, reduction_share, with_baseline
-from tokenreduce.methods.base import EncoderMethod
 from tokenreduce.validate import as_int
 
 DEFAULT_VLM = "llava-cpu"
@@ -52,22 +51,10 @@ def llava_cpu(image_token: int = 32000) -> nn.Module:
 
 
 def prompt_inputs(model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One image and ``prompt_tokens`` text tokens per row (half before the image, half after), random
-    pixels and token ids, for a LLaVA-style model (every image one fixed run of image tokens)."""
+    """One random image and ``prompt_tokens`` random text tokens per row (half before the image, half
+    after), laid out, framed and typed as the VLM family's processor does."""
     _, inner, adapter = locate(model)
-    tokens = adapter.tile_tokens(inner)
-    if tokens is None or adapter.spec(inner).tile != "tower":
-        raise TypeError("the VLM bench builds prompts for LLaVA-1.5-style models (one fixed run of image tokens per image)")
-    vision = adapter.vision(inner, "the VLM bench")
-    size = vision.config.image_size
-    gen = torch.Generator().manual_seed(seed)
-    image_token = inner.config.image_token_id
-    vocab = inner.config.get_text_config().vocab_size
-    text = torch.randint(1, min(vocab, image_token), (batch_size, prompt_tokens), generator=gen)
-    before = prompt_tokens // 2
-    ids = torch.cat([text[:, :before], torch.full((batch_size, tokens), image_token), text[:, before:]], dim=1)
-    pixels = torch.randn(batch_size, 3, size, size, generator=gen)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    return adapter.example_inputs(inner, batch_size, prompt_tokens, seed)
 
 
 def llm_prefill_macs(text_model: nn.Module, lm_head: nn.Module, length: int) -> int:
@@ -150,7 +137,7 @@ def run_vlm_bench(
     specs, device, tick = with_baseline(specs), torch.device(device), progress or (lambda n: None)
     base = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     inputs = {k: v.to(device) for k, v in prompt_inputs(base, batch_size, prompt_tokens).items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     _, inner, adapter = locate(base)
 
     models, rows = [], []
@@ -205,34 +192,27 @@ def run_vlm_bench(
 
 
 def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec: MethodSpec) -> dict[str, Any]:
-    """Tokens, FLOPs and KV-cache size of one checked prompt."""
-    vision = adapter.vision(inner, "the VLM bench")
-    n0 = adapter.default_num_tokens(inner)
-    depth = len(adapter.blocks(inner))
+    """Tokens, FLOPs and KV-cache size of one checked prompt; the vision side (tower, projector and
+    any selection before the LLM) counted on ``m``'s own image-feature computation."""
     rows = inputs["input_ids"].shape[0]
     if spec.name == "none":
-        lengths = inputs["attention_mask"].sum(1).tolist()
-        visual, tower_tokens, params = adapter.tile_tokens(inner), [n0] * depth, {}
+        lengths, params = inputs["attention_mask"].sum(1).tolist(), {}
+        visual = int(inputs["input_ids"][0].eq(int(getattr(inner.config, adapter.spec(inner).image_token))).sum())
     else:
         rec = tokenreduce.record(m)
-        lengths, visual = rec.llm_lengths, rec.images[0].kept
-        tower_tokens = list(rec.encoder.tokens_per_layer) if rec.encoder is not None else [n0] * depth
-        params = patch_of(m).method.params()
+        lengths, visual, params = rec.llm_lengths, rec.images[0].kept, patch_of(m).method.params()
     text = getattr(inner, adapter.spec(inner).text)
     lm_head = m.get_output_embeddings()
     llm = sum(llm_prefill_macs(text, lm_head, int(n)) for n in lengths) / rows
-    method = None if spec.name == "none" else patch_of(m).method
-    # The projector sees every visual token unless the reduction happened before it.
-    before_projector = isinstance(method, EncoderMethod) or getattr(method, "space", None) == "vision"
-    projected = visual if before_projector else adapter.tower_geometry(inner, vision)[0]
-    projector = linear_macs(getattr(inner, adapter.spec(inner).projector)) * projected
-    vision_macs = model_macs(adapter.tower, vision, n0, tower_tokens) + projector
+    _, patched, _ = locate(m)
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and not k.endswith("type_ids")}
+    vision = counted_macs(lambda: patched.get_image_features(**images)) / rows
     return dict(
         method=spec.label,
         params=params,
         visual_tokens=visual,
         llm_tokens=round(sum(lengths) / rows),
-        prefill_gflops=(vision_macs + llm) / 1e9,
+        prefill_gflops=(vision + llm) / 1e9,
         llm_prefill_gflops=llm / 1e9,
         kv_cache_mib=kv_cache_bytes(out.cache) / 2**20,
     )
