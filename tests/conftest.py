@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import tokenreduce
+
 timm = pytest.importorskip("timm")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer  # noqa: E402
@@ -323,3 +325,35 @@ def vlm_inputs(model: nn.Module, family: str, texts: list[list[int]], side: str 
     if family == "gemma3":
         kw["token_type_ids"] = (ids == IMAGE_TOKEN).long()
     return kw
+
+
+BATCH_TEXTS = [[1, 5], [1, 5, 6, 9, 4], [2, 3, 4]]
+
+
+def _vlm_logits(model: nn.Module, kw: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kw).logits
+
+
+def _vlm_generate(model: nn.Module, kw: dict, tokens: int = 3) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**kw, max_new_tokens=tokens, do_sample=False)[:, -tokens:]
+
+
+def reduce_batch_and_singles(family: str, method: str, **config):
+    """Reduce a batch of three prompts of different lengths and check each row against the row alone
+    (generated tokens equal, last logits close) and that remove() restores the model; returns the
+    batch's record."""
+    model = tiny_vlm(family)
+    kw = vlm_inputs(model, family, BATCH_TEXTS)
+    before = _vlm_logits(model, kw)
+    tokenreduce.apply(model, method, **config)
+    batched, last = _vlm_generate(model, kw), _vlm_logits(model, kw)[:, -1]
+    rec = tokenreduce.record(model)
+    for row in range(len(BATCH_TEXTS)):
+        single = vlm_inputs(model, family, [BATCH_TEXTS[row]], seed=3 + row)
+        assert torch.equal(_vlm_generate(model, single), batched[row : row + 1]), f"row {row}"
+        torch.testing.assert_close(_vlm_logits(model, single)[:, -1], last[row : row + 1], rtol=1e-4, atol=1e-4)
+    tokenreduce.remove(model)
+    assert torch.equal(_vlm_logits(model, kw), before)
+    return rec

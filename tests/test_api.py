@@ -23,7 +23,18 @@ def test_import_pulls_in_no_model_library():
 
 
 def test_methods_lists_registered_names():
-    assert tokenreduce.list_methods() == ["divprune", "evit", "none", "pool", "random", "tome", "topk", "visionzip"]
+    assert tokenreduce.list_methods() == [
+        "divprune",
+        "evit",
+        "fastv",
+        "none",
+        "pdrop",
+        "pool",
+        "random",
+        "tome",
+        "topk",
+        "visionzip",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 
 import reference
 import tokenreduce
-from conftest import VLM_FAMILIES, batch, tiny_vlm, vlm_inputs
+from conftest import VLM_FAMILIES, batch, reduce_batch_and_singles, tiny_vlm, vlm_inputs
 
 pytest.importorskip("transformers")
 
@@ -38,32 +38,14 @@ def generate(model, kw):
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_keep_all_equals_the_unpatched_model(family):
+@pytest.mark.parametrize("method", ["random", "fastv"])  # before the LLM, inside it
+def test_keep_all_equals_the_unpatched_model(family, method):
     model = tiny_vlm(family)
     kw = vlm_inputs(model, family, TEXTS[:2])
     want, want_gen = logits(model, kw), generate(model, kw)
-    tokenreduce.apply(model, "random", keep_ratio=1.0)
+    tokenreduce.apply(model, method, keep_ratio=1.0)
     torch.testing.assert_close(logits(model, kw), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, kw), want_gen)
-
-
-def reduce_batch_and_singles(family: str, method: str, **config):
-    """Reduce a batch of three prompts of different lengths and check each row against the row alone
-    (generated tokens equal, last logits close) and that remove() restores the model; returns the
-    batch's record."""
-    model = tiny_vlm(family)
-    kw = vlm_inputs(model, family, TEXTS)
-    before = logits(model, kw)
-    tokenreduce.apply(model, method, **config)
-    batched, last = generate(model, kw), logits(model, kw)[:, -1]
-    rec = tokenreduce.record(model)
-    for row in range(len(TEXTS)):
-        single = vlm_inputs(model, family, [TEXTS[row]], seed=3 + row)
-        assert torch.equal(generate(model, single), batched[row : row + 1]), f"row {row}"
-        torch.testing.assert_close(logits(model, single)[:, -1], last[row : row + 1], rtol=1e-4, atol=1e-4)
-    tokenreduce.remove(model)
-    assert torch.equal(logits(model, kw), before)
-    return rec
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)

@@ -89,6 +89,7 @@ class Patch:
         self._local = threading.local()
         self._classes: list[tuple[nn.Module, type]] = []
         self._attrs: list[tuple[nn.Module, str]] = []
+        self._replaced: list[tuple[nn.Module, str, object]] = []
 
     def __getstate__(self) -> dict:
         # Forward states are per thread and per call: a copy or a pickle starts without any.
@@ -103,6 +104,11 @@ class Patch:
         """Give ``module`` a subclass of its class with ``mixin``'s methods in front."""
         self._classes.append((module, type(module)))
         module.__class__ = _patched_class(mixin, type(module))
+
+    def replace_attr(self, module: nn.Module, name: str, value: object) -> None:
+        """Give ``module`` another plain attribute ``name`` until :meth:`undo` puts the old one back."""
+        self._replaced.append((module, name, module.__dict__[name]))
+        module.__dict__[name] = value
 
     def set_attr(self, module: nn.Module, name: str, value: object) -> None:
         if name in module.__dict__:
@@ -126,11 +132,13 @@ class Patch:
         self.swap_class(module, mixin)
 
     def undo(self) -> None:
+        for module, name, value in reversed(self._replaced):
+            module.__dict__[name] = value
         for module, name in reversed(self._attrs):
             del module.__dict__[name]
         for module, cls in reversed(self._classes):
             module.__class__ = cls
-        self._attrs, self._classes = [], []
+        self._attrs, self._classes, self._replaced = [], [], []
 
     # -- running -------------------------------------------------------------------------------
     def begin(self, x: Tensor, masked: bool = False) -> ForwardState:

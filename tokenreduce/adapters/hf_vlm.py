@@ -31,12 +31,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from tokenreduce.adapters import hf_llm
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
+from tokenreduce.adapters.hf_llm import LLMRun, LLMStep
 from tokenreduce.adapters.hf_vision import TOWERS, HFVisionTower
 from tokenreduce.core import Selection
 from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
+from tokenreduce.methods.llm import LLMMethod
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.patch import ATTR, CaptureOutput, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
@@ -69,7 +72,9 @@ class VLMRecord:
 
     ``input_lengths`` / ``llm_lengths``: per row, the tokens (padding excluded) the LLM would have read
     and did read. ``positions``: ``"keep"`` or ``"reindex"``. ``encoder``: the vision encoder's record
-    when an encoder-stage method ran.
+    when an encoder-stage method ran. In-LLM methods: ``layer_lengths`` per decoder layer the real
+    tokens of each row it read, ``steps`` what each pruning layer kept, and ``images`` what the last
+    layers read of each image.
     """
 
     images: tuple[ImageRecord, ...]
@@ -77,6 +82,8 @@ class VLMRecord:
     llm_lengths: tuple[int, ...]
     positions: str
     encoder: Record | None
+    layer_lengths: tuple[tuple[int, ...], ...] = ()
+    steps: tuple[LLMStep, ...] = ()
 
 
 @dataclass
@@ -118,6 +125,7 @@ class VLMThread:
     k: Tensor | None = None
     reduced: ReducedImages | None = None
     attention: tuple | None = None  # Qwen's last vision block: (input, cos, sin)
+    llm: LLMRun | None = None  # the prefill being pruned inside the LLM
     images: bool = False  # inside get_image_features (Qwen: the vision tower also encodes videos)
 
 
@@ -333,6 +341,8 @@ class CompactingLLM:
                     "pre-LLM token reduction needs the prompt to start an empty cache; continuing a cache is not supported"
                 )
             adapter: HFVLM = patch.adapter  # type: ignore[assignment]
+            if isinstance(patch.method, LLMMethod):
+                return adapter.pruned_prefill(self, patch, state, kwargs, lambda: super(CompactingLLM, self).forward(**kwargs))
             compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile)
             out = super().forward(**kwargs)  # type: ignore[misc]
             if out.cache is not None:
@@ -342,6 +352,14 @@ class CompactingLLM:
         if compaction is not None:
             _decode_step(compaction, cache, kwargs)
         return super().forward(**kwargs)  # type: ignore[misc]
+
+    def _deepstack_process(self, hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+        # Qwen3-VL adds deepstack features to the first layers' visual tokens: after a pruning layer,
+        # to the kept ones.
+        run = _thread(getattr(self, ATTR)).llm
+        if run is not None and run.stages:
+            visual_pos_masks, visual_embeds = hf_llm.deepstack_inputs(run, visual_pos_masks, visual_embeds)
+        return super()._deepstack_process(hidden_states, visual_pos_masks, visual_embeds)  # type: ignore[misc]
 
 
 def _decode_step(compaction: Compaction, cache, kwargs: dict) -> None:
@@ -376,7 +394,7 @@ def _decode_4d(compaction: Compaction, mask: Tensor, full_length: int) -> Tensor
 class HFVLM(Adapter):
     name = "hf-vlm"
     family = f"Hugging Face VLMs ({FAMILY_NAMES})"
-    stages: ClassVar[tuple[Stage, ...]] = (Stage.ENCODER, Stage.PRE_LLM)
+    stages: ClassVar[tuple[Stage, ...]] = (Stage.ENCODER, Stage.PRE_LLM, Stage.LLM)
     tower = HFVisionTower()
 
     @classmethod
@@ -522,6 +540,9 @@ class HFVLM(Adapter):
 
     # -- checks and installation --------------------------------------------------------------
     def validate(self, model: nn.Module, method: Method) -> None:
+        if isinstance(method, LLMMethod):
+            self._validate_llm(model, method)
+            return
         if isinstance(method, EncoderMethod):
             vision = self.vision(model, f"encoder-stage method {method.name!r}")
             self.tower.validate(vision, method)
@@ -543,7 +564,24 @@ class HFVLM(Adapter):
         if tile is not None:
             method.num_kept(tile, _square(tile))
 
+    def _validate_llm(self, model: nn.Module, method: LLMMethod) -> None:
+        spec, text = self.spec(model), getattr(model, self.spec(model).text)
+        method.prune_layers(len(text.layers))
+        if method.positions == "reindex" and spec.mrope:
+            raise ValueError(
+                f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
+            )
+        if not hasattr(text, "rotary_emb") or not all(hasattr(layer, "self_attn") for layer in text.layers):
+            raise TypeError(f"{type(text).__name__} has no rotary_emb or self_attn layers tokenreduce can follow")
+
     def plan(self, model: nn.Module, method: Method) -> list[str]:
+        if isinstance(method, LLMMethod):
+            depth = len(getattr(model, self.spec(model).text).layers)
+            layers = method.prune_layers(depth)
+            tile = self.tile_tokens(model)
+            counts = [] if tile is None else [tile] + [method.kept(tile, j) for j in range(len(layers))]
+            counts = ": " + " -> ".join(map(str, counts)) if counts else ""
+            return [f"visual tokens per image, pruned before LLM layers {', '.join(map(str, layers))} of {depth}{counts}"]
         if isinstance(method, EncoderMethod):
             return self.tower.plan(self.vision(model, method.name), method)
         if method.space == "vision" and self.spec(model).anyres:
@@ -558,7 +596,8 @@ class HFVLM(Adapter):
     def install(self, model: nn.Module, patch: Patch) -> None:
         spec = self.spec(model)
         method = patch.method
-        if isinstance(method, VisualMethod) and method.space == "vision" and spec.merge is not None:
+        vision_space = isinstance(method, VisualMethod) and method.space == "vision"
+        if vision_space and spec.merge is not None:
             visual = getattr(model, spec.vision)
             merger, attention = visual.merger, visual.blocks[-1].attn
             patch.set_attr(merger, ATTR, patch)
@@ -569,7 +608,7 @@ class HFVLM(Adapter):
             patch.set_attr(attention, ATTR, patch)
             patch.swap_class(attention, CaptureAttentionInput)
             patch.swap_class(model, MergingVLMModel)
-        elif isinstance(method, EncoderMethod) or method.space == "vision":
+        elif isinstance(method, EncoderMethod) or vision_space:
             vision = self.vision(model, method.name)
             projector = getattr(model, spec.projector)
             layer_index = self.feature_layer(model, vision)
@@ -592,6 +631,8 @@ class HFVLM(Adapter):
             if spec.anyres:
                 patch.swap_class(model, PackingVLMModel)
         text = getattr(model, spec.text)
+        if isinstance(method, LLMMethod):
+            hf_llm.install(patch, text, method)
         patch.set_attr(text, ATTR, patch)
         tile = self.tile_tokens(model)
         patch.set_attr(text, "_tokenreduce_chunk", tile if spec.tile == "tower" else None)  # every image has `tile` tokens
@@ -817,6 +858,39 @@ class HFVLM(Adapter):
             encoder=encoder,
         )
         return compaction
+
+    def pruned_prefill(self, text: nn.Module, patch: Patch, state: VisualState, kwargs: dict, forward):
+        """Run the LLM's prompt with an in-LLM method pruning its image tokens (see :mod:`hf_llm`)."""
+        hf_llm.check_cache(kwargs.get("cache"))
+        embeds = kwargs["inputs_embeds"]
+        mask = state.mask if state.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        spans = image_spans(state.placeholder, text._tokenreduce_chunk)
+        thread = _thread(patch)
+        thread.reduced = None
+        run = hf_llm.open_run(patch.method, text, spans, mask, state.reindex)
+        thread.llm = run
+        try:
+            out = forward()
+        finally:
+            thread.llm = None
+        if out.cache is not None:
+            setattr(out.cache, hf_llm.STAGES, hf_llm.Pruned(tuple(run.stages), run.rotary))
+        images = []
+        for (_, _, n), kept in zip(spans, run.origin):
+            owner = torch.full((n,), -1, dtype=torch.long, device=kept.device)
+            owner[kept] = torch.arange(kept.shape[0], device=kept.device)
+            images.append(ImageRecord(n, kept.shape[0], owner, kept, _grid(state, len(images), n, text._tokenreduce_tile)))
+        lengths = tuple(int(v) for v in mask.sum(1).tolist())
+        thread.record = VLMRecord(
+            images=tuple(images),
+            input_lengths=lengths,
+            llm_lengths=lengths,
+            positions="reindex" if state.reindex else "keep",
+            encoder=None,
+            layer_lengths=tuple(run.lengths),
+            steps=tuple(run.steps),
+        )
+        return out
 
     def record(self, patch: Patch) -> VLMRecord | None:
         return _thread(patch).record

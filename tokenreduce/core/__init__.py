@@ -1,6 +1,6 @@
 """Pure tensor operations for token reduction: no model code, no model-library imports."""
 
-from tokenreduce.core.attention import cls_attention, received_attention, size_bias
+from tokenreduce.core.attention import cls_attention, received_attention, row_attention, size_bias
 from tokenreduce.core.clustering import nearest_target_merge, strided_targets
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
@@ -17,6 +17,7 @@ __all__ = [
     "max_min_subset",
     "nearest_target_merge",
     "received_attention",
+    "row_attention",
     "strided_targets",
     "hash_scores",
     "keep",

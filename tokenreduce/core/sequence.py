@@ -47,6 +47,32 @@ class Compaction:
     shift: Tensor
     reindex: bool
 
+    def then(self, later: Compaction) -> Compaction:
+        """This compaction followed by ``later`` (which acts on this one's output), as one from this
+        one's input: how a second pruning stage maps back to the first stage's sequence."""
+        return Compaction(
+            self.length,
+            self.embed_index.gather(1, later.embed_index),
+            self.position_index.gather(1, later.position_index),
+            later.mask,
+            self.first,
+            self.shift + later.shift,
+            later.reindex,
+        )
+
+    def causal_mask(self, queries: int = 0) -> Tensor:
+        """A boolean ``[B, 1, q, L' + q]`` attention mask for a compacted prefill (``queries=0``: ``q = L'``,
+        causal) or for ``queries`` new tokens after it, hiding the padding compaction put in; a padding
+        query sees itself, so no row is empty."""
+        b, length = self.mask.shape
+        visible = self.mask.bool()
+        if queries == 0:
+            grid = torch.ones(length, length, dtype=torch.bool, device=visible.device).tril()
+            eye = torch.eye(length, dtype=torch.bool, device=visible.device)
+            return (grid & visible[:, None, :] | eye)[:, None]
+        new = torch.ones(queries, queries, dtype=torch.bool, device=visible.device).tril()
+        return torch.cat([visible[:, None, :].expand(-1, queries, -1), new.expand(b, -1, -1)], dim=2)[:, None]
+
     def embeds(self, x: Tensor) -> Tensor:
         """``[B, L, C] -> [B, L', C]``."""
         return x.gather(1, self.embed_index[..., None].expand(-1, -1, x.shape[-1]))

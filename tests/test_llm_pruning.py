@@ -1,0 +1,212 @@
+"""Pruning inside the LLM during the prefill (fastv, pdrop): per-layer KV lengths, padding, batches,
+generate(), every VLM family; oracles from the unpatched model with the pruned tokens masked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenreduce
+from conftest import IMAGE_TOKEN, VLM_FAMILIES, batch, pixels, prompt, reduce_batch_and_singles, tiny_llava, tiny_vlm
+
+pytest.importorskip("transformers")
+
+GEN = dict(max_new_tokens=4, do_sample=False)
+METHODS = {"fastv": dict(layer=2, keep_ratio=0.25), "pdrop": dict(layers=(1, 2, 3), ratios=(0.5, 0.25, 0.125))}
+
+
+def logits(model, kw):
+    with torch.no_grad():
+        return model(**kw).logits
+
+
+def generate(model, kw):
+    with torch.no_grad():
+        return model.generate(**kw, **GEN)[:, -GEN["max_new_tokens"] :]
+
+
+def llava_inputs(side: str = "left") -> dict:
+    ids, mask = batch([prompt([1, 5]), prompt([1, 5, 6, 9, 4])], side)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_batch_equals_singles_and_remove_restores(family, method):
+    rec = reduce_batch_and_singles(family, method, **METHODS[method])
+    n = rec.images[0].placeholders
+    ratios = [1, 1, 0.25, 0.25] if method == "fastv" else [1, 0.5, 0.25, 0.125]
+    kept_per_layer = [max(1, round(n * r)) for r in ratios]
+    assert all(im.kept == kept_per_layer[-1] for im in rec.images)
+    text = rec.input_lengths[-1] - n
+    assert [lengths[-1] for lengths in rec.layer_lengths] == [text + k for k in kept_per_layer]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_right_padding_gives_each_rows_logits(method):
+    model = tokenreduce.apply(tiny_llava(), method, **METHODS[method])
+    kw = llava_inputs("right")
+    both = logits(model, kw)
+    lengths = tokenreduce.record(model).layer_lengths[-1]  # rows keep their real tokens first
+    for row in range(2):
+        real = int(kw["attention_mask"][row].sum())
+        single = dict(input_ids=kw["input_ids"][row : row + 1, :real], pixel_values=kw["pixel_values"][row : row + 1])
+        torch.testing.assert_close(both[row, lengths[row] - 1], logits(model, single)[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def hide_pruned(base, kw: dict, rec, eager: bool) -> list:
+    """Hooks giving every LLM layer of the unpatched ``base`` its own mask: causal, padding hidden
+    (the prompt's mask grown by the generated tokens), and from each pruning layer of ``rec`` on the
+    image tokens it dropped hidden too. With kept positions, this is what pruning them means."""
+    b = kw["input_ids"].shape[0]
+    starts = [int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0]) for row in range(b)]
+    n = rec.images[0].placeholders
+    real_prompt = kw["attention_mask"].bool()
+
+    def dropped(layer: int) -> list[list[int]]:
+        steps = [s for s in rec.steps if s.layer <= layer]
+        if not steps:
+            return [[] for _ in range(b)]
+        return [sorted(set(range(n)) - set(k.tolist())) for k in steps[-1].kept]
+
+    def make(index: int):
+        columns = dropped(index)
+
+        def hook(module, args, kwargs):
+            q = (args[0] if args else kwargs["hidden_states"]).shape[1]
+            cache = kwargs.get("cache")
+            past = 0 if cache is None else cache.get_seq_length(index)
+            length = past + q
+            extra = torch.ones(b, max(0, length - real_prompt.shape[1]), dtype=torch.bool)
+            real = torch.cat([real_prompt, extra], dim=1)[:, :length]
+            mask = torch.ones(q, length, dtype=torch.bool).tril(diagonal=past).repeat(b, 1, 1, 1)
+            mask &= real[:, None, None, :]
+            for row, cols in enumerate(columns):
+                mask[row, :, :, [starts[row] + c for c in cols]] = False
+            mask[:, :, torch.arange(q), past + torch.arange(q)] = True  # a padding query sees itself
+            kwargs["attention_mask"] = (
+                torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min) if eager else mask
+            )
+            return args, kwargs
+
+        return hook
+
+    return [
+        layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(base.model.language_model.layers)
+    ]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_masked(method, attention):
+    kw = llava_inputs()
+    model, base = tiny_llava(), tiny_llava()
+    model.set_attn_implementation(attention)
+    base.set_attn_implementation(attention)
+    tokenreduce.apply(model, method, **METHODS[method], **({"positions": "keep"} if method == "pdrop" else {}))
+    got, got_logits = generate(model, kw), logits(model, kw)[:, -1]
+    rec = tokenreduce.record(model)
+    assert len(rec.steps) == (1 if method == "fastv" else 3)
+    hooks = hide_pruned(base, kw, rec, attention == "eager")
+    want, want_logits = generate(base, kw), logits(base, kw)[:, -1]
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got, want)
+
+
+def naive_attention_rank(probs: torch.Tensor, kw: dict, row: int, candidates: list[int], keep: int) -> list[int]:
+    """Written from the spec: the last prompt token's attention row (mean over heads) at one layer,
+    the ``keep`` highest among an image's ``candidates`` (indices in its span), in order."""
+    start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
+    last = int(kw["attention_mask"][row].nonzero()[-1])
+    row_probs = probs[row].mean(0)[last]
+    score = {c: float(row_probs[start + c]) for c in candidates}
+    return sorted(sorted(candidates, key=lambda c: -score[c])[:keep])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fastv_picks_what_the_naive_reference_picks(attention):
+    kw = llava_inputs()
+    model = tiny_llava()
+    model.set_attn_implementation(attention)
+    tokenreduce.apply(model, "fastv", layer=2, keep_ratio=0.25)
+    logits(model, kw)
+    kept = tokenreduce.record(model).steps[0].kept
+    base = tiny_llava()
+    base.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = base(**kw, output_attentions=True).attentions[1]  # layer K-1 = 1
+    for row in range(2):
+        assert kept[row].tolist() == naive_attention_rank(probs, kw, row, list(range(16)), 4)
+
+
+def test_pdrop_picks_what_the_naive_reference_picks_at_every_stage():
+    kw = llava_inputs()
+    model = tokenreduce.apply(tiny_llava(), "pdrop", **METHODS["pdrop"], positions="keep")
+    logits(model, kw)
+    rec = tokenreduce.record(model)
+    base = tiny_llava()
+    base.set_attn_implementation("eager")
+    candidates = [list(range(16))] * 2
+    for j, (step, keep) in enumerate(zip(rec.steps, (8, 4, 2))):
+        earlier = type(rec)(**{**vars(rec), "steps": rec.steps[:j]})
+        hooks = hide_pruned(base, kw, earlier, eager=True)
+        with torch.no_grad():
+            probs = base(**kw, output_attentions=True).attentions[step.layer]  # the stage layer's own attention
+        for hook in hooks:
+            hook.remove()
+        for row in range(2):
+            assert step.kept[row].tolist() == naive_attention_rank(probs, kw, row, candidates[row], keep), (j, row)
+        candidates = [k.tolist() for k in step.kept]
+
+
+@pytest.mark.parametrize(
+    "method, config, error, match",
+    [
+        ("fastv", dict(layer=0), ValueError, "layer must be an integer >= 1, got 0"),
+        ("fastv", dict(layer=4), ValueError, r"layer must be in \[1, 3\] for an LLM of 4 layers, got 4"),
+        ("fastv", dict(keep_ratio=0.0), ValueError, r"keep_ratio must be a number in \(0, 1\]"),
+        ("fastv", dict(keep_ratio=1.5), ValueError, r"keep_ratio must be a number in \(0, 1\]"),
+        ("pdrop", dict(ratios=(0.25, 0.5)), ValueError, "ratios must be a non-empty, non-increasing sequence"),
+        ("pdrop", dict(ratios=(0.5, 0.0)), ValueError, r"ratios\[1\] must be a number in \(0, 1\]"),
+        ("pdrop", dict(layers=(2, 1, 3)), ValueError, "layers must be 3 increasing layer indices"),
+        ("pdrop", dict(layers=(1, 2, 4)), ValueError, r"layers must be in \[1, 3\] for an LLM of 4 layers, got 4"),
+        ("pdrop", dict(ratios=(0.5, 0.4, 0.3, 0.2)), ValueError, "an LLM of 4 layers cannot hold 4 pruning stages"),
+        ("fastv", dict(positions="shift"), ValueError, "positions must be one of"),
+    ],
+)
+def test_bad_config_raises_with_range(method, config, error, match):
+    model = tiny_llava()
+    with pytest.raises(error, match=match):
+        tokenreduce.apply(model, method, **config)
+    assert not tokenreduce.is_patched(model)
+
+
+def test_reindexing_is_refused_where_positions_encode_the_grid():
+    with pytest.raises(ValueError, match="positions='reindex' cannot apply to Qwen2VLModel"):
+        tokenreduce.apply(tiny_vlm("qwen2_vl"), "pdrop", positions="reindex")
+
+
+def test_a_static_cache_is_refused():
+    model = tokenreduce.apply(tiny_llava(), "fastv")
+    with pytest.raises(ValueError, match="in-LLM pruning needs a dynamic cache"), torch.no_grad():
+        model.generate(**llava_inputs(), max_new_tokens=2, cache_implementation="static")
+
+
+def test_record_and_kv_cache_follow_the_pruning_layers():
+    kw = llava_inputs()
+    model = tokenreduce.apply(tiny_llava(), "pdrop", **METHODS["pdrop"])
+    with torch.no_grad():
+        out = model(**kw, use_cache=True)
+    rec = tokenreduce.record(model)
+    assert [s.layer for s in rec.steps] == [1, 2, 3] and [len(s.kept[0]) for s in rec.steps] == [8, 4, 2]
+    assert all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(rec.steps[0].kept, rec.steps[1].kept))
+    lengths = [layer.keys.shape[2] for layer in out.cache.layers]  # padded to the longest row
+    assert lengths == [max(row) for row in rec.layer_lengths] and lengths[0] > lengths[1] > lengths[2] > lengths[3]
+    assert rec.images[0].kept == 2 and rec.images[0].owner.ge(0).sum() == 2
+
+
+def test_describe_names_the_layers_and_counts():
+    text = tokenreduce.describe(tokenreduce.apply(tiny_llava(), "pdrop", **METHODS["pdrop"]))
+    assert "pruned before LLM layers 1, 2, 3 of 4: 16 -> 8 -> 4 -> 2" in text

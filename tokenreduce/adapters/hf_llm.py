@@ -1,0 +1,301 @@
+"""Pruning inside a Hugging Face decoder stack during the prefill (transformers 5.x).
+
+Facts relied on (the spec's hooking notes, checked on 5.24): the text model computes the attention
+mask, the rotary tables and the position ids once and hands the same objects to every decoder layer,
+called as ``layer(hidden, attention_mask=, position_ids=, cache=, use_cache=, position_embeddings=)``;
+an attention module looks up its kernel by ``self.config._attn_implementation`` and calls it with
+rotary-applied ``query [B, H, L, D]`` and ``key [B, H_kv, L, D]``; a dynamic cache stores whatever
+length each layer gives it.
+
+So a decoder-layer mixin shortens the hidden states at a pruning layer and hands every later layer
+the mask, position ids and rotary tables cut to the kept tokens (re-padding rows that kept different
+amounts); the scoring layer's attention module gets a config copy naming a registered kernel that
+reads the one query row a method needs, then calls the model's own kernel. On decode steps the
+layers after a pruning layer get the mask's columns cut to their shorter cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tokenreduce.core import row_attention
+from tokenreduce.core.sequence import Compaction, SpanKeep, compact
+from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod
+from tokenreduce.patch import ATTR, Patch, original_class
+from tokenreduce.registry import loadable
+
+STAGES = "_tokenreduce_llm_stages"  # attribute on a generate call's cache: the prefill's pruning stages
+KERNEL = "tokenreduce_scoring"  # the attention implementation name of scoring layers
+
+
+@dataclass(frozen=True)
+class PruneStage:
+    """A pruning layer and where its sequence came from: ``compaction`` maps the LLM's input sequence
+    to the sequence of this layer and the next ones (until the next stage)."""
+
+    layer: int
+    compaction: Compaction
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Kept on a generate call's cache after a pruned prefill, for the decode steps."""
+
+    stages: tuple[PruneStage, ...]
+    rotary: nn.Module
+
+
+@dataclass(frozen=True)
+class LLMStep:
+    """What one pruning layer kept: per image, the indices of its visual tokens at the LLM's input."""
+
+    layer: int
+    kept: tuple[Tensor, ...]
+
+
+@dataclass
+class LLMRun:
+    """One prefill being pruned: the current sequence's images and 2-D mask, the stages done so far,
+    the attention row captured for the next stage, and the real tokens each layer read."""
+
+    method: LLMMethod
+    layers: tuple[int, ...]
+    reindex: bool
+    rotary: nn.Module
+    inputs: list[int]  # per image, its visual tokens at the LLM's input
+    spans: list[ImageSpan]
+    origin: list[Tensor]  # per image, the LLM-input index of each of its current tokens
+    mask: Tensor
+    stages: list[PruneStage] = field(default_factory=list)
+    steps: list[LLMStep] = field(default_factory=list)
+    lengths: list[tuple[int, ...]] = field(default_factory=list)
+    attention: Tensor | None = None
+    score_layer: int | None = None
+    dry: bool = False
+    substitutes: dict[int, object] = field(default_factory=dict)
+
+    def next_score_layer(self) -> int | None:
+        stage = len(self.stages)
+        if stage == len(self.layers):
+            return None
+        return self.layers[stage] - (1 if self.method.scores_from == "previous" else 0)
+
+
+class _Scored(Exception):
+    """Ends a dry run of a layer once its attention kernel has seen the queries and keys."""
+
+
+def _run(module: nn.Module) -> LLMRun | None:
+    thread = getattr(getattr(module, ATTR).local, "vlm", None)
+    return None if thread is None else thread.llm
+
+
+def _scoring_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    run = _run(module)
+    if run is not None and run.score_layer == module.layer_idx:
+        scale = kwargs.get("scaling") or module.scaling
+        run.attention = row_attention(query, key, _last_real(run.mask), run.mask, scale)
+        if run.dry:
+            raise _Scored
+    name = module._tokenreduce_kernel
+    if name == "eager":
+        kernel = sys.modules[original_class(module).__module__].eager_attention_forward
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        kernel = ALL_ATTENTION_FUNCTIONS[name]
+    return kernel(module, query, key, value, attention_mask, **kwargs)
+
+
+def _last_real(mask: Tensor) -> Tensor:
+    """Each row's last real position (the last prompt token), with padding on either side."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask.bool(), positions, -1).argmax(dim=1)
+
+
+@loadable
+class PruningLayer:
+    """Mixed in front of every decoder layer of a VLM's LLM (see the module docstring)."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if args:
+            raise TypeError("tokenreduce calls decoder layers with keyword arguments only")
+
+        def run_layer(hidden: Tensor, **kw):
+            return super(PruningLayer, self).forward(hidden, **kw)
+
+        return layer_forward(self, self._tokenreduce_index, hidden_states, kwargs, run_layer)
+
+
+def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
+    """Patch the decoder layers of ``text`` (a transformers text model) for ``method``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KERNEL, _scoring_kernel)
+    layers = list(text.layers)
+    prune = method.prune_layers(len(layers))
+    scoring = {p - (1 if method.scores_from == "previous" else 0) for p in prune}
+    for i, layer in enumerate(layers):
+        patch.set_attr(layer, ATTR, patch)
+        patch.set_attr(layer, "_tokenreduce_index", i)
+        patch.swap_class(layer, PruningLayer)
+        if i in scoring:
+            attention = layer.self_attn
+            patch.set_attr(attention, ATTR, patch)
+            patch.set_attr(attention, "_tokenreduce_kernel", attention.config._attn_implementation)
+            config = copy.copy(attention.config)
+            config._attn_implementation = KERNEL
+            patch.replace_attr(attention, "config", config)
+
+
+def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int]], mask: Tensor, reindex: bool) -> LLMRun:
+    """The pruning state of one prefill of ``text`` whose prompt has image ``spans`` and 2-D ``mask``."""
+    layers = method.prune_layers(len(text.layers))
+    images = [ImageSpan(r, s, n) for r, s, n in spans]
+    origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
+    run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long())
+    run.score_layer = run.next_score_layer()
+    return run
+
+
+def check_cache(cache) -> None:
+    if cache is not None and any("Static" in type(layer).__name__ for layer in getattr(cache, "layers", [])):
+        raise ValueError(
+            "in-LLM pruning needs a dynamic cache (layers after a pruning layer hold fewer tokens); "
+            f"got {type(cache).__name__}: use the default DynamicCache (no cache_implementation='static')"
+        )
+
+
+def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, run_layer):
+    run = _run(layer)
+    if run is not None:
+        if index in run.layers:
+            if run.method.scores_from == "own":
+                _dry_run(run, index, hidden, kwargs, layer, run_layer)
+            hidden = _prune(run, index, hidden)
+        if run.stages:
+            kwargs = _prefill_arguments(run, kwargs, hidden, layer)
+        run.lengths.append(tuple(int(n) for n in run.mask.sum(1).tolist()))
+        return run_layer(hidden, **kwargs)
+    cache = kwargs.get("cache")
+    pruned: Pruned | None = getattr(cache, STAGES, None) if cache is not None else None
+    stage = None if pruned is None else next((s for s in reversed(pruned.stages) if s.layer <= index), None)
+    if stage is not None:
+        kwargs = _decode_arguments(stage.compaction, kwargs, hidden, layer, getattr(cache, STAGES).rotary)
+    return run_layer(hidden, **kwargs)
+
+
+def _dry_run(run: LLMRun, index: int, hidden: Tensor, kwargs: dict, layer: nn.Module, run_layer) -> None:
+    """Run ``layer`` up to its attention kernel (no cache) to score with its own queries and keys."""
+    if run.stages:
+        kwargs = _prefill_arguments(run, kwargs, hidden, layer)
+    run.dry = True
+    try:
+        run_layer(hidden, **{**kwargs, "cache": None, "use_cache": False})
+    except _Scored:
+        pass
+    else:
+        raise RuntimeError(f"layer {index}'s attention did not reach tokenreduce's scoring kernel")
+    finally:
+        run.dry = False
+
+
+def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
+    """Drop visual tokens before layer ``index``: the method picks per image, every row keeps its
+    text and the picked tokens in order, re-padded to the longest row."""
+    stage = len(run.stages)
+    if run.attention is None:
+        raise RuntimeError(f"the scoring layer of pruning layer {index} did not run")
+    keep = [min(span.length, run.method.kept(n, stage)) for span, n in zip(run.spans, run.inputs)]
+    ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
+    chosen = run.method.select(ctx)
+    hidden = hidden.clone()
+    keeps = []
+    for span, idx in zip(run.spans, chosen):
+        hidden[span.row, span.start : span.start + idx.shape[0]] = hidden[span.row, span.start + idx]
+        keeps.append(SpanKeep(span.row, span.start, span.length, idx.shape[0], idx))
+    step = compact(run.mask, keeps, run.reindex)
+    run.spans = [
+        ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]), idx.shape[0])
+        for sp, idx in zip(run.spans, chosen)
+    ]
+    run.origin = [o[idx] for o, idx in zip(run.origin, chosen)]
+    run.steps.append(LLMStep(index, tuple(run.origin)))
+    total = run.stages[-1].compaction.then(step) if run.stages else step
+    run.stages.append(PruneStage(index, total))
+    run.mask, run.attention, run.substitutes = step.mask, None, {}
+    run.score_layer = run.next_score_layer()
+    return step.embeds(hidden)
+
+
+def deepstack_inputs(run: LLMRun, visual: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """Qwen3-VL's visual mask ``[B, L]`` and deepstack features ``[visual tokens, D]`` of the LLM's
+    input, cut to the current sequence's kept visual tokens."""
+    compaction = run.stages[-1].compaction
+    full = embeds.new_zeros(*visual.shape, embeds.shape[-1])
+    full[visual] = embeds
+    kept = visual.gather(1, compaction.position_index) & compaction.mask.bool()
+    index = compaction.position_index[..., None].expand(-1, -1, embeds.shape[-1])
+    return kept, full.gather(1, index)[kept]
+
+
+def _prefill_arguments(run: LLMRun, kwargs: dict, hidden: Tensor, layer: nn.Module) -> dict:
+    """A layer's arguments cut to the current sequence; computed once per stage and shared object."""
+    compaction = run.stages[-1].compaction
+    out = dict(kwargs)
+    for name in ("attention_mask", "position_ids", "position_embeddings"):
+        value = kwargs.get(name)
+        key = (name, id(value))
+        if key not in run.substitutes:
+            run.substitutes[key] = _cut(name, value, compaction, kwargs, hidden, layer, run.rotary)
+        out[name] = run.substitutes[key]
+    return out
+
+
+def _cut(name: str, value, compaction: Compaction, kwargs: dict, hidden: Tensor, layer: nn.Module, rotary: nn.Module):
+    b = compaction.mask.shape[0]
+    if name == "attention_mask":
+        if value is None:  # SDPA's causal path: a mask only where rows were re-padded
+            return None if bool(compaction.mask.all()) else compaction.causal_mask()
+        return compaction.square_mask(value)
+    if name == "position_ids":
+        return None if value is None else compaction.positions(_rows(value, b))
+    if value is None:
+        return None
+    if compaction.reindex:
+        positions = compaction.positions(_rows(kwargs["position_ids"], b))
+        return _rotary(rotary, hidden, positions, layer)
+    index = compaction.position_index
+    return tuple(t.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, t.shape[-1])) for t in value)
+
+
+def _decode_arguments(compaction: Compaction, kwargs: dict, hidden: Tensor, layer: nn.Module, rotary: nn.Module) -> dict:
+    """A decode step's arguments for a layer whose cache holds a pruned prefill."""
+    out = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        out["attention_mask"] = compaction.decode_columns(mask)
+    elif not bool(compaction.mask.all()):
+        out["attention_mask"] = compaction.causal_mask(hidden.shape[1])
+    if compaction.reindex and kwargs.get("position_ids") is not None:
+        positions = compaction.decode_positions(_rows(kwargs["position_ids"], hidden.shape[0]))
+        out["position_ids"] = positions
+        out["position_embeddings"] = _rotary(rotary, hidden, positions, layer)
+    return out
+
+
+def _rows(position_ids: Tensor, batch: int) -> Tensor:
+    return position_ids.expand(*position_ids.shape[:-2], batch, position_ids.shape[-1])
+
+
+def _rotary(rotary: nn.Module, hidden: Tensor, positions: Tensor, layer: nn.Module):
+    """The rotary tables for ``positions`` (Gemma3's rotary module also takes the layer's type)."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(hidden, positions, layer.self_attn.config.layer_types[layer._tokenreduce_index])
+    return rotary(hidden, positions)

@@ -1,0 +1,99 @@
+"""The in-LLM form of a method: at some decoder layers of a VLM's LLM, during the prefill, it drops
+visual tokens; the layers from there on (and their KV cache) hold the shorter sequence."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from tokenreduce.methods.base import Method
+from tokenreduce.methods.visual import POSITIONS
+from tokenreduce.stages import Stage
+from tokenreduce.validate import as_real
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image's visual tokens in the current sequence: ``length`` tokens from ``start`` in ``row``."""
+
+    row: int
+    start: int
+    length: int
+
+
+@dataclass
+class LLMContext:
+    """What an in-LLM method sees at its ``stage``-th pruning layer ``layer``, for a batch.
+
+    ``hidden [B, L, D]`` is the input of ``layer`` over the current sequence (shorter after an earlier
+    stage); ``spans`` are the images' visual tokens in it, each to keep ``keep[i]`` tokens;
+    ``attention [B, L]`` is the causal softmax attention of each row's last prompt token to every
+    token, averaged over heads, at the method's scoring layer; ``mask [B, L]`` is 1 on real tokens.
+    """
+
+    layer: int
+    stage: int
+    hidden: Tensor
+    spans: list[ImageSpan]
+    keep: list[int]
+    attention: Tensor | None
+    mask: Tensor
+
+
+class LLMMethod(Method):
+    """Acts inside the LLM of a VLM during the prefill: at each layer of :meth:`prune_layers` it keeps
+    some of every image's visual tokens (text tokens always stay). Scores come from the queries and keys
+    of one layer, computed for the rows needed only (the layers keep SDPA): the layer before the
+    pruning layer as it runs (``scores_from = "previous"``, FastV), or the pruning layer's own, computed
+    before it runs (``"own"``, PyramidDrop). ``positions`` as for :class:`~tokenreduce.methods.visual.VisualMethod`.
+    """
+
+    stage = Stage.LLM
+    scores_from: ClassVar[str] = "previous"
+    positions: str
+
+    def check_positions(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+
+    @abstractmethod
+    def prune_layers(self, depth: int) -> tuple[int, ...]:
+        """The decoder layers (0-based, increasing, in ``[1, depth - 1]``) before which tokens are dropped."""
+
+    @abstractmethod
+    def kept(self, tokens: int, stage: int) -> int:
+        """Visual tokens an image with ``tokens`` at the LLM's input keeps from its ``stage``-th pruning layer on."""
+
+    @abstractmethod
+    def select(self, ctx: LLMContext) -> list[Tensor]:
+        """Per span of ``ctx.spans``, the indices (within the span, increasing) of the ``ctx.keep[i]``
+        tokens kept."""
+
+
+def check_layer(name: str, layer: int, depth: int) -> None:
+    if not 1 <= layer <= depth - 1:
+        raise ValueError(f"{name} must be in [1, {depth - 1}] for an LLM of {depth} layers, got {layer}")
+
+
+def fraction(name: str, value: object) -> float:
+    return as_real(name, value, 0, 1, low_open=True)
+
+
+@dataclass
+class AttentionRankPrune(LLMMethod):
+    """Keep each image's tokens that the last prompt token attends to most (mean over heads), in their
+    order: the rule FastV and PyramidDrop share."""
+
+    def select(self, ctx: LLMContext) -> list[Tensor]:
+        assert ctx.attention is not None
+        out = []
+        for span, k in zip(ctx.spans, ctx.keep):
+            scores = ctx.attention[span.row, span.start : span.start + span.length]
+            out.append(scores.topk(k).indices.sort().values)
+        return out
+
+    def kept_count(self, tokens: int, ratio: float) -> int:
+        return min(tokens, max(1, round(ratio * tokens)))
