@@ -143,3 +143,15 @@ def test_counted_vision_macs_include_sdpa_attention():
         model.set_attn_implementation(attention)
         counts.append(counted_macs(lambda m=model: m.model.get_image_features(pixel_values=pixels)))
     assert counts[0] == counts[1] > 0
+
+
+def test_vlm_bench_counts_each_llm_layer_at_its_own_length():
+    from conftest import tiny_llava
+    from tokenreduce.bench.vlm import run_vlm_bench
+
+    specs = parse_specs("fastv:layer=2:keep_ratio=0.25,pdrop:layers=(1,2,3)")
+    none, fastv, pdrop = run_vlm_bench(tiny_llava(), specs, prompt_tokens=6, new_tokens=3, repeats=1)
+    assert (fastv.visual_tokens, pdrop.visual_tokens) == (4, 2)
+    assert fastv.llm_tokens == round((22 * 2 + 10 * 2) / 4) and pdrop.llm_tokens == round((22 + 14 + 10 + 8) / 4)
+    assert none.llm_prefill_gflops > fastv.llm_prefill_gflops > 0 and fastv.kv_cache_mib < none.kv_cache_mib
+    assert 0 < fastv.reduce_share < 1 and 0 < pdrop.reduce_share < 1

@@ -12,7 +12,11 @@ from conftest import IMAGE_TOKEN, VLM_FAMILIES, batch, pixels, prompt, reduce_ba
 pytest.importorskip("transformers")
 
 GEN = dict(max_new_tokens=4, do_sample=False)
-METHODS = {"fastv": dict(layer=2, keep_ratio=0.25), "pdrop": dict(layers=(1, 2, 3), ratios=(0.5, 0.25, 0.125))}
+METHODS = {
+    "fastv": dict(layer=2, keep_ratio=0.25),
+    "pdrop": dict(layers=(1, 2, 3), ratios=(0.5, 0.25, 0.125)),
+    "dart": dict(layer=2, keep_ratio=0.5, image_pivots=1, text_pivots=1),
+}
 
 
 def logits(model, kw):
@@ -35,8 +39,12 @@ def llava_inputs(side: str = "left") -> dict:
 def test_batch_equals_singles_and_remove_restores(family, method):
     rec = reduce_batch_and_singles(family, method, **METHODS[method])
     n = rec.images[0].placeholders
-    ratios = [1, 1, 0.25, 0.25] if method == "fastv" else [1, 0.5, 0.25, 0.125]
-    kept_per_layer = [max(1, round(n * r)) for r in ratios]
+    if method == "dart":  # a pivot, then per pivot floor(n * 0.5 / 2) picks: at most n
+        final = min(n, 1 + 2 * (n // 2 // 2))
+        kept_per_layer = [n, n, final, final]
+    else:
+        ratios = [1, 1, 0.25, 0.25] if method == "fastv" else [1, 0.5, 0.25, 0.125]
+        kept_per_layer = [max(1, round(n * r)) for r in ratios]
     assert all(im.kept == kept_per_layer[-1] for im in rec.images)
     text = rec.input_lengths[-1] - n
     assert [lengths[-1] for lengths in rec.layer_lengths] == [text + k for k in kept_per_layer]
@@ -106,7 +114,7 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
     tokenreduce.apply(model, method, **METHODS[method], **({"positions": "keep"} if method == "pdrop" else {}))
     got, got_logits = generate(model, kw), logits(model, kw)[:, -1]
     rec = tokenreduce.record(model)
-    assert len(rec.steps) == (1 if method == "fastv" else 3)
+    assert len(rec.steps) == (3 if method == "pdrop" else 1)
     hooks = hide_pruned(base, kw, rec, attention == "eager")
     want, want_logits = generate(base, kw), logits(base, kw)[:, -1]
     for hook in hooks:
@@ -210,3 +218,44 @@ def test_record_and_kv_cache_follow_the_pruning_layers():
 def test_describe_names_the_layers_and_counts():
     text = tokenreduce.describe(tokenreduce.apply(tiny_llava(), "pdrop", **METHODS["pdrop"]))
     assert "pruned before LLM layers 1, 2, 3 of 4: 16 -> 8 -> 4 -> 2" in text
+
+
+def naive_dart(keys: torch.Tensor, states: torch.Tensor, start: int, n: int, after: list[int], per_pivot: int, pivots: int):
+    """Written from the spec, one image: ``keys [L, D]`` (layer K-1, heads concatenated, rotary
+    applied), ``states [L, D]`` (layer K's input through the final norm), text positions ``after``."""
+    norm = [float(keys[i].abs().sum()) for i in range(keys.shape[0])]
+    image = list(range(start, start + n))
+    image_pivots = sorted(image, key=lambda i: -norm[i])[:pivots]
+    text_pivots = sorted(after, key=lambda i: -norm[i])[:pivots]
+    kept, free = set(image_pivots), [i for i in image if i not in image_pivots]
+    for pivot in sorted(image_pivots + text_pivots):
+        sim = {i: float(torch.nn.functional.cosine_similarity(states[pivot], states[i], dim=0)) for i in free}
+        chosen = sorted(free, key=lambda i: sim[i])[:per_pivot]
+        kept |= set(chosen)
+        free = [i for i in free if i not in chosen]
+    return sorted(i - start for i in kept)
+
+
+def test_dart_picks_what_the_naive_reference_picks():
+    import sys
+
+    kw = llava_inputs()
+    model = tokenreduce.apply(tiny_llava(), "dart", layer=2, keep_ratio=0.5, image_pivots=2, text_pivots=2)
+    logits(model, kw)
+    kept = tokenreduce.record(model).steps[0].kept
+    base = tiny_llava()
+    text = base.model.language_model
+    with torch.no_grad():
+        hidden = base(**kw, output_hidden_states=True).hidden_states  # [0] embeddings, [i + 1] layer i's output
+        layer = text.layers[1]
+        positions = torch.arange(hidden[1].shape[1])[None]
+        cos, sin = text.rotary_emb(hidden[1], positions)
+        k = layer.self_attn.k_proj(layer.input_layernorm(hidden[1])).unflatten(-1, (2, -1)).transpose(1, 2)
+        _, k = sys.modules[type(layer).__module__].apply_rotary_pos_emb(k, k, cos, sin)
+        keys = k.transpose(1, 2).flatten(2)  # [B, L, heads * D]
+        states = text.norm(hidden[2])
+    for row in range(2):
+        start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
+        after = [i for i in range(start + 16, kw["input_ids"].shape[1]) if kw["attention_mask"][row, i]]
+        want = naive_dart(keys[row], states[row], start, 16, after, per_pivot=2, pivots=2)
+        assert kept[row].tolist() == want

@@ -10,8 +10,10 @@ length each layer gives it.
 So a decoder-layer mixin shortens the hidden states at a pruning layer and hands every later layer
 the mask, position ids and rotary tables cut to the kept tokens (re-padding rows that kept different
 amounts); the scoring layer's attention module gets a config copy naming a registered kernel that
-reads the one query row a method needs, then calls the model's own kernel. On decode steps the
-layers after a pruning layer get the mask's columns cut to their shorter cache.
+reads the one query row a method needs (or the keys), then calls the model's own kernel. A method
+scoring with the pruning layer's own attention gets it before the layer runs, from the layer's input
+norm, key projection for every token and query projection for the last prompt token only. On decode
+steps the layers after a pruning layer get the mask's columns cut to their shorter cache.
 """
 
 from __future__ import annotations
@@ -75,20 +77,19 @@ class LLMRun:
     stages: list[PruneStage] = field(default_factory=list)
     steps: list[LLMStep] = field(default_factory=list)
     lengths: list[tuple[int, ...]] = field(default_factory=list)
+    norm: nn.Module | None = None
     attention: Tensor | None = None
+    keys: Tensor | None = None
     score_layer: int | None = None
-    dry: bool = False
     substitutes: dict[int, object] = field(default_factory=dict)
 
     def next_score_layer(self) -> int | None:
+        """The layer whose attention kernel reads the next stage's scores (``"own"`` scores are computed
+        by :func:`_own_attention` instead)."""
         stage = len(self.stages)
-        if stage == len(self.layers):
+        if stage == len(self.layers) or self.method.scores_from == "own":
             return None
-        return self.layers[stage] - (1 if self.method.scores_from == "previous" else 0)
-
-
-class _Scored(Exception):
-    """Ends a dry run of a layer once its attention kernel has seen the queries and keys."""
+        return self.layers[stage] - 1
 
 
 def _run(module: nn.Module) -> LLMRun | None:
@@ -99,10 +100,12 @@ def _run(module: nn.Module) -> LLMRun | None:
 def _scoring_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     run = _run(module)
     if run is not None and run.score_layer == module.layer_idx:
-        scale = kwargs.get("scaling") or module.scaling
-        run.attention = row_attention(query, key, _last_real(run.mask), run.mask, scale)
-        if run.dry:
-            raise _Scored
+        if run.method.scores == "keys":
+            run.keys = key
+        else:
+            rows = _last_real(run.mask)
+            scale = kwargs.get("scaling") or module.scaling
+            run.attention = row_attention(query[torch.arange(query.shape[0]), :, rows], key, rows, run.mask, scale)
     name = module._tokenreduce_kernel
     if name == "eager":
         kernel = sys.modules[original_class(module).__module__].eager_attention_forward
@@ -140,7 +143,7 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     AttentionInterface.register(KERNEL, _scoring_kernel)
     layers = list(text.layers)
     prune = method.prune_layers(len(layers))
-    scoring = {p - (1 if method.scores_from == "previous" else 0) for p in prune}
+    scoring = {p - 1 for p in prune} if method.scores_from == "previous" else set()
     for i, layer in enumerate(layers):
         patch.set_attr(layer, ATTR, patch)
         patch.set_attr(layer, "_tokenreduce_index", i)
@@ -159,7 +162,7 @@ def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int
     layers = method.prune_layers(len(text.layers))
     images = [ImageSpan(r, s, n) for r, s, n in spans]
     origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
-    run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long())
+    run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long(), norm=text.norm)
     run.score_layer = run.next_score_layer()
     return run
 
@@ -177,7 +180,7 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
     if run is not None:
         if index in run.layers:
             if run.method.scores_from == "own":
-                _dry_run(run, index, hidden, kwargs, layer, run_layer)
+                _own_attention(run, layer, hidden, kwargs)
             hidden = _prune(run, index, hidden)
         if run.stages:
             kwargs = _prefill_arguments(run, kwargs, hidden, layer)
@@ -191,29 +194,40 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
     return run_layer(hidden, **kwargs)
 
 
-def _dry_run(run: LLMRun, index: int, hidden: Tensor, kwargs: dict, layer: nn.Module, run_layer) -> None:
-    """Run ``layer`` up to its attention kernel (no cache) to score with its own queries and keys."""
+def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) -> None:
+    """Score with ``layer``'s own attention before it runs: its input norm, keys for every token and
+    the query of each row's last prompt token only (per-head norms and rotary as the layer applies
+    them), without touching the cache."""
     if run.stages:
         kwargs = _prefill_arguments(run, kwargs, hidden, layer)
-    run.dry = True
-    try:
-        run_layer(hidden, **{**kwargs, "cache": None, "use_cache": False})
-    except _Scored:
-        pass
-    else:
-        raise RuntimeError(f"layer {index}'s attention did not reach tokenreduce's scoring kernel")
-    finally:
-        run.dry = False
+    attention = layer.self_attn
+    rotate = sys.modules[original_class(attention).__module__].apply_rotary_pos_emb
+    b, length = hidden.shape[:2]
+    rows = _last_real(run.mask)
+    x = layer.input_layernorm(hidden)
+    k = attention.k_proj(x).view(b, length, -1, attention.head_dim)
+    q = attention.q_proj(x[torch.arange(b), rows][:, None]).view(b, 1, -1, attention.head_dim)
+    if hasattr(attention, "k_norm"):
+        k, q = attention.k_norm(k), attention.q_norm(q)
+    cos, sin = kwargs["position_embeddings"]
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    pick = rows[:, None, None].expand(-1, 1, cos.shape[-1])
+    _, k = rotate(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    q, _ = rotate(q.transpose(1, 2), q.transpose(1, 2), cos.gather(1, pick), sin.gather(1, pick))
+    run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
 
 
 def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     """Drop visual tokens before layer ``index``: the method picks per image, every row keeps its
     text and the picked tokens in order, re-padded to the longest row."""
     stage = len(run.stages)
-    if run.attention is None:
+    if run.attention is None and run.keys is None:
         raise RuntimeError(f"the scoring layer of pruning layer {index} did not run")
     keep = [min(span.length, run.method.kept(n, stage)) for span, n in zip(run.spans, run.inputs)]
-    ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
+    visual = torch.zeros_like(run.mask, dtype=torch.bool)
+    for span in run.spans:
+        visual[span.row, span.start : span.start + span.length] = True
+    ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask, run.keys, run.norm, visual)
     chosen = run.method.select(ctx)
     hidden = hidden.clone()
     keeps = []
@@ -229,7 +243,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     run.steps.append(LLMStep(index, tuple(run.origin)))
     total = run.stages[-1].compaction.then(step) if run.stages else step
     run.stages.append(PruneStage(index, total))
-    run.mask, run.attention, run.substitutes = step.mask, None, {}
+    run.mask, run.attention, run.keys, run.substitutes = step.mask, None, None, {}
     run.score_layer = run.next_score_layer()
     return step.embeds(hidden)
 

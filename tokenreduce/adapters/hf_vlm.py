@@ -571,8 +571,9 @@ class HFVLM(Adapter):
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
             )
-        if not hasattr(text, "rotary_emb") or not all(hasattr(layer, "self_attn") for layer in text.layers):
-            raise TypeError(f"{type(text).__name__} has no rotary_emb or self_attn layers tokenreduce can follow")
+        parts = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.head_dim")
+        if not hasattr(text, "rotary_emb") or not all(_has(layer, p) for layer in text.layers for p in parts):
+            raise TypeError(f"{type(text).__name__} has no rotary_emb or decoder layers tokenreduce can follow ({parts})")
 
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         if isinstance(method, LLMMethod):
@@ -934,6 +935,14 @@ def _packed_owner(where: Tensor, crop_owner: Tensor, slot: Tensor, side: int, co
     out = crop_owner[crop, patch]
     owner = slot[crop, out.clamp(min=0)]
     return torch.where((where[:, 0] < 0) | (out < 0), -1, owner)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        _config_path(module, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _config_path(config, path: str):

@@ -118,6 +118,7 @@ def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, 
 
         return timed
 
+    own = [vars(obj).get(name) for obj, name in targets]  # a module's functions, or instance attributes
     for obj, name in targets:  # instance attributes shadow the class methods for this pass only
         setattr(obj, name, timer(getattr(obj, name)))
     try:
@@ -127,8 +128,11 @@ def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, 
         _sync(device)
         total = time.perf_counter() - start
     finally:
-        for obj, name in targets:
-            delattr(obj, name)
+        for (obj, name), original in zip(targets, own):
+            if original is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, original)
     return spent / total
 
 

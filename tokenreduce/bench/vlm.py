@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import tokenreduce
-from tokenreduce.adapters import locate
+from tokenreduce.adapters import hf_llm, locate
 from tokenreduce.adapters.blocks import linear_macs
 from tokenreduce.api import patch_of
 from tokenreduce.bench.flops import counted_macs
@@ -57,14 +57,17 @@ def prompt_inputs(model: nn.Module, batch_size: int, prompt_tokens: int, seed: i
     return adapter.example_inputs(inner, batch_size, prompt_tokens, seed)
 
 
-def llm_prefill_macs(text_model: nn.Module, lm_head: nn.Module, length: int) -> int:
-    """Multiply-accumulates of one prompt of ``length`` tokens through the LLM: every layer's linear
-    layers per token, ``QK^T`` and ``AV`` over the full ``length x length`` map (what SDPA computes
-    on CPU), and the LM head for the one token whose logits a prefill keeps."""
+def llm_prefill_macs(text_model: nn.Module, lm_head: nn.Module, length: int | Sequence[int]) -> int:
+    """Multiply-accumulates of one prompt through the LLM, of ``length`` tokens (or, per layer, the
+    tokens each layer read): every layer's linear layers per token, ``QK^T`` and ``AV`` over the full
+    ``length x length`` map (what SDPA computes on CPU), and the LM head for the one token whose logits
+    a prefill keeps."""
+    layers = list(text_model.layers)
+    lengths = [length] * len(layers) if isinstance(length, int) else list(length)
     macs = lm_head.in_features * lm_head.out_features
-    for layer in text_model.layers:
+    for layer, n in zip(layers, lengths):
         width = layer.self_attn.q_proj.out_features
-        macs += (linear_macs(layer.self_attn) + linear_macs(layer.mlp)) * length + 2 * length * length * width
+        macs += (linear_macs(layer.self_attn) + linear_macs(layer.mlp)) * n + 2 * n * n * width
     return macs
 
 
@@ -78,8 +81,8 @@ class VLMBenchResult:
 
     method: str
     params: dict[str, Any]
-    visual_tokens: int  # per image, into the LLM
-    llm_tokens: int  # prompt length the LLM read (row mean)
+    visual_tokens: int  # per image, into the LLM (into its last layers when pruned inside it)
+    llm_tokens: int  # prompt length the LLM read (row mean; mean over layers when pruned inside it)
     prefill_ms: float  # median latency of the prompt's forward (vision, selection, LLM)
     ttft_ms: float  # median time to the first generated token
     decode_tokens_per_s: float  # per row, after the first token
@@ -106,8 +109,18 @@ def _generate(model: nn.Module, inputs: dict, tokens: int) -> None:
 
 
 def _targets(model: nn.Module) -> list[tuple[object, str]]:
+    """Where a reduction spends its time: scoring (one query row against the keys), selecting, and
+    cutting the sequence and its masks."""
     patch = patch_of(model)
-    return [(patch, "reduce"), (patch.adapter, "compact_prompt"), (patch.method, "select")]
+    return [
+        (patch, "reduce"),
+        (patch.adapter, "compact_prompt"),
+        (patch.method, "select"),
+        (hf_llm, "_prune"),
+        (hf_llm, "_own_attention"),
+        (hf_llm, "row_attention"),
+        (hf_llm, "_cut"),
+    ]
 
 
 def vlm_steps(specs: Sequence[MethodSpec], repeats: int, warmup: int) -> int:
@@ -201,9 +214,11 @@ def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec
     else:
         rec = tokenreduce.record(m)
         lengths, visual, params = rec.llm_lengths, rec.images[0].kept, patch_of(m).method.params()
+        if rec.layer_lengths:  # pruned inside the LLM: each layer's own lengths, per row
+            lengths = list(zip(*rec.layer_lengths))
     text = getattr(inner, adapter.spec(inner).text)
     lm_head = m.get_output_embeddings()
-    llm = sum(llm_prefill_macs(text, lm_head, int(n)) for n in lengths) / rows
+    llm = sum(llm_prefill_macs(text, lm_head, n) for n in lengths) / rows
     _, patched, _ = locate(m)
     images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and not k.endswith("type_ids")}
     vision = counted_macs(lambda: patched.get_image_features(**images)) / rows
@@ -211,7 +226,7 @@ def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec
         method=spec.label,
         params=params,
         visual_tokens=visual,
-        llm_tokens=round(sum(lengths) / rows),
+        llm_tokens=round(sum(n if isinstance(n, int) else sum(n) / len(n) for n in lengths) / rows),
         prefill_gflops=(vision + llm) / 1e9,
         llm_prefill_gflops=llm / 1e9,
         kv_cache_mib=kv_cache_bytes(out.cache) / 2**20,

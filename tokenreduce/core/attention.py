@@ -36,14 +36,13 @@ def received_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return total / q.shape[1]
 
 
-def row_attention(q: Tensor, k: Tensor, rows: Tensor, key_mask: Tensor, scale: float) -> Tensor:
-    """Causal softmax attention of one query row per sample to every token, averaged over heads:
-    ``[B, L]``. ``q [B, H, L, D]`` and ``k [B, H_kv, L, D]`` (grouped-query heads shared), ``rows [B]``
-    the query position of each sample, ``key_mask [B, L]`` True on real (unpadded) tokens. Only those
-    rows are computed (``O(L)`` per head), so the layer itself keeps SDPA."""
-    b, h, length, d = q.shape
-    query = q[torch.arange(b, device=q.device), :, rows].float()  # [B, H, D]
-    keys = k.float().repeat_interleave(h // k.shape[1], dim=1)  # [B, H, L, D]
-    logits = torch.einsum("bhd,bhld->bhl", query, keys) * scale
-    visible = key_mask.bool() & (torch.arange(length, device=q.device) <= rows[:, None])
+def row_attention(query: Tensor, k: Tensor, rows: Tensor, key_mask: Tensor, scale: float) -> Tensor:
+    """Causal softmax attention of one query per sample to every token, averaged over heads: ``[B, L]``.
+    ``query [B, H, D]`` is the query of position ``rows [B]``; ``k [B, H_kv, L, D]`` the keys (grouped-query
+    heads shared); ``key_mask [B, L]`` True on real (unpadded) tokens. ``O(L)`` per head: the layer
+    itself keeps SDPA."""
+    length = k.shape[2]
+    keys = k.float().repeat_interleave(query.shape[1] // k.shape[1], dim=1)  # [B, H, L, D]
+    logits = torch.einsum("bhd,bhld->bhl", query.float(), keys) * scale
+    visible = key_mask.bool() & (torch.arange(length, device=k.device) <= rows[:, None])
     return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)

@@ -4,6 +4,7 @@ visual tokens; the layers from there on (and their KV cache) hold the shorter se
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +32,8 @@ class LLMContext:
     ``hidden [B, L, D]`` is the input of ``layer`` over the current sequence (shorter after an earlier
     stage); ``spans`` are the images' visual tokens in it, each to keep ``keep[i]`` tokens;
     ``attention [B, L]`` is the causal softmax attention of each row's last prompt token to every
-    token, averaged over heads, at the method's scoring layer; ``mask [B, L]`` is 1 on real tokens.
+    token, averaged over heads, at the method's scoring layer (methods scoring by ``"attention"``) and
+    ``keys`` that layer's keys (methods scoring by ``"keys"``); ``mask [B, L]`` is 1 on real tokens.
     """
 
     layer: int
@@ -41,6 +43,9 @@ class LLMContext:
     keep: list[int]
     attention: Tensor | None
     mask: Tensor
+    keys: Tensor | None = None  # [B, H_kv, L, D] the scoring layer's keys, rotary applied
+    norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
+    visual: Tensor | None = None  # [B, L] True on every image's tokens
 
 
 class LLMMethod(Method):
@@ -53,6 +58,7 @@ class LLMMethod(Method):
 
     stage = Stage.LLM
     scores_from: ClassVar[str] = "previous"
+    scores: ClassVar[str] = "attention"  # or "keys"
     positions: str
 
     def check_positions(self) -> None:
