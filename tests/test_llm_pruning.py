@@ -259,3 +259,45 @@ def test_dart_picks_what_the_naive_reference_picks():
         after = [i for i in range(start + 16, kw["input_ids"].shape[1]) if kw["attention_mask"][row, i]]
         want = naive_dart(keys[row], states[row], start, 16, after, per_pivot=2, pivots=2)
         assert kept[row].tolist() == want
+
+
+STACK = [("visionzip", {"dominant": 6, "contextual": 2}), ("fastv", {"layer": 2, "keep_ratio": 0.5})]
+
+
+def test_stacked_pre_llm_then_in_llm_prunes_among_the_kept_tokens():
+    kw = llava_inputs()
+    first = tokenreduce.apply(tiny_llava(), STACK[0][0], **STACK[0][1])
+    with torch.no_grad():
+        first(**kw)
+    before = tokenreduce.record(first)
+    model = tokenreduce.apply(tiny_llava(), STACK)
+    assert "visionzip" in tokenreduce.describe(model) and "pruned before LLM layers 2 of 4: 8 -> 4" in tokenreduce.describe(model)
+    got = generate(model, kw)
+    rec = tokenreduce.record(model)
+    assert [im.kept for im in rec.images] == [4, 4] and rec.steps[0].layer == 2
+    assert rec.layer_lengths[0] == before.llm_lengths and rec.layer_lengths[-1] == tuple(n - 4 for n in before.llm_lengths)
+    for image, was in zip(rec.images, before.images):  # every kept token is one visionzip kept, covering its patches
+        assert set(image.position.tolist()) <= set(was.position.tolist())
+        covered = image.owner >= 0
+        assert covered.sum() < was.owner.ge(0).sum() and image.owner[covered].max() == 3
+    for row in range(2):  # rows alone give the same tokens
+        single = dict(input_ids=kw["input_ids"][row : row + 1], attention_mask=kw["attention_mask"][row : row + 1])
+        single["pixel_values"] = kw["pixel_values"][row : row + 1]
+        assert torch.equal(generate(model, single), got[row : row + 1])
+    tokenreduce.remove(model)
+    assert not tokenreduce.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "methods, error, match",
+    [
+        (["fastv", "visionzip"], TypeError, "the second of two stacked methods must act inside the LLM"),
+        ([("tome", {"r": 1}), "fastv"], TypeError, r"must act between the vision side and the LLM \(stage pre_llm\)"),
+        (["divprune", "fastv", "pdrop"], ValueError, "a stack holds two methods"),
+    ],
+)
+def test_bad_stacks_are_refused(methods, error, match):
+    with pytest.raises(error, match=match):
+        tokenreduce.apply(tiny_llava(), methods)
+    with pytest.raises(TypeError, match=r"stacked methods take their config each in its own \(name, config\) pair"):
+        tokenreduce.apply(tiny_llava(), ["divprune", "fastv"], layer=2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -12,6 +12,7 @@ from torch import nn
 from tokenreduce.adapters import locate
 from tokenreduce.adapters.hf_vlm import VLMRecord
 from tokenreduce.methods.base import Method
+from tokenreduce.methods.stack import Stack
 from tokenreduce.patch import ATTR, Patch
 from tokenreduce.registry import method_classes, method_names
 from tokenreduce.stages import Stage
@@ -62,7 +63,9 @@ def make_method(method: str | Method, *, stage: str | Stage | None = None, **con
     return _build(method, stage, config, None)
 
 
-def _build(method: str | Method, stage: str | Stage | None, config: dict, available: tuple[Stage, ...] | None) -> Method:
+def _build(method, stage: str | Stage | None, config: dict, available: tuple[Stage, ...] | None) -> Method:
+    if isinstance(method, (list, tuple)):
+        return _stack(method, stage, config, available)
     if isinstance(method, Method):
         if config:
             raise TypeError("pass config either inside the Method object or as keywords, not both")
@@ -76,13 +79,30 @@ def _build(method: str | Method, stage: str | Stage | None, config: dict, availa
     return cls(**config)
 
 
-def apply(model: ModelT, method: str | Method, *, stage: str | Stage | None = None, **config: Any) -> ModelT:
+def _stack(methods: Sequence, stage, config: dict, available: tuple[Stage, ...] | None) -> Method:
+    """Two methods acting one after the other: a pre-LLM one, then one inside the LLM."""
+    if stage is not None or config:
+        raise TypeError("stacked methods take their config each in its own (name, config) pair or Method, not as keywords")
+    if len(methods) != 2:
+        raise ValueError(f"a stack holds two methods (one before the LLM, one inside it), got {len(methods)}")
+    built = []
+    for item in methods:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
+            built.append(_build(item[0], None, dict(item[1]), available))
+        else:
+            built.append(_build(item, None, {}, available))
+    return Stack(*built)
+
+
+def apply(model: ModelT, method: str | Method | Sequence, *, stage: str | Stage | None = None, **config: Any) -> ModelT:
     """Patch ``model`` in place to reduce tokens with ``method`` and return it.
 
     ``config`` goes to the method (e.g. ``r=16`` for ``tome``). ``stage`` picks where a method that
     exists at several stages acts (``random``: ``"encoder"`` or ``"pre_llm"``); by default it is the
     stage the model has, the one whose config fits the keywords, then the one nearest the LLM.
-    Applying again replaces the earlier patch.
+    Applying again replaces the earlier patch. A list of two methods, each a name, a ``(name, config)``
+    pair or a :class:`Method`, stacks a pre-LLM method and an in-LLM one on a VLM:
+    ``apply(vlm, [("visionzip", {"dominant": 162, "contextual": 30}), ("fastv", {"layer": 2})])``.
     A wrapper holding exactly one supported model (``torch.compile``, ``DataParallel``, your own module)
     gets that model patched; :func:`describe` names it. Weights and ``state_dict()`` are untouched;
     :func:`remove` restores the original model exactly.

@@ -24,6 +24,7 @@ No forward is re-implemented; mixins sit at three places:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,6 +41,7 @@ from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
 from tokenreduce.methods.llm import LLMMethod
+from tokenreduce.methods.stack import parts
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.patch import ATTR, CaptureOutput, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
@@ -93,7 +95,8 @@ class VisualState:
     placeholder: Tensor | None  # [B, L] True on image tokens
     mask: Tensor | None  # [B, L] the prompt's 2-D attention mask (None: no padding)
     grids: list[tuple[int, int] | None]  # per image, its visual tokens' grid when the inputs say it
-    reindex: bool  # kept visual tokens get consecutive position ids
+    reindex: bool  # tokens kept before the LLM get consecutive position ids
+    llm_reindex: bool  # tokens kept inside the LLM get consecutive position ids
     active: bool = True
 
 
@@ -249,7 +252,8 @@ class VLMModel:
             raise ValueError("images were given but the prompt (input_ids) has no image tokens")
         mask = kwargs.get("attention_mask")
         grids = adapter.grids(self, kwargs.get("image_grid_thw"))
-        state = VisualState(placeholder, mask, grids, adapter.reindex(self, patch.method))
+        before, inside = parts(patch.method)
+        state = VisualState(placeholder, mask, grids, adapter.reindex(self, before), adapter.reindex(self, inside))
         _thread(patch).state = state
         try:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -341,11 +345,17 @@ class CompactingLLM:
                     "pre-LLM token reduction needs the prompt to start an empty cache; continuing a cache is not supported"
                 )
             adapter: HFVLM = patch.adapter  # type: ignore[assignment]
-            if isinstance(patch.method, LLMMethod):
-                return adapter.pruned_prefill(self, patch, state, kwargs, lambda: super(CompactingLLM, self).forward(**kwargs))
-            compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile)
-            out = super().forward(**kwargs)  # type: ignore[misc]
-            if out.cache is not None:
+            before, inside = parts(patch.method)
+            compaction = None
+            if before is not None:
+                compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile)
+            if inside is not None:
+                out = adapter.pruned_prefill(
+                    self, patch, state, compaction, kwargs, lambda: super(CompactingLLM, self).forward(**kwargs)
+                )
+            else:
+                out = super().forward(**kwargs)  # type: ignore[misc]
+            if out.cache is not None and compaction is not None:
                 setattr(out.cache, COMPACTION, compaction)
             return out
         compaction: Compaction | None = getattr(cache, COMPACTION, None) if cache is not None else None
@@ -540,9 +550,13 @@ class HFVLM(Adapter):
 
     # -- checks and installation --------------------------------------------------------------
     def validate(self, model: nn.Module, method: Method) -> None:
-        if isinstance(method, LLMMethod):
-            self._validate_llm(model, method)
-            return
+        before, inside = parts(method)
+        if inside is not None:
+            self._validate_llm(model, inside)
+        if before is not None:
+            self._validate_before(model, before)
+
+    def _validate_before(self, model: nn.Module, method: Method) -> None:
         if isinstance(method, EncoderMethod):
             vision = self.vision(model, f"encoder-stage method {method.name!r}")
             self.tower.validate(vision, method)
@@ -576,13 +590,20 @@ class HFVLM(Adapter):
             raise TypeError(f"{type(text).__name__} has no rotary_emb or decoder layers tokenreduce can follow ({parts})")
 
     def plan(self, model: nn.Module, method: Method) -> list[str]:
-        if isinstance(method, LLMMethod):
+        before, inside = parts(method)
+        lines = [] if before is None else self._plan(model, before)
+        if inside is not None:
             depth = len(getattr(model, self.spec(model).text).layers)
-            layers = method.prune_layers(depth)
+            layers = inside.prune_layers(depth)
             tile = self.tile_tokens(model)
-            counts = [] if tile is None else [tile] + [method.kept(tile, j) for j in range(len(layers))]
+            if tile is not None and before is not None:
+                tile = before.num_kept(tile, _square(tile))
+            counts = [] if tile is None else [tile] + [inside.kept(tile, j) for j in range(len(layers))]
             counts = ": " + " -> ".join(map(str, counts)) if counts else ""
-            return [f"visual tokens per image, pruned before LLM layers {', '.join(map(str, layers))} of {depth}{counts}"]
+            lines.append(f"visual tokens per image, pruned before LLM layers {', '.join(map(str, layers))} of {depth}{counts}")
+        return lines
+
+    def _plan(self, model: nn.Module, method: Method) -> list[str]:
         if isinstance(method, EncoderMethod):
             return self.tower.plan(self.vision(model, method.name), method)
         if method.space == "vision" and self.spec(model).anyres:
@@ -596,7 +617,7 @@ class HFVLM(Adapter):
 
     def install(self, model: nn.Module, patch: Patch) -> None:
         spec = self.spec(model)
-        method = patch.method
+        method, inside = parts(patch.method)
         vision_space = isinstance(method, VisualMethod) and method.space == "vision"
         if vision_space and spec.merge is not None:
             visual = getattr(model, spec.vision)
@@ -632,8 +653,8 @@ class HFVLM(Adapter):
             if spec.anyres:
                 patch.swap_class(model, PackingVLMModel)
         text = getattr(model, spec.text)
-        if isinstance(method, LLMMethod):
-            hf_llm.install(patch, text, method)
+        if inside is not None:
+            hf_llm.install(patch, text, inside)
         patch.set_attr(text, ATTR, patch)
         tile = self.tile_tokens(model)
         patch.set_attr(text, "_tokenreduce_chunk", tile if spec.tile == "tower" else None)  # every image has `tile` tokens
@@ -643,8 +664,10 @@ class HFVLM(Adapter):
             patch.swap_class(model, VLMModel)
 
     # -- running ------------------------------------------------------------------------------
-    def reindex(self, model: nn.Module, method: Method) -> bool:
-        """Whether kept visual tokens get consecutive position ids (see :class:`VisualMethod`)."""
+    def reindex(self, model: nn.Module, method: Method | None) -> bool:
+        """Whether tokens ``method`` keeps get consecutive position ids (see :class:`VisualMethod`)."""
+        if method is None:
+            return False
         positions = getattr(method, "positions", "auto")
         return positions == "reindex" or (positions == "auto" and not self.spec(model).mrope)
 
@@ -653,7 +676,7 @@ class HFVLM(Adapter):
         image's kept tokens at the front of a full-length span."""
         tokens, grid, prefix = projector._tokenreduce_geometry
         thread = _thread(patch)
-        method = patch.method
+        method = parts(patch.method)[0]
         if isinstance(method, EncoderMethod):
             encoder = patch.current()
             layer = projector._tokenreduce_layer
@@ -687,7 +710,7 @@ class HFVLM(Adapter):
         patch states of the last vision block, with that block's queries and keys (rotary applied) for
         the groups' patches; the merger projects the kept tokens only, written to the front of each
         image's span; Qwen3-VL's deepstack features follow the same selection."""
-        thread, method = _thread(patch), patch.method
+        thread, method = _thread(patch), parts(patch.method)[0]
         x, attention = thread.hidden, thread.attention
         thread.hidden = thread.attention = None
         if x is None or attention is None:
@@ -828,7 +851,7 @@ class HFVLM(Adapter):
         spans are runs of image tokens, cut in ``chunk``-token pieces when every image has that many;
         a span of ``tile`` tokens is a square grid."""
         embeds = kwargs["inputs_embeds"]
-        method, thread = patch.method, _thread(patch)
+        method, thread = parts(patch.method)[0], _thread(patch)
         spans = image_spans(state.placeholder, chunk)
         if isinstance(method, VisualMethod) and method.space == "projected":
             embeds = embeds.clone()
@@ -860,15 +883,21 @@ class HFVLM(Adapter):
         )
         return compaction
 
-    def pruned_prefill(self, text: nn.Module, patch: Patch, state: VisualState, kwargs: dict, forward):
-        """Run the LLM's prompt with an in-LLM method pruning its image tokens (see :mod:`hf_llm`)."""
+    def pruned_prefill(self, text: nn.Module, patch: Patch, state: VisualState, before: Compaction | None, kwargs: dict, forward):
+        """Run the LLM's prompt with an in-LLM method pruning its image tokens (see :mod:`hf_llm`);
+        ``before``: how a pre-LLM method already shortened the prompt (its record is extended)."""
         hf_llm.check_cache(kwargs.get("cache"))
         embeds = kwargs["inputs_embeds"]
-        mask = state.mask if state.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         spans = image_spans(state.placeholder, text._tokenreduce_chunk)
         thread = _thread(patch)
+        if before is None:
+            mask = state.mask if state.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            entering = spans
+        else:  # each image's kept tokens sit at the front of where its span went
+            mask, kept = before.mask, [im.kept for im in thread.record.images]
+            entering = [(r, int((before.embed_index[r] == s).nonzero()[0]), k) for (r, s, _), k in zip(spans, kept)]
         thread.reduced = None
-        run = hf_llm.open_run(patch.method, text, spans, mask, state.reindex)
+        run = hf_llm.open_run(parts(patch.method)[1], text, entering, mask, state.llm_reindex)
         thread.llm = run
         try:
             out = forward()
@@ -876,20 +905,24 @@ class HFVLM(Adapter):
             thread.llm = None
         if out.cache is not None:
             setattr(out.cache, hf_llm.STAGES, hf_llm.Pruned(tuple(run.stages), run.rotary))
+        if before is None:
+            lengths = tuple(int(v) for v in mask.sum(1).tolist())
+            first = [
+                ImageRecord(n, n, torch.arange(n, device=embeds.device), torch.arange(n, device=embeds.device), None)
+                for _, _, n in spans
+            ]
+            thread.record = VLMRecord((), lengths, lengths, "reindex" if state.llm_reindex else "keep", None)
+        else:
+            first = list(thread.record.images)
         images = []
-        for (_, _, n), kept in zip(spans, run.origin):
-            owner = torch.full((n,), -1, dtype=torch.long, device=kept.device)
-            owner[kept] = torch.arange(kept.shape[0], device=kept.device)
-            images.append(ImageRecord(n, kept.shape[0], owner, kept, _grid(state, len(images), n, text._tokenreduce_tile)))
-        lengths = tuple(int(v) for v in mask.sum(1).tolist())
-        thread.record = VLMRecord(
-            images=tuple(images),
-            input_lengths=lengths,
-            llm_lengths=lengths,
-            positions="reindex" if state.reindex else "keep",
-            encoder=None,
-            layer_lengths=tuple(run.lengths),
-            steps=tuple(run.steps),
+        for i, (image, kept) in enumerate(zip(first, run.origin)):
+            slot = torch.full((image.kept,), -1, dtype=torch.long, device=kept.device)
+            slot[kept] = torch.arange(kept.shape[0], device=kept.device)
+            owner = torch.where(image.owner >= 0, slot[image.owner.clamp(min=0)], -1)
+            grid = image.grid if before is not None else _grid(state, i, image.placeholders, text._tokenreduce_tile)
+            images.append(ImageRecord(image.placeholders, kept.shape[0], owner, image.position[kept], grid))
+        thread.record = dataclasses.replace(
+            thread.record, images=tuple(images), layer_lengths=tuple(run.lengths), steps=tuple(run.steps)
         )
         return out
 
