@@ -32,6 +32,7 @@ def test_methods_lists_registered_names():
         "pdrop",
         "pool",
         "random",
+        "sparsevlm",
         "tome",
         "topk",
         "visionzip",

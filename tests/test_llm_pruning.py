@@ -3,6 +3,8 @@ generate(), every VLM family; oracles from the unpatched model with the pruned t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -301,3 +303,67 @@ def test_bad_stacks_are_refused(methods, error, match):
         tokenreduce.apply(tiny_llava(), methods)
     with pytest.raises(TypeError, match=r"stacked methods take their config each in its own \(name, config\) pair"):
         tokenreduce.apply(tiny_llava(), ["divprune", "fastv"], layer=2)
+
+
+SPARSE = dict(layers=(0, 1, 2), budgets=(288, 144, 72))  # 8, 4, 2 of 16 tokens
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_sparsevlm_batch_equals_singles_on_every_family(family):
+    rec = reduce_batch_and_singles(family, "sparsevlm", **SPARSE)
+    assert [s.layer for s in rec.steps] == [1, 2, 3]
+
+
+def naive_density_peaks(states: torch.Tensor, clusters: int) -> tuple[list[int], list[int]]:
+    """Written from the spec (TCFormer's DPC-kNN as SparseVLM's ``cluster_and_merge``), loops; ties
+    go to the earlier token (the reference breaks them with random noise)."""
+    n, c = states.shape
+    d = [[float((states[i] - states[j]).norm()) / c**0.5 for j in range(n)] for i in range(n)]
+    density = [math.exp(-sum(x**2 for x in sorted(d[i])[:clusters]) / clusters) for i in range(n)]
+    top = max(max(row) for row in d)
+    denser = [[density[j] > density[i] or (density[j] == density[i] and j < i) for j in range(n)] for i in range(n)]
+    parent = [min([d[i][j] for j in range(n) if denser[i][j]] or [top]) for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -parent[i] * density[i])[:clusters]
+    assign = [centres.index(i) if i in centres else min(range(clusters), key=lambda a: d[i][centres[a]]) for i in range(n)]
+    return centres, assign
+
+
+def test_sparsevlm_picks_and_recycles_what_the_naive_reference_does():
+    kw = llava_inputs()
+    model = tokenreduce.apply(tiny_llava(), "sparsevlm", layers=(1,), budgets=(216,))  # 6 of 16 at layer 1's output
+    seen = []  # what layer 2 reads once pruned: its input norm's input
+    hook = model.model.language_model.layers[2].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    logits(model, kw)
+    hook.remove()
+    got = tokenreduce.record(model).steps[0].kept
+    base = tiny_llava()
+    base.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = base(**kw, output_attentions=True, output_hidden_states=True)
+    embeds, probs, states = out.hidden_states[0], out.attentions[1].mean(1), out.hidden_states[2]
+    for row in range(2):
+        start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
+        text = list(range(start + 16, kw["input_ids"].shape[1]))
+        v, t = embeds[row, start : start + 16], embeds[row, text]
+        m = torch.stack([torch.softmax(v[i] @ t.T, 0) for i in range(16)]).mean(0)
+        raters = [text[j] for j in range(len(text)) if m[j] > m.mean()]
+        score = [float(sum(probs[row, r, start + i] for r in raters) / len(raters)) for i in range(16)]
+        kept = sorted(sorted(range(16), key=lambda i: -score[i])[:6])
+        dropped = [i for i in range(16) if i not in kept]
+        chosen = sorted(dropped, key=lambda i: -score[i])[: int(len(dropped) * 0.3) + 1]
+        centres, assign = naive_density_peaks(states[row, [start + i for i in chosen]], len(chosen) // 10 + 1)
+        assert got[row].tolist() == kept + [chosen[c] for c in centres]
+        merged = torch.stack([states[row, start + chosen[j]] for j in range(len(chosen)) if assign[j] == 0]).mean(0)
+        where = seen[0].shape[1] - 2 - 1  # left padded: [pad, text, 6 kept, 1 merged, 7, 8]
+        torch.testing.assert_close(seen[0][row, where], merged, rtol=1e-4, atol=1e-5)
+
+
+def test_sparsevlm_needs_text_after_the_image_and_known_budgets():
+    with pytest.raises(ValueError, match=r"retain must be one of \[64, 96, 128, 192\]"):
+        tokenreduce.apply(tiny_llava(), "sparsevlm", retain=100)
+    with pytest.raises(ValueError, match=r"budgets\[0\] must be an integer in \[1, 576\]"):
+        tokenreduce.apply(tiny_llava(), "sparsevlm", layers=(0,), budgets=(600,))
+    model = tokenreduce.apply(tiny_llava(), "sparsevlm", **SPARSE)
+    ids = torch.tensor([[1, 5, *[IMAGE_TOKEN] * 16]])
+    with pytest.raises(ValueError, match=r"sparsevlm rates each image by the text after it; image 0 \(row 0\) has none"):
+        logits(model, dict(input_ids=ids, pixel_values=pixels(1)))

@@ -28,7 +28,7 @@ DEFAULT_VIZ_METHODS = "tome:r=16:clip=True,evit:keep_rate=0.7"
 DEFAULT_VIZ_VLM_METHODS = "visionzip,divprune:keep_tokens=64,pool:stride=3"
 DEFAULT_VLM_METHODS = (
     "none,visionzip:dominant=54:contextual=10,divprune:keep_tokens=64,random:keep_tokens=64,pool:stride=3,"
-    "fastv:layer=2:keep_ratio=0.25,pdrop,dart"
+    "fastv:layer=2:keep_ratio=0.25,pdrop,dart,sparsevlm:retain=64"
 )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.core import row_attention
+from tokenreduce.core import row_attention, rows_attention
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact
 from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod
 from tokenreduce.patch import ATTR, Patch, original_class
@@ -78,8 +78,11 @@ class LLMRun:
     steps: list[LLMStep] = field(default_factory=list)
     lengths: list[tuple[int, ...]] = field(default_factory=list)
     norm: nn.Module | None = None
+    owner: list[Tensor] = field(default_factory=list)  # per image, the current token covering each input token
+    raters: list[Tensor] | None = None  # per image, its text raters' current positions
     attention: Tensor | None = None
     keys: Tensor | None = None
+    scores: list[Tensor] | None = None
     score_layer: int | None = None
     substitutes: dict[int, object] = field(default_factory=dict)
 
@@ -102,6 +105,12 @@ def _scoring_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     if run is not None and run.score_layer == module.layer_idx:
         if run.method.scores == "keys":
             run.keys = key
+        elif run.method.scores == "raters":
+            scale = kwargs.get("scaling") or module.scaling
+            run.scores = []
+            for span, raters in zip(run.spans, run.raters):
+                row = rows_attention(query[span.row], key[span.row], raters, run.mask[span.row], scale)
+                run.scores.append(row[span.start : span.start + span.length])
         else:
             rows = _last_real(run.mask)
             scale = kwargs.get("scaling") or module.scaling
@@ -163,6 +172,7 @@ def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int
     images = [ImageSpan(r, s, n) for r, s, n in spans]
     origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
     run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long(), norm=text.norm)
+    run.owner = [o.clone() for o in origin]
     run.score_layer = run.next_score_layer()
     return run
 
@@ -178,6 +188,8 @@ def check_cache(cache) -> None:
 def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, run_layer):
     run = _run(layer)
     if run is not None:
+        if index == 0 and run.method.scores == "raters":
+            run.raters = run.method.text_raters(hidden, run.spans, run.mask)
         if index in run.layers:
             if run.method.scores_from == "own":
                 _own_attention(run, layer, hidden, kwargs)
@@ -218,34 +230,47 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
 
 
 def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
-    """Drop visual tokens before layer ``index``: the method picks per image, every row keeps its
-    text and the picked tokens in order, re-padded to the longest row."""
+    """Reduce visual tokens before layer ``index``: the method selects per image (kept tokens, possibly
+    merged ones after them), every row keeps its text, re-padded to the longest row."""
     stage = len(run.stages)
-    if run.attention is None and run.keys is None:
+    if run.attention is None and run.keys is None and run.scores is None:
         raise RuntimeError(f"the scoring layer of pruning layer {index} did not run")
     keep = [min(span.length, run.method.kept(n, stage)) for span, n in zip(run.spans, run.inputs)]
     visual = torch.zeros_like(run.mask, dtype=torch.bool)
     for span in run.spans:
         visual[span.row, span.start : span.start + span.length] = True
-    ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask, run.keys, run.norm, visual)
-    chosen = run.method.select(ctx)
+    ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
+    ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
+    selections = run.method.select(ctx)
     hidden = hidden.clone()
     keeps = []
-    for span, idx in zip(run.spans, chosen):
-        hidden[span.row, span.start : span.start + idx.shape[0]] = hidden[span.row, span.start + idx]
-        keeps.append(SpanKeep(span.row, span.start, span.length, idx.shape[0], idx))
+    for span, selection in zip(run.spans, selections):
+        tokens = hidden[span.row, span.start : span.start + span.length]
+        hidden[span.row, span.start : span.start + selection.num_out] = selection.apply(tokens[None])[0]
+        keeps.append(SpanKeep(span.row, span.start, span.length, selection.num_out, selection.index[0]))
     step = compact(run.mask, keeps, run.reindex)
     run.spans = [
-        ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]), idx.shape[0])
-        for sp, idx in zip(run.spans, chosen)
+        ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]), sel.num_out)
+        for sp, sel in zip(run.spans, selections)
     ]
-    run.origin = [o[idx] for o, idx in zip(run.origin, chosen)]
+    run.origin = [o[sel.index[0]] for o, sel in zip(run.origin, selections)]
+    run.owner = [torch.where(o >= 0, sel.slot[0][o.clamp(min=0)], -1) for o, sel in zip(run.owner, selections)]
+    if run.raters is not None:
+        run.raters = [_moved(r, step, span.row) for r, span in zip(run.raters, run.spans)]
     run.steps.append(LLMStep(index, tuple(run.origin)))
     total = run.stages[-1].compaction.then(step) if run.stages else step
     run.stages.append(PruneStage(index, total))
-    run.mask, run.attention, run.keys, run.substitutes = step.mask, None, None, {}
+    run.mask, run.attention, run.keys, run.scores, run.substitutes = step.mask, None, None, None, {}
     run.score_layer = run.next_score_layer()
     return step.embeds(hidden)
+
+
+def _moved(positions: Tensor, step: Compaction, row: int) -> Tensor:
+    """Where the (text) tokens at ``positions`` of ``row`` went in the compacted sequence."""
+    new = torch.full((step.length,), -1, dtype=torch.long, device=positions.device)
+    real = step.mask[row].bool()
+    new[step.position_index[row][real]] = torch.arange(step.mask.shape[1], device=positions.device)[real]
+    return new[positions]
 
 
 def deepstack_inputs(run: LLMRun, visual: Tensor, embeds: Tensor) -> tuple[Tensor, Tensor]:

@@ -915,9 +915,7 @@ class HFVLM(Adapter):
         else:
             first = list(thread.record.images)
         images = []
-        for i, (image, kept) in enumerate(zip(first, run.origin)):
-            slot = torch.full((image.kept,), -1, dtype=torch.long, device=kept.device)
-            slot[kept] = torch.arange(kept.shape[0], device=kept.device)
+        for i, (image, kept, slot) in enumerate(zip(first, run.origin, run.owner)):
             owner = torch.where(image.owner >= 0, slot[image.owner.clamp(min=0)], -1)
             grid = image.grid if before is not None else _grid(state, i, image.placeholders, text._tokenreduce_tile)
             images.append(ImageRecord(image.placeholders, kept.shape[0], owner, image.position[kept], grid))

@@ -1,7 +1,7 @@
 """Pure tensor operations for token reduction: no model code, no model-library imports."""
 
-from tokenreduce.core.attention import cls_attention, received_attention, row_attention, size_bias
-from tokenreduce.core.clustering import nearest_target_merge, strided_targets
+from tokenreduce.core.attention import cls_attention, received_attention, row_attention, rows_attention, size_bias
+from tokenreduce.core.clustering import density_peaks, nearest_target_merge, strided_targets
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
 from tokenreduce.core.pooling import grid_pool
@@ -12,12 +12,14 @@ __all__ = [
     "Selection",
     "bipartite_soft_matching",
     "cls_attention",
+    "density_peaks",
     "cosine_distance",
     "grid_pool",
     "max_min_subset",
     "nearest_target_merge",
     "received_attention",
     "row_attention",
+    "rows_attention",
     "strided_targets",
     "hash_scores",
     "keep",

@@ -46,3 +46,14 @@ def row_attention(query: Tensor, k: Tensor, rows: Tensor, key_mask: Tensor, scal
     logits = torch.einsum("bhd,bhld->bhl", query.float(), keys) * scale
     visible = key_mask.bool() & (torch.arange(length, device=k.device) <= rows[:, None])
     return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
+def rows_attention(q: Tensor, k: Tensor, rows: Tensor, key_mask: Tensor, scale: float) -> Tensor:
+    """One sample's causal softmax attention from the query positions ``rows [R]`` to every token,
+    averaged over heads and over those rows: ``[L]``. ``q [H, L, D]``, ``k [H_kv, L, D]``, ``key_mask
+    [L]`` True on real tokens. Only those rows are computed (the layer itself keeps SDPA)."""
+    length = k.shape[1]
+    keys = k.float().repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # [H, L, D]
+    logits = (q[:, rows].float() @ keys.transpose(-1, -2)) * scale  # [H, R, L]
+    visible = key_mask.bool()[None] & (torch.arange(length, device=k.device)[None] <= rows[:, None])  # [R, L]
+    return logits.masked_fill(~visible[None], float("-inf")).softmax(dim=-1).mean(dim=(0, 1))

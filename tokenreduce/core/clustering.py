@@ -1,4 +1,5 @@
-"""Assigning tokens to a few targets and merging them there (VisionZip's contextual tokens)."""
+"""Assigning tokens to a few targets and merging them there (VisionZip's contextual tokens, density-peaks
+clusters)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,28 @@ def nearest_target_merge(metric: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     sent = torch.zeros(b, t, device=metric.device).scatter_add_(1, nearest, (~is_target).float().expand(b, -1))
     coeff = torch.where(is_target, 1.0, 1.0 / sent.clamp(min=1).gather(1, nearest))
     return slot, coeff
+
+
+def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Tensor]:
+    """DPC-kNN clustering of ``x [N, C]`` (density peaks with k-nearest-neighbour density, as
+    TCFormer and SparseVLM's ``cluster_and_merge``): density ``exp(-mean of the squared distances to
+    the nearest neighbours)`` (distances scaled by ``sqrt(C)``), each token's distance to the nearest
+    denser token (the largest distance for the densest), centres the ``clusters`` tokens with the
+    largest ``distance * density``, every token assigned to its nearest centre (a centre to itself).
+
+    Returns ``(assignment [N], centres [clusters])``. Of two equal densities the earlier token counts as
+    denser, and equal centre scores go to the earlier token, instead of the reference's 1e-6 random
+    noise: deterministic (with one neighbour, the token itself, every density is equal).
+    """
+    n, c = x.shape
+    x = x.float()
+    dist = (x[:, None] - x[None]).norm(dim=-1) / c**0.5  # exact zeros on the diagonal, unlike cdist
+    nearest = dist.topk(min(neighbours, n), dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp()
+    order = torch.arange(n, device=x.device)
+    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (order[None, :] < order[:, None]))
+    parent = torch.where(denser, dist, dist.max()).min(dim=-1).values
+    centres = (parent * density).sort(descending=True, stable=True).indices[:clusters]
+    assignment = dist[:, centres].argmin(dim=-1)
+    assignment[centres] = torch.arange(clusters, device=x.device)
+    return assignment, centres

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
+from tokenreduce.core import Selection, keep
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer, fraction
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int
@@ -64,7 +64,7 @@ class DART(LLMMethod):
             raise ValueError(f"image_pivots must be at most the {tokens} visual tokens of an image, got {self.image_pivots}")
         return min(tokens, self.image_pivots + (self.image_pivots + self.text_pivots) * self.per_pivot(tokens))
 
-    def select(self, ctx: LLMContext) -> list[Tensor]:
+    def select(self, ctx: LLMContext) -> list[Selection]:
         assert ctx.keys is not None and ctx.norm is not None and ctx.visual is not None
         norms = ctx.keys.float().abs().sum(dim=(1, 3))  # [B, L]: L1 over all heads
         states = ctx.norm(ctx.hidden).float()
@@ -88,5 +88,5 @@ class DART(LLMMethod):
                 chosen = candidates[(-similarity).topk(min(per_pivot, candidates.shape[0])).indices]
                 free[chosen - start] = False
                 picked += chosen.tolist()
-            out.append(torch.tensor(sorted(picked), device=norms.device) - start)
+            out.append(keep(torch.tensor(sorted(picked), device=norms.device)[None] - start, n))
         return out

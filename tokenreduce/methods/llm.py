@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from tokenreduce.core import Selection, keep
 from tokenreduce.methods.base import Method
 from tokenreduce.methods.visual import POSITIONS
 from tokenreduce.stages import Stage
@@ -44,6 +45,7 @@ class LLMContext:
     attention: Tensor | None
     mask: Tensor
     keys: Tensor | None = None  # [B, H_kv, L, D] the scoring layer's keys, rotary applied
+    scores: list[Tensor] | None = None  # per span, its tokens' scores from its text raters' attention
     norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
     visual: Tensor | None = None  # [B, L] True on every image's tokens
 
@@ -58,7 +60,7 @@ class LLMMethod(Method):
 
     stage = Stage.LLM
     scores_from: ClassVar[str] = "previous"
-    scores: ClassVar[str] = "attention"  # or "keys"
+    scores: ClassVar[str] = "attention"  # or "keys", or "raters"
     positions: str
 
     def check_positions(self) -> None:
@@ -73,10 +75,15 @@ class LLMMethod(Method):
     def kept(self, tokens: int, stage: int) -> int:
         """Visual tokens an image with ``tokens`` at the LLM's input keeps from its ``stage``-th pruning layer on."""
 
+    def text_raters(self, hidden: Tensor, spans: list[ImageSpan], mask: Tensor) -> list[Tensor] | None:
+        """Per image, the positions of the text tokens whose attention rows score it (methods scoring by
+        ``"raters"``), from the LLM's input ``hidden [B, L, D]``."""
+        return None
+
     @abstractmethod
-    def select(self, ctx: LLMContext) -> list[Tensor]:
-        """Per span of ``ctx.spans``, the indices (within the span, increasing) of the ``ctx.keep[i]``
-        tokens kept."""
+    def select(self, ctx: LLMContext) -> list[Selection]:
+        """Per span of ``ctx.spans``, a one-row :class:`~tokenreduce.core.Selection` over its tokens:
+        usually the ``ctx.keep[i]`` kept ones in order, possibly followed by merged ones."""
 
 
 def check_layer(name: str, layer: int, depth: int) -> None:
@@ -93,12 +100,12 @@ class AttentionRankPrune(LLMMethod):
     """Keep each image's tokens that the last prompt token attends to most (mean over heads), in their
     order: the rule FastV and PyramidDrop share."""
 
-    def select(self, ctx: LLMContext) -> list[Tensor]:
+    def select(self, ctx: LLMContext) -> list[Selection]:
         assert ctx.attention is not None
         out = []
         for span, k in zip(ctx.spans, ctx.keep):
             scores = ctx.attention[span.row, span.start : span.start + span.length]
-            out.append(scores.topk(k).indices.sort().values)
+            out.append(keep(scores.topk(k).indices.sort().values[None], span.length))
         return out
 
     def kept_count(self, tokens: int, ratio: float) -> int:
