@@ -327,7 +327,7 @@ def vlm_inputs(model: nn.Module, family: str, texts: list[list[int]], side: str 
     return kw
 
 
-BATCH_TEXTS = [[1, 5], [1, 5, 6, 9, 4], [2, 3, 4]]
+BATCH_TEXTS = [[1, 5], [1, 5, 6, 9, 4], [2, 3, 4], [6]]
 
 
 def _vlm_logits(model: nn.Module, kw: dict) -> torch.Tensor:

@@ -20,6 +20,7 @@ from tokenreduce.api import patch_of
 from tokenreduce.bench.flops import counted_macs
 from tokenreduce.bench.memory import peak_memory_bytes
 from tokenreduce.bench.runner import MethodSpec, interleaved_times, reduction_share, with_baseline
+from tokenreduce.methods.stack import parts
 from tokenreduce.validate import as_int
 
 DEFAULT_VLM = "llava-cpu"
@@ -112,15 +113,19 @@ def _targets(model: nn.Module) -> list[tuple[object, str]]:
     """Where a reduction spends its time: scoring (one query row against the keys), selecting, and
     cutting the sequence and its masks."""
     patch = patch_of(model)
-    return [
+    methods = [m for m in parts(patch.method) if m is not None]
+    targets = [
         (patch, "reduce"),
         (patch.adapter, "compact_prompt"),
-        (patch.method, "select"),
+        *((m, "select") for m in methods),
+        *((m, "text_raters") for m in methods),
         (hf_llm, "_prune"),
         (hf_llm, "_own_attention"),
         (hf_llm, "row_attention"),
+        (hf_llm, "rows_attention"),
         (hf_llm, "_cut"),
     ]
+    return [(owner, name) for owner, name in targets if hasattr(owner, name)]
 
 
 def vlm_steps(specs: Sequence[MethodSpec], repeats: int, warmup: int) -> int:

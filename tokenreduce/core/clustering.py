@@ -48,8 +48,7 @@ def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Te
     noise: deterministic (with one neighbour, the token itself, every density is equal).
     """
     n, c = x.shape
-    x = x.float()
-    dist = (x[:, None] - x[None]).norm(dim=-1) / c**0.5  # exact zeros on the diagonal, unlike cdist
+    dist = torch.cdist(x.float()[None], x.float()[None])[0].fill_diagonal_(0) / c**0.5  # exact self-distances: they decide ties
     nearest = dist.topk(min(neighbours, n), dim=-1, largest=False).values
     density = (-(nearest**2).mean(dim=-1)).exp()
     order = torch.arange(n, device=x.device)
