@@ -83,6 +83,7 @@ class LLMRun:
     attention: Tensor | None = None
     keys: Tensor | None = None
     scores: list[Tensor] | None = None
+    projected_keys: Tensor | None = None  # [B, L, D_kv] the scoring layer's key projection, before norms and rotary
     score_layer: int | None = None
     substitutes: dict[int, object] = field(default_factory=dict)
 
@@ -145,6 +146,19 @@ class PruningLayer:
         return layer_forward(self, self._tokenreduce_index, hidden_states, kwargs, run_layer)
 
 
+@loadable
+class ReusedKeys:
+    """Mixed in front of the key projection of a layer that scored with its own keys: when the layer
+    then runs on the kept tokens, their keys are the ones already projected (no second projection)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        run = _run(self)
+        if run is not None and run.projected_keys is not None:
+            keys, run.projected_keys = run.projected_keys, None
+            return keys
+        return super().forward(x)  # type: ignore[misc]
+
+
 def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     """Patch the decoder layers of ``text`` (a transformers text model) for ``method``."""
     from transformers import AttentionInterface
@@ -157,6 +171,10 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
         patch.set_attr(layer, ATTR, patch)
         patch.set_attr(layer, "_tokenreduce_index", i)
         patch.swap_class(layer, PruningLayer)
+        if method.scores_from == "own" and i in prune:
+            keys = layer.self_attn.k_proj
+            patch.set_attr(keys, ATTR, patch)
+            patch.swap_class(keys, ReusedKeys)
         if i in scoring:
             attention = layer.self_attn
             patch.set_attr(attention, ATTR, patch)
@@ -217,7 +235,9 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
     b, length = hidden.shape[:2]
     rows = _last_real(run.mask)
     x = layer.input_layernorm(hidden)
-    k = attention.k_proj(x).view(b, length, -1, attention.head_dim)
+    raw = attention.k_proj(x)
+    run.projected_keys = raw  # cut to the kept tokens by _prune, reused by the layer (ReusedKeys)
+    k = raw.view(b, length, -1, attention.head_dim)
     q = attention.q_proj(x[torch.arange(b), rows][:, None]).view(b, 1, -1, attention.head_dim)
     if hasattr(attention, "k_norm"):
         k, q = attention.k_norm(k), attention.q_norm(q)
@@ -249,6 +269,13 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
         hidden[span.row, span.start : span.start + selection.num_out] = selection.apply(tokens[None])[0]
         keeps.append(SpanKeep(span.row, span.start, span.length, selection.num_out, selection.index[0]))
     step = compact(run.mask, keeps, run.reindex)
+    if run.projected_keys is not None:  # the layer's own keys, for the tokens it will read
+        if all(sel.gather_only for sel in selections):
+            run.projected_keys = run.projected_keys.gather(
+                1, step.position_index[..., None].expand(-1, -1, run.projected_keys.shape[-1])
+            )
+        else:
+            run.projected_keys = None
     run.spans = [
         ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]), sel.num_out)
         for sp, sel in zip(run.spans, selections)
