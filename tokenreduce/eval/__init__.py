@@ -1,0 +1,1 @@
+"""Quality on real weights: loaders for real models that install offline, and the eval runners."""
