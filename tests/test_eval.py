@@ -102,9 +102,20 @@ def test_cli_eval_on_image_folders(tmp_path, capsys):
     argv = ["eval", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--methods", "tome:keep_ratio=0.5", "--quiet"]
     argv += ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--images", str(tmp_path / "test")]
     argv += ["--json", str(tmp_path / "eval.json"), "--csv", str(tmp_path / "eval.csv"), "--threads", "1"]
+    argv += ["--plot", str(tmp_path / "pareto.png")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "probe top-1" in out and "tome:keep_ratio=0.5" in out
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["none", "tome:keep_ratio=0.5"] and rows[0]["probe_share"] == 1.0
     assert (tmp_path / "eval.csv").read_text().startswith("model,method,config,img_size,tokens_out,top1")
+    assert Image.open(tmp_path / "pareto.png").size[0] > 500
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    from tokenreduce.eval.plot import pareto_front
+
+    speedup, quality = [1.0, 1.5, 1.4, 2.0, 1.2], [1.0, 0.9, 0.95, 0.5, 0.8]
+    assert pareto_front(speedup, quality, cheaper_is_larger=True) == [3, 1, 2, 0]  # 1.2x at 0.8 is beaten by 1.4x at 0.95
+    gflops = [6.0, 4.0, 4.5, 2.0, 5.0]
+    assert pareto_front(gflops, quality, cheaper_is_larger=False) == [3, 1, 2, 0]

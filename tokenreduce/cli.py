@@ -7,6 +7,7 @@ input and output paths, the device, and the architecture itself on a meta-device
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -183,9 +184,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for value, flag in ((args.per_class, "--per-class"), (args.test_per_class, "--test-per-class"), (args.every, "--every")):
         check_positive(value, flag)
     check_positive(args.batch_size, "--batch-size")
-    for path, flag in ((args.json, "--json"), (args.csv, "--csv")):
+    for path, flag in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
         if path:
             check_writable(path, flag)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise CommandError("--plot needs matplotlib: pip install 'tokenreduce[plot]'")
     if (args.train is None) != (args.test is None):
         raise CommandError("--train and --test go together (class subfolders of the same classes)")
     cifar, photos = SHARED / "cifar10-subset.npz", SHARED / "imagenet-sample"
@@ -229,6 +232,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.csv:
         to_csv(results, args.csv, args.model, args.img_size)
         print(f"wrote {args.csv}")
+    if args.plot:
+        from tokenreduce.eval.plot import pareto_plot
+
+        pareto_plot(results, args.plot, title=header)
+        print(f"wrote {args.plot}")
     return report(args, torch.device("cpu"), results, format_eval_table(results), header, load_before, model=args.model, **sizes)
 
 
@@ -420,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_options(ev)
     ev.add_argument("--json", help="write the results and the environment as JSON")
     ev.add_argument("--csv", help="write the results as CSV (timm's column names where they apply)")
+    ev.add_argument("--plot", help="write the quality vs speedup and vs GFLOPs Pareto picture (PNG; needs matplotlib)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(fn=cmd_eval, device="cpu", dtype="float32", repeats=3, warmup=1)
     return parser
