@@ -119,3 +119,13 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
     assert pareto_front(speedup, quality, cheaper_is_larger=True) == [3, 1, 2, 0]  # 1.2x at 0.8 is beaten by 1.4x at 0.95
     gflops = [6.0, 4.0, 4.5, 2.0, 5.0]
     assert pareto_front(gflops, quality, cheaper_is_larger=False) == [3, 1, 2, 0]
+
+
+def test_run_eval_on_a_hugging_face_tower():
+    model = build("hf_dinov2")
+    data = EvalData(train=images(20), test=images(10, seed=1), images=images(4, seed=3))
+    none, tome = run_eval(
+        model, parse_specs("tome:r=4"), data, img_size=32, head=Head(), batch=8, bench_batch=2, bench_repeats=1, **NORM
+    )
+    assert none.probe_share == 1.0 and tome.tokens_out < none.tokens_out
+    assert tome.feature_cosine < 1.0 and tome.dense == "unmerged" and 0 <= tome.saliency_iou <= 1

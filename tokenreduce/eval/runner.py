@@ -76,8 +76,8 @@ def _run(model: nn.Module, images: Images, size: int, norm, batch: int, head, ti
     pooled, maps, tokens_out, filled = [], [], 0, False
     for start in range(0, len(images), batch):
         x = images.batch(start, start + batch, size, *norm)
-        tokens = target.forward_features(x)
-        pooled.append(target.forward_head(tokens, pre_logits=True))
+        tokens, feature = _encode(target, x)
+        pooled.append(feature)
         tokens_out = tokens.shape[1]
         if head is not None:
             if tokenreduce.is_patched(model):
@@ -90,6 +90,17 @@ def _run(model: nn.Module, images: Images, size: int, norm, batch: int, head, ti
             maps.append(head(patches, (size, size)))
         tick(1)
     return _Outputs(torch.cat(pooled), torch.cat(maps) if maps else None, tokens_out, filled)
+
+
+def _encode(encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(final tokens [B, N, D], pooled feature [B, D])``: timm's ``forward_features`` and pre-logits head,
+    or a Hugging Face tower's ``last_hidden_state`` and ``pooler_output`` (its class token when it has none)."""
+    if hasattr(encoder, "forward_features"):
+        tokens = encoder.forward_features(x)
+        return tokens, encoder.forward_head(tokens, pre_logits=True)
+    out = encoder(pixel_values=x)
+    pooled = getattr(out, "pooler_output", None)
+    return out.last_hidden_state, out.last_hidden_state[:, 0] if pooled is None else pooled
 
 
 def eval_steps(specs: Sequence[MethodSpec], data: EvalData, batch: int) -> int:
@@ -117,8 +128,8 @@ def run_eval(
     knn_k: int = 20,
     progress: Callable[[int], None] | None = None,
 ) -> list[EvalResult]:
-    """Evaluate every spec (``none`` first) on ``model`` (a model tokenreduce patches whose encoder has
-    ``forward_features``/``forward_head``, e.g. a timm ViT), left as it was."""
+    """Evaluate every spec (``none`` first) on ``model`` (a timm ViT or a Hugging Face vision tower
+    tokenreduce patches), left as it was."""
     specs, tick, norm = with_baseline(specs), progress or (lambda n: None), (tuple(mean), tuple(std))
     if data.train is not None and (data.test is None or data.train.labels is None or data.test.labels is None):
         raise ValueError("the linear probe needs labeled train and test images")
