@@ -244,3 +244,21 @@ def test_cli_vlm_bench_on_a_saved_qwen(tmp_path, capsys):
     assert main([*argv, "--repeats", "1", "--new-tokens", "2", "--threads", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "visionzip:dominant=30:contextual=6" in out and " 144 " in out and " 36 " in out
+
+
+def test_cli_bench_and_eval_on_a_saved_hugging_face_tower(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import build
+
+    build("hf_dinov2").save_pretrained(tmp_path / "tower")
+    bench = ["bench", "--checkpoint", str(tmp_path / "tower"), "--methods", "tome:r=4", "--batch-size", "2"]
+    assert main([*bench, "--repeats", "1", "--threads", "1", "--quiet"]) == 0
+    assert "tome:r=4" in capsys.readouterr().out
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (60 * i, 90, 200)).save(tmp_path / "photos" / f"{i}.png")
+    evaluate = ["eval", "--model", "vit_small_patch16_224", "--checkpoint", str(tmp_path / "tower"), "--methods", "tome:r=4"]
+    assert main([*evaluate, "--images", str(tmp_path / "photos"), "--threads", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| 32px |" in out and "feature cos" in out and "tome:r=4" in out

