@@ -246,7 +246,7 @@ def test_cli_vlm_bench_on_a_saved_qwen(tmp_path, capsys):
     assert "visionzip:dominant=30:contextual=6" in out and " 144 " in out and " 36 " in out
 
 
-def test_cli_bench_and_eval_on_a_saved_hugging_face_tower(tmp_path, capsys):
+def test_cli_bench_eval_and_viz_on_a_saved_hugging_face_tower(tmp_path, capsys):
     from PIL import Image
 
     from conftest import build
@@ -262,3 +262,6 @@ def test_cli_bench_and_eval_on_a_saved_hugging_face_tower(tmp_path, capsys):
     assert main([*evaluate, "--images", str(tmp_path / "photos"), "--threads", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| 32px |" in out and "feature cos" in out and "tome:r=4" in out
+    figure = tmp_path / "viz.png"
+    assert main(["viz", str(tmp_path / "photos" / "0.png"), "--checkpoint", str(tmp_path / "tower"), "--out", str(figure)]) == 0
+    assert Image.open(figure).size == (3 * 32, 18 + 32)  # input and the two default methods

@@ -182,6 +182,14 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
     return report(args, device, results, format_vlm_table(results), header, load_before, img_size=None, **extra)
 
 
+def patch_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(height, width) of a timm ViT's or a Hugging Face tower's patches."""
+    if hasattr(model, "patch_embed"):
+        return tuple(model.patch_embed.patch_size)
+    size = model.config.patch_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input mean and std a model was trained with: timm's ``pretrained_cfg``; for Hugging Face
     towers by family (CLIP's, SigLIP's 0.5, else ImageNet's)."""
@@ -325,7 +333,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
         return cmd_viz_vlm(args, specs)
 
     def whole_patches(skeleton: torch.nn.Module) -> None:
-        ph, pw = skeleton.patch_embed.patch_size
+        ph, pw = patch_size(skeleton)
         if args.img_size % ph or args.img_size % pw:
             below, above = args.img_size // ph * ph, -(-args.img_size // ph) * ph
             raise CommandError(
@@ -335,16 +343,14 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
     model = build_model(args, args.img_size, check=whole_patches).eval()
 
-    from timm.data import resolve_model_data_config
-
     from tokenreduce.viz.figure import compose, load_image, method_panels
 
-    config = resolve_model_data_config(model)
-    grid = tuple(model.patch_embed.grid_size)
+    mean, std = normalisation(model)
+    grid = tuple(args.img_size // p for p in patch_size(model))
     rows = []
     for path in args.images:
         image = load_image(path, args.img_size)
-        rows.append([image, *method_panels(model, image, specs, config["mean"], config["std"], grid)])
+        rows.append([image, *method_panels(model, image, specs, mean, std, grid)])
     compose(rows, ["input", *(s.label for s in specs)]).save(args.out)
     note = "" if args.pretrained or args.checkpoint else ": merges follow pixel similarity only"
     print(f"wrote {args.out} ({len(rows)} image(s) x {len(specs)} method(s), {args.model}, {_weights(args)} weights{note})")
