@@ -367,3 +367,17 @@ def test_sparsevlm_needs_text_after_the_image_and_known_budgets():
     ids = torch.tensor([[1, 5, *[IMAGE_TOKEN] * 16]])
     with pytest.raises(ValueError, match=r"sparsevlm rates each image by the text after it; image 0 \(row 0\) has none"):
         logits(model, dict(input_ids=ids, pixel_values=pixels(1)))
+
+
+def test_a_saved_pruned_vlm_loads_where_the_scoring_kernel_is_not_registered(tmp_path):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tokenreduce.adapters import hf_llm
+
+    kw = llava_inputs()
+    model = tokenreduce.apply(tiny_llava(), "fastv", layer=2, keep_ratio=0.25)
+    torch.save(model, tmp_path / "vlm.pt")  # before running: transformers leaves unpicklable output hooks
+    want = generate(model, kw)
+    del ALL_ATTENTION_FUNCTIONS._global_mapping[hf_llm.KERNEL]  # as in a fresh process
+    loaded = torch.load(tmp_path / "vlm.pt", weights_only=False)
+    assert torch.equal(generate(loaded, kw), want)

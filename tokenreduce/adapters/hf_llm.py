@@ -132,9 +132,20 @@ def _last_real(mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), positions, -1).argmax(dim=1)
 
 
+def register_kernel() -> None:
+    """Make the scoring kernel known to transformers (at install, and when a saved patched model loads)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KERNEL, _scoring_kernel)
+
+
 @loadable
 class PruningLayer:
     """Mixed in front of every decoder layer of a VLM's LLM (see the module docstring)."""
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        register_kernel()  # a patched model loaded in a fresh process names the kernel in its configs
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if args:
@@ -161,9 +172,7 @@ class ReusedKeys:
 
 def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     """Patch the decoder layers of ``text`` (a transformers text model) for ``method``."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(KERNEL, _scoring_kernel)
+    register_kernel()
     layers = list(text.layers)
     prune = method.prune_layers(len(layers))
     scoring = {p - 1 for p in prune} if method.scores_from == "previous" else set()
