@@ -102,10 +102,10 @@ def test_cli_eval_on_image_folders(tmp_path, capsys):
     argv = ["eval", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--methods", "tome:keep_ratio=0.5", "--quiet"]
     argv += ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--images", str(tmp_path / "test")]
     argv += ["--json", str(tmp_path / "eval.json"), "--csv", str(tmp_path / "eval.csv"), "--threads", "1"]
-    argv += ["--plot", str(tmp_path / "pareto.png")]
+    argv += ["--plot", str(tmp_path / "pareto.png"), "--gallery", str(tmp_path / "train")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "probe top-1" in out and "tome:keep_ratio=0.5" in out
+    assert "probe top-1" in out and "kNN top-1" in out and "tome:keep_ratio=0.5" in out
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["none", "tome:keep_ratio=0.5"] and rows[0]["probe_share"] == 1.0
     assert (tmp_path / "eval.csv").read_text().startswith("model,method,config,img_size,tokens_out,top1")
