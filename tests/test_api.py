@@ -219,17 +219,28 @@ def test_attn_mask_with_reduction_raises():
         model.forward_features(images(), attn_mask=mask)
 
 
-def test_forward_intermediates_refuses_a_grid_it_cannot_fill():
+def test_forward_intermediates_gives_back_the_full_grid():
+    x = images()
     model = build("vit")
-    tokenreduce.apply(model, "tome", r=4)
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"output_fmt='NCHW'\) needs every patch token"):
-            model.forward_intermediates(images())
-        _, inter = model.forward_intermediates(images(), output_fmt="NLC")
-        assert [t.shape[1] for t in inter] == [60, 56, 52, 48]
+        _, want = model.forward_intermediates(x, indices=[1, 3])
         tokenreduce.apply(model, "tome", r=0)
-        _, inter = model.forward_intermediates(images())
-        assert inter[0].shape == (2, 48, 8, 8)
+        _, same = model.forward_intermediates(x, indices=[1, 3])
+        assert all(torch.equal(a, b) for a, b in zip(same, want))
+        tokenreduce.apply(model, "tome", r=4)
+        _, tokens = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC")
+        assert [t.shape[1] for t in tokens] == [56, 48]
+        _, grids = model.forward_intermediates(x, indices=[1, 3])
+        assert [g.shape for g in grids] == [(2, 48, 8, 8)] * 2
+        owner = tokenreduce.record(model).owner[:, 1:] - 1  # the last block's: patch -> output, class token first
+        for row in range(2):
+            for patch in range(64):  # each patch shows the merged token that covers it
+                torch.testing.assert_close(grids[1][row, :, patch // 8, patch % 8], tokens[1][row, owner[row, patch]])
+        only = model.forward_intermediates(x, indices=[3], intermediates_only=True, return_prefix_tokens=True)
+        assert only[0][0].shape == (2, 48, 8, 8) and only[0][1].shape == (2, 1, 48)
+        tokenreduce.apply(model, "topk", keep_rate=0.5, layers=(1,))  # pruning: dropped patches take a neighbour's
+        _, grids = model.forward_intermediates(x, indices=[3])
+        assert grids[0].shape == (2, 48, 8, 8) and torch.isfinite(grids[0]).all()
 
 
 def test_record_and_describe():

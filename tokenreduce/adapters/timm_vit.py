@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs
+from tokenreduce.core import restore_grid
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 
@@ -50,20 +52,36 @@ class ReducingVisionTransformer:
         super().set_grad_checkpointing(False)  # type: ignore[misc]
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        # timm reshapes NCHW intermediates with reshape(B, H, W, -1): fewer tokens would silently
-        # come back as a wrong channel count instead of failing.
+        # timm reshapes NCHW intermediates with reshape(B, H, W, -1), which fewer tokens cannot fill:
+        # run NLC, then spread each intermediate back over the patch grid (merged tokens over the
+        # patches they cover, dropped patches from the nearest covered one: core.restore_grid).
         bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)  # type: ignore[misc]
         bound.apply_defaults()
-        if bound.arguments["output_fmt"] == "NCHW":
-            h, w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-            patch: Patch = getattr(self, ATTR)
-            n0 = h * w + self.num_prefix_tokens
-            if patch.method.schedule(n0, patch.num_prefix, patch.depth)[-1] != n0:
-                raise ValueError(
-                    "forward_intermediates(output_fmt='NCHW') needs every patch token in a grid; "
-                    "use output_fmt='NLC' with token reduction"
-                )
-        return super().forward_intermediates(*bound.args, **bound.kwargs)  # type: ignore[misc]
+        if bound.arguments["output_fmt"] != "NCHW":
+            return super().forward_intermediates(*bound.args, **bound.kwargs)  # type: ignore[misc]
+        bound.arguments["output_fmt"] = "NLC"
+        out = super().forward_intermediates(*bound.args, **bound.kwargs)  # type: ignore[misc]
+        from timm.models._features import feature_take_indices
+
+        take, _ = feature_take_indices(len(self.blocks), bound.arguments["indices"])
+        grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        state, p = getattr(self, ATTR).latest(), self.num_prefix_tokens
+
+        def spread(tokens: Tensor, block: int) -> Tensor:
+            owner = state.owners(after=block)[:, p:]
+            restored = restore_grid(tokens, torch.where(owner >= p, owner - p, -1), grid)
+            return restored.reshape(tokens.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+
+        def convert(items: list) -> list:  # items are tensors, or (tensor, prefix tokens) pairs
+            return [(spread(y[0], i), y[1]) if isinstance(y, tuple) else spread(y, i) for y, i in zip(items, take)]
+
+        if bound.arguments["output_dict"]:
+            out["image_intermediates"] = convert(out["image_intermediates"])
+            return out
+        if bound.arguments["intermediates_only"]:
+            return convert(out)
+        final, intermediates = out
+        return final, convert(intermediates)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
