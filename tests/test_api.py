@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tokenreduce
-from conftest import build, images
+from conftest import TIMM_MODELS, build, images
 
 
 def test_import_pulls_in_no_model_library():
@@ -440,3 +440,15 @@ def test_submodule_package_imports():
     code = "import tokenreduce.methods.tome as t; import tokenreduce; print(t.ToMe.name, tokenreduce.methods.tome.ToMe.name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["tome", "tome"]
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
+def test_forward_intermediates_grid_on_every_timm_layout(name):
+    model = build(name)
+    with torch.no_grad():
+        _, want = model.forward_intermediates(images(), indices=[3])
+        tokenreduce.apply(model, "tome", r=4)
+        _, got = model.forward_intermediates(images(), indices=[3])
+    assert got[0].shape == want[0].shape == (2, 48, 8, 8)
+    # merging changes the values but a patch's grid vector stays close to its unreduced one
+    assert torch.nn.functional.cosine_similarity(got[0], want[0], dim=1).mean() > 0.5
