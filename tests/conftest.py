@@ -330,12 +330,13 @@ def vlm_inputs(model: nn.Module, family: str, texts: list[list[int]], side: str 
 BATCH_TEXTS = [[1, 5], [1, 5, 6, 9, 4], [2, 3, 4], [6]]
 
 
-def _vlm_logits(model: nn.Module, kw: dict) -> torch.Tensor:
+def vlm_logits(model: nn.Module, kw: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**kw).logits
 
 
-def _vlm_generate(model: nn.Module, kw: dict, tokens: int = 3) -> torch.Tensor:
+def vlm_generate(model: nn.Module, kw: dict, tokens: int = 3) -> torch.Tensor:
+    """The ``tokens`` greedily generated after each prompt of ``kw``."""
     with torch.no_grad():
         return model.generate(**kw, max_new_tokens=tokens, do_sample=False)[:, -tokens:]
 
@@ -354,15 +355,15 @@ def reduce_batch_and_singles(family: str, method: str, **config):
     batch's record."""
     model = tiny_vlm(family)
     kw = vlm_inputs(model, family, BATCH_TEXTS)
-    before = _vlm_logits(model, kw)
+    before = vlm_logits(model, kw)
     tokenreduce.apply(model, method, **config)
-    batched, last = _vlm_generate(model, kw), _vlm_logits(model, _counted(kw, family))[:, -1]
+    batched, last = vlm_generate(model, kw), vlm_logits(model, _counted(kw, family))[:, -1]
     rec = tokenreduce.record(model)
     for row in range(len(BATCH_TEXTS)):
         single = vlm_inputs(model, family, [BATCH_TEXTS[row]], seed=3 + row)
-        assert torch.equal(_vlm_generate(model, single), batched[row : row + 1]), f"row {row}"
-        want = _vlm_logits(model, _counted(single, family))[:, -1]
+        assert torch.equal(vlm_generate(model, single), batched[row : row + 1]), f"row {row}"
+        want = vlm_logits(model, _counted(single, family))[:, -1]
         torch.testing.assert_close(want, last[row : row + 1], rtol=1e-4, atol=1e-4)
     tokenreduce.remove(model)
-    assert torch.equal(_vlm_logits(model, kw), before)
+    assert torch.equal(vlm_logits(model, kw), before)
     return rec

@@ -9,11 +9,22 @@ import pytest
 import torch
 
 import tokenreduce
-from conftest import IMAGE_TOKEN, VLM_FAMILIES, batch, pixels, prompt, reduce_batch_and_singles, tiny_llava, tiny_vlm
+from conftest import (
+    IMAGE_TOKEN,
+    VLM_FAMILIES,
+    batch,
+    pixels,
+    prompt,
+    reduce_batch_and_singles,
+    tiny_llava,
+    tiny_vlm,
+    vlm_generate,
+    vlm_logits,
+)
 
 pytest.importorskip("transformers")
 
-GEN = dict(max_new_tokens=4, do_sample=False)
+TOKENS = 4  # generated per prompt
 METHODS = {
     "fastv": dict(layer=2, keep_ratio=0.25),
     "pdrop": dict(layers=(1, 2, 3), ratios=(0.5, 0.25, 0.125)),
@@ -21,14 +32,8 @@ METHODS = {
 }
 
 
-def logits(model, kw):
-    with torch.no_grad():
-        return model(**kw).logits
-
-
 def generate(model, kw):
-    with torch.no_grad():
-        return model.generate(**kw, **GEN)[:, -GEN["max_new_tokens"] :]
+    return vlm_generate(model, kw, TOKENS)
 
 
 def llava_inputs(side: str = "left") -> dict:
@@ -56,12 +61,12 @@ def test_batch_equals_singles_and_remove_restores(family, method):
 def test_right_padding_gives_each_rows_logits(method):
     model = tokenreduce.apply(tiny_llava(), method, **METHODS[method])
     kw = llava_inputs("right")
-    both = logits(model, kw)
+    both = vlm_logits(model, kw)
     lengths = tokenreduce.record(model).layer_lengths[-1]  # rows keep their real tokens first
     for row in range(2):
         real = int(kw["attention_mask"][row].sum())
         single = dict(input_ids=kw["input_ids"][row : row + 1, :real], pixel_values=kw["pixel_values"][row : row + 1])
-        torch.testing.assert_close(both[row, lengths[row] - 1], logits(model, single)[0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(both[row, lengths[row] - 1], vlm_logits(model, single)[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def hide_pruned(base, kw: dict, rec, eager: bool) -> list:
@@ -114,11 +119,11 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
     model.set_attn_implementation(attention)
     base.set_attn_implementation(attention)
     tokenreduce.apply(model, method, **METHODS[method], **({"positions": "keep"} if method == "pdrop" else {}))
-    got, got_logits = generate(model, kw), logits(model, kw)[:, -1]
+    got, got_logits = generate(model, kw), vlm_logits(model, kw)[:, -1]
     rec = tokenreduce.record(model)
     assert len(rec.steps) == (3 if method == "pdrop" else 1)
     hooks = hide_pruned(base, kw, rec, attention == "eager")
-    want, want_logits = generate(base, kw), logits(base, kw)[:, -1]
+    want, want_logits = generate(base, kw), vlm_logits(base, kw)[:, -1]
     for hook in hooks:
         hook.remove()
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
@@ -141,7 +146,7 @@ def test_fastv_picks_what_the_naive_reference_picks(attention):
     model = tiny_llava()
     model.set_attn_implementation(attention)
     tokenreduce.apply(model, "fastv", layer=2, keep_ratio=0.25)
-    logits(model, kw)
+    vlm_logits(model, kw)
     kept = tokenreduce.record(model).steps[0].kept
     base = tiny_llava()
     base.set_attn_implementation("eager")
@@ -154,7 +159,7 @@ def test_fastv_picks_what_the_naive_reference_picks(attention):
 def test_pdrop_picks_what_the_naive_reference_picks_at_every_stage():
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "pdrop", **METHODS["pdrop"], positions="keep")
-    logits(model, kw)
+    vlm_logits(model, kw)
     rec = tokenreduce.record(model)
     base = tiny_llava()
     base.set_attn_implementation("eager")
@@ -243,7 +248,7 @@ def test_dart_picks_what_the_naive_reference_picks():
 
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "dart", layer=2, keep_ratio=0.5, image_pivots=2, text_pivots=2)
-    logits(model, kw)
+    vlm_logits(model, kw)
     kept = tokenreduce.record(model).steps[0].kept
     base = tiny_llava()
     text = base.model.language_model
@@ -333,7 +338,7 @@ def test_sparsevlm_picks_and_recycles_what_the_naive_reference_does():
     model = tokenreduce.apply(tiny_llava(), "sparsevlm", layers=(1,), budgets=(216,))  # 6 of 16 at layer 1's output
     seen = []  # what layer 2 reads once pruned: its input norm's input
     hook = model.model.language_model.layers[2].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    logits(model, kw)
+    vlm_logits(model, kw)
     hook.remove()
     got = tokenreduce.record(model).steps[0].kept
     base = tiny_llava()
@@ -366,7 +371,7 @@ def test_sparsevlm_needs_text_after_the_image_and_known_budgets():
     model = tokenreduce.apply(tiny_llava(), "sparsevlm", **SPARSE)
     ids = torch.tensor([[1, 5, *[IMAGE_TOKEN] * 16]])
     with pytest.raises(ValueError, match=r"sparsevlm rates each image by the text after it; image 0 \(row 0\) has none"):
-        logits(model, dict(input_ids=ids, pixel_values=pixels(1)))
+        vlm_logits(model, dict(input_ids=ids, pixel_values=pixels(1)))
 
 
 def test_a_saved_pruned_vlm_loads_where_the_scoring_kernel_is_not_registered(tmp_path):

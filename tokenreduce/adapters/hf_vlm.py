@@ -99,6 +99,10 @@ class VisualState:
     llm_reindex: bool  # tokens kept inside the LLM get consecutive position ids
     active: bool = True
 
+    def prompt_mask(self, embeds: Tensor) -> Tensor:
+        """The prompt's 2-D mask, all ones when the call passed none."""
+        return self.mask if self.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
 
 @dataclass
 class ReducedImages:
@@ -870,7 +874,7 @@ class HFVLM(Adapter):
         thread.reduced = None
         if len(images) != len(spans):
             raise ValueError(f"the prompt has {len(spans)} image token spans for {len(images)} images")
-        mask2d = state.mask if state.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        mask2d = state.prompt_mask(embeds)
         keeps = [SpanKeep(row, start, n, im.kept, im.position) for (row, start, n), im in zip(spans, images)]
         compaction = compact(mask2d, keeps, state.reindex)
         _shorten(compaction, kwargs, embeds, deepstack)
@@ -891,7 +895,7 @@ class HFVLM(Adapter):
         spans = image_spans(state.placeholder, text._tokenreduce_chunk)
         thread = _thread(patch)
         if before is None:
-            mask = state.mask if state.mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            mask = state.prompt_mask(embeds)
             entering = spans
         else:  # each image's kept tokens sit at the front of where its span went
             mask, kept = before.mask, [im.kept for im in thread.record.images]

@@ -7,7 +7,7 @@ from tokenreduce.core.matching import bipartite_soft_matching
 from tokenreduce.core.pooling import grid_pool
 from tokenreduce.core.restore import fill_unowned, restore_grid
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
-from tokenreduce.core.selection import Selection, keep, keep_and_fuse, weighted_mean_coeff
+from tokenreduce.core.selection import Selection, keep, keep_and_cluster, keep_and_fuse, weighted_mean_coeff
 
 __all__ = [
     "Selection",
@@ -26,6 +26,7 @@ __all__ = [
     "strided_targets",
     "hash_scores",
     "keep",
+    "keep_and_cluster",
     "keep_and_fuse",
     "keep_indices",
     "size_bias",

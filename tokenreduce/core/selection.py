@@ -116,6 +116,21 @@ def keep_and_fuse(keep_index: Tensor, fuse_index: Tensor, weight: Tensor, num_to
     return Selection(slot, torch.cat([keep_index, fuse_index[:, :1]], dim=1), coeff)
 
 
+def keep_and_cluster(
+    keep_index: Tensor, cluster_index: Tensor, assignment: Tensor, centres: Tensor, num_tokens: int
+) -> Selection:
+    """One row: keep ``keep_index [K]`` in order, then one output per cluster: the mean of the tokens
+    ``cluster_index [M]`` assigned to it (``assignment [M]``), at the position of its centre
+    (``centres [C]``, indices into ``cluster_index``), as SparseVLM's recycled tokens."""
+    k = keep_index.shape[0]
+    slot = torch.full((num_tokens,), -1, dtype=torch.long, device=keep_index.device)
+    slot[keep_index] = torch.arange(k, device=keep_index.device)
+    slot[cluster_index] = k + assignment
+    num_out = k + centres.shape[0]
+    coeff = weighted_mean_coeff(slot[None], torch.ones(1, num_tokens, device=keep_index.device), num_out)
+    return Selection(slot[None], torch.cat([keep_index, cluster_index[centres]])[None], coeff)
+
+
 def weighted_mean_coeff(slot: Tensor, weight: Tensor, num_out: int) -> Tensor:
     """Coefficients ``weight / (sum of weight over the output)`` that make each output the weighted
     mean of its inputs (``slot [B, N]``, ``weight [B, N]``; dropped inputs get 0)."""

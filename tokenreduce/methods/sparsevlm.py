@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, density_peaks, keep
+from tokenreduce.core import Selection, density_peaks, keep, keep_and_cluster
 from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod, check_layer
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int_tuple
@@ -115,18 +115,5 @@ class SparseVLM(LLMMethod):
             clusters = count // 10 + 1
             states = ctx.hidden[span.row, span.start + chosen]
             assignment, centres = density_peaks(states, clusters, clusters)
-            out.append(_keep_and_clusters(kept, chosen, assignment, centres, n))
+            out.append(keep_and_cluster(kept, chosen, assignment, centres, n))
         return out
-
-
-def _keep_and_clusters(kept: Tensor, chosen: Tensor, assignment: Tensor, centres: Tensor, n: int) -> Selection:
-    """``kept`` tokens in order, then one averaged token per cluster of ``chosen`` (at its centre's place)."""
-    k, clusters = kept.shape[0], centres.shape[0]
-    slot = torch.full((n,), -1, dtype=torch.long, device=kept.device)
-    slot[kept] = torch.arange(k, device=kept.device)
-    slot[chosen] = k + assignment
-    members = torch.zeros(clusters, device=kept.device).index_add_(0, assignment, torch.ones_like(assignment, dtype=torch.float))
-    coeff = torch.ones(n, device=kept.device)
-    coeff[chosen] = 1.0 / members[assignment]
-    index = torch.cat([kept, chosen[centres]])
-    return Selection(slot[None], index[None], coeff[None])
