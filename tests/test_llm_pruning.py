@@ -19,6 +19,7 @@ from conftest import (
     tiny_llava,
     tiny_vlm,
     vlm_generate,
+    vlm_inputs,
     vlm_logits,
 )
 
@@ -386,3 +387,13 @@ def test_a_saved_pruned_vlm_loads_where_the_scoring_kernel_is_not_registered(tmp
     del ALL_ATTENTION_FUNCTIONS._global_mapping[hf_llm.KERNEL]  # as in a fresh process
     loaded = torch.load(tmp_path / "vlm.pt", weights_only=False)
     assert torch.equal(generate(loaded, kw), want)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_pdrop_keeping_everything_equals_the_unpatched_model(family):
+    model = tiny_vlm(family)
+    kw = vlm_inputs(model, family, [[1, 5], [1, 5, 6, 9, 4]])
+    want, want_gen = vlm_logits(model, kw), generate(model, kw)
+    tokenreduce.apply(model, "pdrop", layers=(1, 2, 3), ratios=(1.0, 1.0, 1.0))
+    torch.testing.assert_close(vlm_logits(model, kw), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, kw), want_gen)
