@@ -28,6 +28,10 @@ IDENTITY = {
     "random": dict(keep_rate=1.0),
 }
 MERGING = {"none", "tome", "evit"}  # methods that keep every original token's mass
+# Methods whose outputs mix every token (no two restored patches need be equal).
+DENSE_MIXING: set[str] = set()
+# Methods whose token counts depend on the image, not only on the input shape: no fixed graph.
+DATA_DEPENDENT_COUNTS: dict[str, str] = {}
 
 
 def test_all_covered():
@@ -177,6 +181,44 @@ def test_sizes_and_sources_account_for_every_token(method, model_name):
     torch.testing.assert_close(rec.size[..., 0], source.sum(dim=-1))
     if method in MERGING:
         assert torch.equal(rec.size.sum(dim=(1, 2)), torch.full((2,), float(n0)))
+
+
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_torch_compile_traces_without_graph_breaks(method):
+    if method in DATA_DEPENDENT_COUNTS:
+        pytest.skip(DATA_DEPENDENT_COUNTS[method])
+    model, x = build("dinov2_reg"), images(batch=3)
+    tokenreduce.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        eager = model(x)
+        want = tokenreduce.record(model)
+        model(images(batch=1))  # so that the record checked below can only come from the compiled call
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # no graph breaks
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+    got = tokenreduce.record(model)
+    assert got.tokens_per_layer == want.tokens_per_layer and torch.equal(got.owner, want.owner)
+
+
+@pytest.mark.parametrize("model_name", ["vit", "dinov2_reg", "no_cls_avg"])
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_dense_head_gets_the_full_patch_grid(method, model_name):
+    if tokenreduce.make_method(method, **REDUCING[method]).needs_cls_token and model_name == "no_cls_avg":
+        pytest.skip(f"{method} needs a class token")
+    model, x = build(model_name), images()
+    head = torch.nn.Conv2d(48, 5, 3, padding=1)
+    with torch.no_grad():
+        _, (want,) = model.forward_intermediates(x, indices=[3])
+        with tokenreduce.applied(model, method, **IDENTITY[method]):
+            _, (same,) = model.forward_intermediates(x, indices=[3])
+        torch.testing.assert_close(same, want, rtol=1e-5, atol=1e-5)
+        tokenreduce.apply(model, method, **REDUCING[method])
+        _, (grid,) = model.forward_intermediates(x, indices=[3])
+        final = tokenreduce.record(model).tokens_per_layer[-1]
+        maps = head(grid)
+    assert grid.shape == want.shape == (2, 48, 8, 8) and maps.shape == (2, 5, 8, 8)
+    assert torch.isfinite(maps).all()
+    if final < 64:  # a reduced grid repeats values where tokens were merged or dropped
+        assert grid.flatten(2).transpose(1, 2).unique(dim=1).shape[1] < 64 or method in DENSE_MIXING
 
 
 def test_dynamic_img_size_reschedules_per_input():

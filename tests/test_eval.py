@@ -13,7 +13,7 @@ from torch import nn
 from conftest import build
 from tokenreduce.bench.runner import parse_specs
 from tokenreduce.cli import main
-from tokenreduce.core import fill_unowned, restore_grid
+from tokenreduce.core import keep, mix, restore_tokens
 from tokenreduce.eval.data import Images, load_folder, load_npz
 from tokenreduce.eval.probe import LinearProbe, knn_predict
 from tokenreduce.eval.runner import EvalData, format_eval_table, run_eval
@@ -39,13 +39,24 @@ class Head(nn.Module):
         return torch.sigmoid(nn.functional.interpolate(logits, size=size, mode="nearest"))
 
 
-def test_fill_unowned_gives_dropped_patches_the_nearest_covered_patch():
-    owner = torch.tensor([[0, -1, -1, 1, -1, -1, -1, -1, 2]])  # 3x3 grid
-    assert fill_unowned(owner, (3, 3)).tolist() == [[0, 0, 0, 1, 1, 2, 1, 2, 2]]  # (0, 2): tie of 0 and 8, lower wins
+def test_restore_gives_dropped_patches_the_nearest_covered_patch():
+    kept = keep(torch.tensor([[0, 3, 8]]), 9)  # 3x3 grid, three patches kept
     tokens = torch.arange(3.0).view(1, 3, 1)
-    assert restore_grid(tokens, owner, (3, 3))[0, :, 0].tolist() == [0, 0, 0, 1, 1, 2, 1, 2, 2]
-    with pytest.raises(ValueError, match="owner has 4 patches for a 3x3 grid"):
-        fill_unowned(owner[:, :4], (3, 3))
+    # (0, 2) is as far from patch 0 as from patch 8: the lower index wins
+    assert restore_tokens(tokens, [kept], 0, (3, 3))[0, :, 0].tolist() == [0, 0, 0, 1, 1, 2, 1, 2, 2]
+    with pytest.raises(ValueError, match="9 patch tokens do not fill a 2x2 grid"):
+        restore_tokens(tokens, [kept], 0, (2, 2))
+
+
+def test_restore_undoes_merges_in_reverse_and_stops_at_a_reconstruction():
+    merge = mix(torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]]))  # 4 -> 2: a mean and a sum
+    tokens = torch.tensor([[[2.0], [4.0]]])
+    # each input takes the outputs it feeds, weighted by its share in them
+    assert restore_tokens(tokens, [merge], 0, (2, 2))[0, :, 0].tolist() == [2.0, 2.0, 4.0, 4.0]
+    kept = keep(torch.tensor([[1, 0]]), 2)  # then 2 -> 2, swapped
+    assert restore_tokens(tokens, [merge, kept], 0, (2, 2))[0, :, 0].tolist() == [4.0, 4.0, 2.0, 2.0]
+    rebuild = mix(torch.ones(1, 4, 2) / 2, restores=True)  # back to the 4 original tokens
+    assert restore_tokens(torch.ones(1, 4, 1), [merge, rebuild], 0, (2, 2)).tolist() == torch.ones(1, 4, 1).tolist()
 
 
 def test_probe_and_knn_separate_separable_features():

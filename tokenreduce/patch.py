@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.methods.base import LayerContext, Method
+from tokenreduce.methods.base import Hook, LayerContext, Method
 from tokenreduce.registry import loadable
 from tokenreduce.state import ForwardState
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 ATTR = "_tokenreduce"  # the attribute holding the Patch; adapters prefix any others they add with it
 CAPTURE_SLOT = "_tokenreduce_slot"
 CAPTURE_HEADS = "_tokenreduce_heads"
+CAPTURE_CHUNK = "_tokenreduce_chunk"
 
 _subclasses: dict[tuple[type, type], type] = {}
 
@@ -61,9 +62,10 @@ class CaptureOutput:
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)  # type: ignore[misc]
-        heads = getattr(self, CAPTURE_HEADS)
+        heads, chunk = getattr(self, CAPTURE_HEADS), getattr(self, CAPTURE_CHUNK, None)
+        captured = out if chunk is None else out.chunk(chunk[1], dim=-1)[chunk[0]]
         # A projection's [B, N, H * D] output is split into heads the way the attention itself does.
-        captured = out if heads is None else out.unflatten(-1, (heads, -1)).transpose(1, 2)
+        captured = captured if heads is None else captured.unflatten(-1, (heads, -1)).transpose(1, 2)
         setattr(self._tokenreduce_target(), getattr(self, CAPTURE_SLOT), captured)
         return out
 
@@ -122,13 +124,23 @@ class Patch:
         self.capture(q_module, "q", heads)
         self.capture(k_module, "k", heads)
 
-    def capture(self, module: nn.Module, slot: str, heads: int | None = None, mixin: type = CaptureOutput) -> None:
-        """Store ``module``'s output in the running state's field ``slot`` (split into ``heads`` if given)."""
+    def capture(
+        self,
+        module: nn.Module,
+        slot: str,
+        heads: int | None = None,
+        mixin: type = CaptureOutput,
+        chunk: tuple[int, int] | None = None,
+    ) -> None:
+        """Store ``module``'s output in the running state's field ``slot``: chunk ``chunk = (i, n)`` of
+        ``n`` along the last dimension when given, split into ``heads`` when given."""
         # The module finds the patch through its own attribute, not a closure, so that a deep copy
         # of the patched model writes into its own copy of the patch.
         self.set_attr(module, ATTR, self)
         self.set_attr(module, CAPTURE_SLOT, slot)
         self.set_attr(module, CAPTURE_HEADS, heads)
+        if chunk is not None:
+            self.set_attr(module, CAPTURE_CHUNK, chunk)
         self.swap_class(module, mixin)
 
     def undo(self) -> None:
@@ -177,19 +189,33 @@ class Patch:
     def attn_bias(self, state: ForwardState, dtype: torch.dtype) -> Tensor | None:
         return state.attn_bias(dtype) if self.method.prop_attn else None
 
-    def reduce(self, state: ForwardState, layer: int, x: Tensor, scale: float, attn_bias: Tensor | None) -> Tensor:
-        """The hook point after attention and before the MLP of block ``layer``."""
-        if state.q is None or state.k is None:
-            raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
-        ctx = LayerContext(layer, self.num_prefix, state.schedule[layer], state.q, state.k, scale, attn_bias, state.size)
-        state.q = state.k = None
+    def reduce(
+        self,
+        state: ForwardState,
+        layer: int,
+        x: Tensor,
+        scale: float,
+        attn_bias: Tensor | None,
+        hook: Hook = Hook.ATTN,
+        qkv: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+    ) -> Tensor:
+        """The method's hook point in block ``layer``: at its start (``qkv`` projected from ``x`` when the
+        method asks, else those of the previous block's attention, ``None`` at block 0), after
+        attention, or after the MLP (``q``/``k``/``v`` those attention used)."""
+        if qkv is None:
+            if hook is not Hook.START and (state.q is None or state.k is None):
+                raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
+            qkv = (state.q, state.k, state.v)
+        q, k, v = qkv
+        ctx = LayerContext(layer, self.num_prefix, state.schedule[layer], q, k, scale, attn_bias, state.size, v, hook)
+        state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)
         if selection is not None:
             if selection.num_out != ctx.num_out:
                 raise RuntimeError(
                     f"method {self.method.name} left {selection.num_out} tokens at layer {layer}, its schedule says {ctx.num_out}"
                 )
-            state.follow(selection, x)
+            state.follow(selection, x, layer)
             x = selection.apply(x)
         elif x.shape[1] != ctx.num_out:
             raise RuntimeError(

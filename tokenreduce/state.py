@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, size_bias
+from tokenreduce.core import Selection, restore_tokens, size_bias
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Record:
     ``input_tokens`` or ``tokens_per_layer[i - 1]``). ``owner [B, N0]`` is, for every original token
     (prefix tokens included), the index of the final token covering it, or -1 where it was dropped.
     ``size [B, N, 1]`` counts the original tokens merged into each final token (``None`` when nothing
-    was reduced).
+    was reduced). ``steps`` are the ``(block, selection)`` pairs applied, in order, which
+    :meth:`restore` undoes.
     """
 
     input_tokens: int
@@ -29,6 +30,27 @@ class Record:
     num_prefix: int
     owner: Tensor
     size: Tensor | None
+    steps: tuple[tuple[int, Selection], ...] = ()
+
+    def restore(self, tokens: Tensor, block: int | None = None, grid: tuple[int, int] | None = None) -> Tensor:
+        """``tokens [B, N, C]`` as they left block ``block`` (default: the last) spread back over all
+        ``input_tokens`` original positions ``[B, N0, C]`` for dense heads: every reduction up to that
+        block undone in reverse (merged tokens copied back to the tokens they cover, a method's own
+        reconstruction where it has one), and patches that were dropped filled from the nearest
+        covered patch of the ``grid`` (rows, cols) of patch tokens after the prefix (default: square)."""
+        last = len(self.tokens_per_layer) - 1 if block is None else block
+        expected = self.input_tokens if last < 0 else self.tokens_per_layer[last]
+        if tokens.shape[1] != expected:
+            raise ValueError(f"tokens must have the {expected} tokens that left block {last}, got {tokens.shape[1]}")
+        steps = [selection for layer, selection in self.steps if layer <= last]
+        if grid is None:
+            side = round((self.input_tokens - self.num_prefix) ** 0.5)
+            if side * side != self.input_tokens - self.num_prefix:
+                raise ValueError(
+                    f"the {self.input_tokens - self.num_prefix} patch tokens are not a square grid; pass grid=(rows, cols)"
+                )
+            grid = (side, side)
+        return restore_tokens(tokens, steps, self.num_prefix, grid)
 
     @property
     def num_tokens(self) -> int:
@@ -62,8 +84,10 @@ class ForwardState:
     size: Tensor | None = None  # [B, N, 1] float32; None means all ones
     owner: Tensor | None = None  # [B, N0] long; None means every token is its own
     owner_history: list[Tensor | None] = field(default_factory=list)  # owner after each block
-    q: Tensor | None = None  # queries/keys of the block now running, captured on their way to attention
+    steps: list[tuple[int, Selection]] = field(default_factory=list)  # (block, selection) applied so far
+    q: Tensor | None = None  # queries/keys/values of the block now running, captured on their way to attention
     k: Tensor | None = None
+    v: Tensor | None = None
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:
@@ -91,10 +115,11 @@ class ForwardState:
         """The proportional-attention mask for the current tokens, or ``None`` while all sizes are 1."""
         return None if self.size is None else size_bias(self.size, dtype)
 
-    def follow(self, selection: Selection, x: Tensor) -> None:
-        """Update sizes and owners for ``selection`` applied to the current tokens ``x``."""
-        self.size = selection.sizes(self.sizes(x))
-        self.owner = selection.owners(self.owners())
+    def follow(self, selection: Selection, x: Tensor, layer: int) -> None:
+        """Update sizes and owners for ``selection`` applied to the current tokens ``x`` in block ``layer``."""
+        self.size = None if selection.restores else selection.sizes(self.sizes(x))
+        self.owner = None if selection.restores else selection.owners(self.owners())
+        self.steps.append((layer, selection))
 
     def record(self) -> Record:
         return Record(
@@ -103,4 +128,5 @@ class ForwardState:
             num_prefix=self.num_prefix,
             owner=self.owners().detach(),
             size=None if self.size is None else self.size.detach(),
+            steps=tuple(self.steps),
         )

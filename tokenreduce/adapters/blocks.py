@@ -8,14 +8,17 @@ patching, so a library release that changes the block raises instead of computin
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from tokenreduce.methods.base import Hook
 from tokenreduce.patch import ATTR, Patch
 from tokenreduce.registry import loadable
+
+QKV = tuple[Tensor, Tensor, Tensor]
 
 
 @loadable
@@ -27,7 +30,11 @@ class BlockLayout:
     keyword arguments; a tuple result (Hugging Face's ``(output, weights)``) is reduced to its first
     item. ``params`` names the block forward's positional parameters after the tokens. ``query`` and
     ``key`` are the attention submodules whose outputs are the queries and keys, ``[B, H, N, D]``, or
-    ``[B, N, H * D]`` when ``split_heads``; ``scale`` and ``heads`` are attribute names on the attention.
+    ``[B, N, H * D]`` when ``split_heads``; ``value`` is the submodule whose output holds the values,
+    ``[B, N, H * D]``, as chunk ``value_chunk = (i, n)`` of ``n`` along its last dimension when given
+    (timm's fused ``qkv``); ``scale`` and ``heads`` are attribute names on the attention. ``project``
+    computes ``(q, k, v)`` ``[B, H, N, D]`` of the attention module from its input, as the attention
+    itself does (for methods acting at the block input).
     """
 
     attn: tuple[str, ...]
@@ -40,6 +47,17 @@ class BlockLayout:
     split_heads: bool
     scale: str
     heads: str
+    value: str
+    value_chunk: tuple[int, int] | None
+    project: Callable[[nn.Module, Tensor], QKV]
+
+    def project_input(self, block: nn.Module, x: Tensor) -> QKV:
+        """``(q, k, v)`` that the block's attention would compute on the block input ``x``."""
+        for name in self.attn:
+            if name == self.attention:
+                return self.project(getattr(block, name), x)
+            x = getattr(block, name)(x)
+        raise AssertionError(f"attention {self.attention!r} is not in the attention branch {self.attn}")
 
     def run_attn(self, block: nn.Module, x: Tensor, mask: Tensor | None, kwargs: dict) -> Tensor:
         for name in self.attn:
@@ -71,11 +89,18 @@ class ReducingBlock:
         kwargs.update(zip(layout.params, args))
         mask = kwargs.pop(layout.mask_kwarg, None)
         state = patch.begin(x, masked=mask is not None or bool(kwargs.get("is_causal"))) if layer == 0 else patch.current()
+        hook, scale = patch.method.hook, getattr(getattr(self, layout.attention), layout.scale)
+        if hook is Hook.START:
+            qkv = layout.project_input(self, x) if patch.method.start_qkv else None
+            x = patch.reduce(state, layer, x, scale, patch.attn_bias(state, x.dtype), hook, qkv)
         bias = patch.attn_bias(state, x.dtype)
         x = x + layout.run_attn(self, x, mask if bias is None else bias, kwargs)
-        attention = getattr(self, layout.attention)
-        x = patch.reduce(state, layer, x, getattr(attention, layout.scale), bias)
-        return x + layout.run_mlp(self, x)
+        if hook is Hook.ATTN:
+            x = patch.reduce(state, layer, x, scale, bias, hook)
+        x = x + layout.run_mlp(self, x)
+        if hook is Hook.END:
+            x = patch.reduce(state, layer, x, scale, bias, hook)
+        return x
 
 
 def _structure(block: nn.Module) -> tuple:
@@ -133,9 +158,29 @@ def install_blocks(patch: Patch, blocks: Sequence[nn.Module], layouts: Sequence[
         patch.set_attr(block, ATTR, patch)
         patch.set_attr(block, "_tokenreduce_layer", i)
         patch.set_attr(block, "_tokenreduce_layout", layout)
-        heads = int(getattr(getattr(block, layout.attention), layout.heads)) if layout.split_heads else None
-        patch.capture_qk(block.get_submodule(layout.query), block.get_submodule(layout.key), heads)
+        heads = int(getattr(getattr(block, layout.attention), layout.heads))
+        patch.capture_qk(
+            block.get_submodule(layout.query), block.get_submodule(layout.key), heads if layout.split_heads else None
+        )
+        patch.capture(block.get_submodule(layout.value), "v", heads, chunk=layout.value_chunk)
         patch.swap_class(block, ReducingBlock)
+
+
+def _heads(t: Tensor, head_dim: int) -> Tensor:
+    return t.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+@loadable
+def timm_qkv(attn: nn.Module, x: Tensor) -> QKV:
+    """timm ``Attention``: one fused ``qkv`` projection, then qk-norm on queries and keys."""
+    q, k, v = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+@loadable
+def separate_qkv(attn: nn.Module, x: Tensor) -> QKV:
+    """Hugging Face attention: separate ``q_proj``, ``k_proj``, ``v_proj``, split into heads."""
+    return tuple(_heads(proj(x), attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # type: ignore[return-value]
 
 
 def linear_macs(module: nn.Module) -> int:

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
-from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs
-from tokenreduce.core import restore_grid
+from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, timm_qkv
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 
@@ -27,6 +26,9 @@ _TIMM = dict(
     split_heads=False,
     scale="scale",
     heads="num_heads",
+    value="attn.qkv",
+    value_chunk=(2, 3),
+    project=timm_qkv,
 )
 LAYOUTS = {
     "timm.models.vision_transformer.Block": BlockLayout(
@@ -53,8 +55,8 @@ class ReducingVisionTransformer:
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         # timm reshapes NCHW intermediates with reshape(B, H, W, -1), which fewer tokens cannot fill:
-        # run NLC, then spread each intermediate back over the patch grid (merged tokens over the
-        # patches they cover, dropped patches from the nearest covered one: core.restore_grid).
+        # run NLC, then spread each intermediate back over the patch grid (Record.restore: every
+        # reduction up to that block undone, dropped patches from the nearest covered one).
         bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)  # type: ignore[misc]
         bound.apply_defaults()
         if bound.arguments["output_fmt"] != "NCHW":
@@ -65,11 +67,12 @@ class ReducingVisionTransformer:
 
         take, _ = feature_take_indices(len(self.blocks), bound.arguments["indices"])
         grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        state, p = getattr(self, ATTR).latest(), self.num_prefix_tokens
+        record, p = getattr(self, ATTR).latest().record(), self.num_prefix_tokens
 
         def spread(tokens: Tensor, block: int) -> Tensor:
-            owner = state.owners(after=block)[:, p:]
-            restored = restore_grid(tokens, torch.where(owner >= p, owner - p, -1), grid)
+            # timm hands over the patch tokens only; the prefix tokens are never reduced, so zeros stand in.
+            full = torch.cat([tokens.new_zeros(tokens.shape[0], p, tokens.shape[-1]), tokens], dim=1)
+            restored = record.restore(full, block, grid)[:, p:]
             return restored.reshape(tokens.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
 
         def convert(items: list) -> list:  # items are tensors, or (tensor, prefix tokens) pairs

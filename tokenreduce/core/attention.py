@@ -23,7 +23,17 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
-def received_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Softmax attention of every query to every key ``[B, H, N, N]`` in float32, from ``q``/``k``
+    ``[B, H, N, D]`` and the layer's additive ``bias``: computed beside fused attention, which never
+    returns it."""
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)
+
+
+def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     """Softmax attention each token receives, averaged over heads and over all queries: ``[B, N]``.
 
     The saliency used in place of CLS attention by towers without a class token (SigLIP): the full
@@ -32,6 +42,8 @@ def received_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
     total = q.new_zeros(q.shape[0], q.shape[2], dtype=torch.float32)
     for h in range(q.shape[1]):
         logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias[:, min(h, bias.shape[1] - 1)].float()
         total += logits.softmax(dim=-1).mean(dim=1)
     return total / q.shape[1]
 

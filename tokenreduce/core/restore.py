@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from tokenreduce.core.selection import Selection
 
-def fill_unowned(owner: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``owner [B, N]`` (the output covering each of ``N = rows * cols`` patches, ``-1`` where a patch was
-    dropped) with every dropped patch given the output of the nearest covered patch on the grid
-    (Euclidean distance, ties to the lower index)."""
+
+def _grid_distances(grid: tuple[int, int], device: torch.device) -> Tensor:
     rows, cols = grid
-    if owner.shape[1] != rows * cols:
-        raise ValueError(f"owner has {owner.shape[1]} patches for a {rows}x{cols} grid")
-    if bool((owner >= 0).all()):
-        return owner
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    coords = torch.stack([y.flatten(), x.flatten()], dim=1).float().to(owner.device)
-    dist = torch.cdist(coords, coords)  # [N, N]
-    dist = dist[None].expand(owner.shape[0], -1, -1).masked_fill((owner < 0)[:, None, :], float("inf"))
-    donor = dist.argmin(dim=-1)  # [B, N]: nearest covered patch (itself when covered)
-    return owner.gather(1, donor)
+    coords = torch.stack([y.flatten(), x.flatten()], dim=1).float().to(device)
+    return torch.cdist(coords, coords)  # [N, N]
 
 
-def restore_grid(tokens: Tensor, owner: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``tokens [B, M, D]`` (a reduced model's output tokens) spread back over the patch grid:
-    ``[B, N, D]`` where each patch takes the token covering it (merging: its merged token, ToMe-style
-    unmerge) or, when it was dropped, the token of the nearest covered patch."""
-    filled = fill_unowned(owner, grid)
-    if bool((filled < 0).any()):
+def restore_tokens(tokens: Tensor, steps: Sequence[Selection], num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Undo ``steps`` (the selections that turned ``N0`` tokens into ``tokens [B, N, C]``, in order) in
+    reverse: ``[B, N0, C]``. Each selection's :meth:`~Selection.unmerge` gives back its inputs (a
+    reconstruction step ends the walk: its outputs are the original tokens); patches no output covers
+    take the value of the nearest covered patch on ``grid`` (the ``N0 - num_prefix`` tokens after the
+    prefix), ties to the lower index."""
+    start = max((i + 1 for i, s in enumerate(steps) if s.restores), default=0)
+    values = tokens
+    valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    for selection in reversed(steps[start:]):
+        values = selection.unmerge(values)
+        valid = (selection.slot >= 0) & valid.gather(1, selection.slot.clamp(min=0))
+    patches, covered = values[:, num_prefix:], valid[:, num_prefix:]
+    if patches.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+    if bool(covered.all()):
+        return values
+    if not bool(covered.any(dim=1).all()):
         raise ValueError("no patch of some image is covered by an output token")
-    return tokens.gather(1, filled[..., None].expand(-1, -1, tokens.shape[-1]))
+    dist = _grid_distances(grid, tokens.device)[None].expand(tokens.shape[0], -1, -1)
+    donor = dist.masked_fill(~covered[:, None, :], float("inf")).argmin(dim=-1)  # [B, P]: itself when covered
+    filled = patches.gather(1, donor[..., None].expand(-1, -1, patches.shape[-1]))
+    return torch.cat([values[:, :num_prefix], filled], dim=1)

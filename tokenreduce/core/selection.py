@@ -1,10 +1,13 @@
 """The one result every reduction produces: which input tokens feed which output tokens, and how.
 
-A :class:`Selection` maps ``N`` tokens to ``num_out`` per batch row as a linear map in which every
-input feeds at most one output: ``out[j] = sum(coeff[i] * x[i] for i with slot[i] == j)``. Pruning,
-ToMe's weighted merges, EViT's fused token, pooling and clustering are all of this form, so one
-object can be applied to features, followed on sizes and sources, undone for dense outputs
-(:meth:`Selection.unmerge`) and used to carry positions or masks along (:meth:`Selection.take`).
+A :class:`Selection` maps ``N`` tokens to ``num_out`` per batch row as a linear map. In its sparse form
+every input feeds at most one output: ``out[j] = sum(coeff[i] * x[i] for i with slot[i] == j)``.
+Pruning, ToMe's weighted merges, EViT's fused token, pooling and clustering are all of this form. Its
+dense form (:func:`mix`) is any matrix ``out = M @ x``, where an input may feed several outputs
+(a DCT along the tokens, graph propagation, soft clustering, many-to-many transforms); ``slot`` then
+names each input's main output. Either form is applied to features, followed on sizes and sources,
+undone for dense outputs (:meth:`Selection.unmerge`) and used to carry positions or masks along
+(:meth:`Selection.take`).
 """
 
 from __future__ import annotations
@@ -24,18 +27,30 @@ class Selection:
     """``N -> num_out`` tokens per batch row.
 
     Attributes:
-        slot: ``[B, N]`` long, the output each input feeds, ``-1`` for dropped inputs.
+        slot: ``[B, N]`` long, the output each input feeds (dense form: the one it feeds most),
+            ``-1`` for dropped inputs.
         index: ``[B, num_out]`` long, one input of each output: the token whose position, mask
             entry or cache row the output inherits (the kept token; the destination of a merge).
         coeff: ``[B, N]`` float32 weight of each input in its output, ``None`` for all ones.
         gather_only: every output is exactly one input with weight 1 (pure pruning), so applying
             is a gather.
+        matrix: dense form only, ``[B, num_out, N]`` float32: ``out = matrix @ x``.
+        size_matrix: dense form only, ``[B, num_out, N]``: how sizes follow (``None``: each input's
+            size is shared among its outputs in proportion to ``|matrix|``, so the total is kept).
+        inverse: dense form only, ``[B, N, num_out]``: how :meth:`unmerge` rebuilds the inputs
+            (``None``: each input takes the outputs it feeds, weighted by its share in them).
+        restores: the outputs are again the ``num_out`` original tokens (a reconstruction), so
+            sizes and owners start afresh.
     """
 
     slot: Tensor
     index: Tensor
     coeff: Tensor | None = None
     gather_only: bool = False
+    matrix: Tensor | None = None
+    size_matrix: Tensor | None = None
+    inverse: Tensor | None = None
+    restores: bool = False
 
     @property
     def num_out(self) -> int:
@@ -46,6 +61,8 @@ class Selection:
         if self.gather_only:
             return x[_rows(x), self.index]
         acc = torch.promote_types(x.dtype, torch.float32)
+        if self.matrix is not None:
+            return torch.bmm(self.matrix.to(acc), x.to(acc)).to(x.dtype)
         values = x.to(acc) if self.coeff is None else x.to(acc) * self.coeff[..., None].to(acc)
         return self._scatter_sum(values).to(x.dtype)
 
@@ -59,13 +76,20 @@ class Selection:
 
     def sizes(self, size: Tensor) -> Tensor:
         """Original tokens per output ``[B, num_out, 1]``, from those of the inputs ``size [B, N, 1]``."""
+        if self.restores:
+            return torch.ones(size.shape[0], self.num_out, 1, device=size.device)
         if self.gather_only:
             return size[_rows(size), self.index]
+        if self.matrix is not None:
+            weights = _share(self.matrix) if self.size_matrix is None else self.size_matrix.float()
+            return torch.bmm(weights, size.float())
         return self._scatter_sum(size.float())
 
     def owners(self, owner: Tensor) -> Tensor:
         """Follow ``owner [B, N0]`` (the input token covering each original token, ``-1`` if none) to
         the output covering it."""
+        if self.restores:
+            return torch.arange(self.num_out, device=owner.device).expand(owner.shape[0], -1)
         covered = owner >= 0
         moved = self.slot.gather(1, owner.clamp(min=0))
         return torch.where(covered, moved, torch.full_like(moved, -1))
@@ -82,9 +106,84 @@ class Selection:
         return t.gather(dim, index)
 
     def unmerge(self, y: Tensor, fill: float = 0.0) -> Tensor:
-        """Back to ``[B, N, C]``: each input gets the value of the output it fed; dropped inputs ``fill``."""
+        """Back to ``[B, N, C]``: each input gets the value of the output it fed (dense form: the
+        outputs it feeds, weighted by its share in each, or :attr:`inverse`); dropped inputs ``fill``."""
+        if self.matrix is not None:
+            inverse = _share(self.matrix).transpose(1, 2) if self.inverse is None else self.inverse
+            back = torch.bmm(inverse.to(torch.promote_types(y.dtype, torch.float32)), y.float()).to(y.dtype)
+            return torch.where((self.slot >= 0)[..., None], back, torch.full_like(back, fill))
         picked = y[_rows(y), self.slot.clamp(min=0)]
         return torch.where((self.slot >= 0)[..., None], picked, torch.full_like(picked, fill))
+
+    def dense(self) -> Tensor:
+        """The map as a matrix ``[B, num_out, N]`` (float32): ``apply(x) == dense() @ x``."""
+        if self.matrix is not None:
+            return self.matrix.float()
+        b, n = self.slot.shape
+        coeff = torch.ones(b, n, device=self.slot.device) if self.coeff is None else self.coeff.float()
+        target = torch.where(self.slot >= 0, self.slot, self.num_out)
+        out = coeff.new_zeros(b, self.num_out + 1, n).scatter_(1, target[:, None], coeff[:, None])
+        return out[:, : self.num_out]
+
+    def then(self, later: Selection) -> Selection:
+        """This selection followed by ``later`` (which acts on this one's outputs), as one selection."""
+        index = self.index.gather(1, later.index)
+        if self.matrix is None and later.matrix is None and not self.restores and not later.restores:
+            fed = self.slot >= 0
+            slot = torch.where(fed, later.slot.gather(1, self.slot.clamp(min=0)), -1)
+            gather_only = self.gather_only and later.gather_only
+            coeff = None
+            if not gather_only:
+                first = torch.ones_like(self.slot, dtype=torch.float32) if self.coeff is None else self.coeff.float()
+                second = torch.ones_like(later.slot, dtype=torch.float32) if later.coeff is None else later.coeff.float()
+                coeff = torch.where(slot >= 0, first * second.gather(1, self.slot.clamp(min=0)), 0.0)
+            return Selection(slot, index, coeff, gather_only)
+        return mix(torch.bmm(later.dense(), self.dense()), index=index, restores=later.restores)
+
+
+def _share(matrix: Tensor) -> Tensor:
+    """``|matrix|`` with each input's column scaled to sum to 1: the share of every input in each output."""
+    weight = matrix.float().abs()
+    return weight / weight.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def mix(
+    matrix: Tensor,
+    *,
+    index: Tensor | None = None,
+    size_matrix: Tensor | None = None,
+    inverse: Tensor | None = None,
+    restores: bool = False,
+) -> Selection:
+    """The dense selection ``out = matrix @ x`` for ``matrix [B, num_out, N]``. Each input's main output
+    (its ``slot``, which owners follow) is the one it feeds most, ``-1`` when it feeds none; each
+    output inherits the position of ``index [B, num_out]`` (default: the input it takes most from).
+    ``size_matrix``, ``inverse`` and ``restores`` as in :class:`Selection`."""
+    weight = matrix.detach().float().abs()
+    best, main = weight.max(dim=1)
+    slot = torch.where(best > 0, main, -1)
+    if index is None:
+        index = weight.argmax(dim=2)
+    return Selection(slot, index, matrix=matrix, size_matrix=size_matrix, inverse=inverse, restores=restores)
+
+
+def choose_rows(take_first: Tensor, first: Selection, second: Selection) -> Selection:
+    """Per batch row, ``first`` where ``take_first [B]`` is True, else ``second`` (same ``num_out``):
+    a method that picks its rule per image (PPT's prune or pool) while the count stays uniform."""
+    if first.num_out != second.num_out:
+        raise ValueError(f"both selections must leave the same count, got {first.num_out} and {second.num_out}")
+    pick = take_first.bool()
+    index = torch.where(pick[:, None], first.index, second.index)
+    if first.matrix is not None or second.matrix is not None:
+        matrix = torch.where(pick[:, None, None], first.dense(), second.dense())
+        return mix(matrix, index=index)
+    slot = torch.where(pick[:, None], first.slot, second.slot)
+    if first.gather_only and second.gather_only:
+        return Selection(slot, index, gather_only=True)
+    ones = torch.ones_like(first.slot, dtype=torch.float32)
+    a = ones if first.coeff is None else first.coeff.float()
+    b = ones if second.coeff is None else second.coeff.float()
+    return Selection(slot, index, torch.where(pick[:, None], a, b))
 
 
 def first_inputs(slot: Tensor, num_out: int) -> Tensor:

@@ -26,7 +26,6 @@ import tokenreduce
 from tokenreduce.adapters import locate
 from tokenreduce.api import patch_of
 from tokenreduce.bench.runner import MethodSpec, run_bench, with_baseline
-from tokenreduce.core import restore_grid
 from tokenreduce.eval.data import Images
 from tokenreduce.eval.probe import LinearProbe, knn_predict
 
@@ -81,10 +80,9 @@ def _run(model: nn.Module, images: Images, size: int, norm, batch: int, head, ti
         tokens_out = tokens.shape[1]
         if head is not None:
             if tokenreduce.is_patched(model):
-                owner = tokenreduce.record(model).owner[:, prefix:]
-                side = int(round(owner.shape[1] ** 0.5))
-                filled |= bool((owner < 0).any())
-                patches = restore_grid(tokens, owner, (side, side))
+                rec = tokenreduce.record(model)
+                filled |= bool((rec.owner[:, prefix:] < 0).any())
+                patches = rec.restore(tokens)[:, prefix:]
             else:
                 patches = tokens[:, prefix:]
             maps.append(head(patches, (size, size)))

@@ -1,7 +1,15 @@
-"""Token reduction methods: one file each, registered by name on import."""
+"""Token reduction methods: one file each, registered by name when this package is imported.
 
-from tokenreduce.methods import dart, divprune, evit, fastv, none, pdrop, pool, random, sparsevlm, tome, topk, visionzip  # noqa: F401
-from tokenreduce.methods.base import EncoderMethod, LayerContext, Method, PruneAtLayers
+Every module here is imported, so a new method is one new file with a ``@register_method`` class.
+"""
+
+import importlib
+import pkgutil
+
+from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext, Method, PruneAtLayers
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 
-__all__ = ["EncoderMethod", "LayerContext", "Method", "PruneAtLayers", "VisualContext", "VisualMethod"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["EncoderMethod", "Hook", "LayerContext", "Method", "PruneAtLayers", "VisualContext", "VisualMethod"]

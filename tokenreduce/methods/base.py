@@ -8,27 +8,56 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, cls_attention, keep, keep_and_fuse, keep_indices, split_keep_drop
+from tokenreduce.core import (
+    Selection,
+    attention_probs,
+    cls_attention,
+    keep,
+    keep_and_fuse,
+    keep_indices,
+    received_attention,
+    split_keep_drop,
+)
 from tokenreduce.stages import Stage
 from tokenreduce.validate import as_int_tuple, as_real
 
 
+class Hook(str, Enum):
+    """Where in a block an encoder method reduces tokens."""
+
+    START = "start"  # the block input, before attention (B); q/k/v are this block's, projected from it
+    ATTN = "attn"  # after the attention residual, before the MLP (A); q/k/v are those attention used
+    END = "end"  # after the MLP (E, the next block's input); q/k/v are those this block's attention used
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class LayerContext:
-    """What a method sees at the hook point of block ``layer``: after attention, before the MLP."""
+    """What a method sees at its hook point in block ``layer``.
+
+    ``q``/``k``/``v`` are ``[B, H, N, D]`` (queries and keys after any qk-norm), aligned with the
+    tokens being reduced. At :attr:`Hook.START` they are this block's, projected from its input, when
+    the method sets ``start_qkv``; else those the previous block's attention used (``None`` at block 0).
+    ``attn_bias`` is the additive mask that attention used (or will use, at the start)."""
 
     layer: int
     num_prefix: int
     num_out: int  # token count the schedule asks this layer to leave
-    q: Tensor  # [B, H, N, D] queries after qk-norm
-    k: Tensor  # [B, H, N, D] keys after qk-norm
+    q: Tensor | None
+    k: Tensor | None
     scale: float
-    attn_bias: Tensor | None  # the additive mask this layer's attention used
+    attn_bias: Tensor | None
     size: Tensor | None  # [B, N, 1] original tokens per token; None while all are 1
+    v: Tensor | None = None
+    hook: Hook = Hook.ATTN
 
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
@@ -37,6 +66,21 @@ class LayerContext:
     def cls_attention(self) -> Tensor:
         """Head-averaged softmax attention of the CLS token (position 0) to every token ``[B, N]``."""
         return cls_attention(self.q, self.k, self.scale, self.attn_bias)
+
+    def attention(self) -> Tensor:
+        """The full softmax attention ``[B, H, N, N]`` (float32), recomputed from ``q``/``k`` beside the
+        layer's own fused attention: ``O(N^2)``, for methods that need every query's row."""
+        return attention_probs(self.q, self.k, self.scale, self.attn_bias)
+
+    def received(self) -> Tensor:
+        """Attention each token receives, averaged over heads and all queries ``[B, N]`` (float32)."""
+        return received_attention(self.q, self.k, self.scale, self.attn_bias)
+
+    def sizes(self, x: Tensor) -> Tensor:
+        """``size`` with ones materialised ``[B, N, 1]`` (float32)."""
+        if self.size is None:
+            return x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        return self.size
 
 
 class Method(ABC):
@@ -61,13 +105,15 @@ class EncoderMethod(Method):
     """Acts inside the blocks of a vision encoder.
 
     ``schedule`` plans, from the input token count alone, how many tokens leave each block; ``select``
-    then says, at each block, which tokens become which (a :class:`~tokenreduce.core.Selection` with
-    exactly ``ctx.num_out`` outputs). The engine applies it to the tokens and follows it on sizes and
-    owners.
+    then says, at the method's :attr:`hook` in each block, which tokens become which (a
+    :class:`~tokenreduce.core.Selection` with exactly ``ctx.num_out`` outputs). The engine applies it to
+    the tokens and follows it on sizes and owners.
     """
 
     stage = Stage.ENCODER
     prop_attn: bool = False  # add log(size) to attention logits (proportional attention)
+    hook: ClassVar[Hook] = Hook.ATTN
+    start_qkv: ClassVar[bool] = False  # at Hook.START, project this block's q/k/v from its input
 
     @abstractmethod
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
