@@ -11,6 +11,7 @@ from torch import Tensor
 
 import tokenreduce
 from conftest import build, images, output
+from tokenreduce.api import patch_of
 from tokenreduce.core import Selection, attention_probs, choose_rows, keep, mix
 from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext
 
@@ -186,3 +187,47 @@ def test_choose_rows_picks_each_rows_rule():
     torch.testing.assert_close(got[1], merged.apply(x)[1])
     with pytest.raises(ValueError, match="same count"):
         choose_rows(torch.tensor([True, False]), pruned, keep(torch.tensor([[0, 1]] * 2), 6))
+
+
+@dataclass
+class Uniform(EncoderMethod):
+    """Edits every block's attention: the block's own map, or a uniform one from block ``at`` on;
+    counts the blocks it saw in its carried value."""
+
+    name = "uniform"
+    edits_attention = True
+    at: int = 99
+
+    def schedule(self, num_tokens, num_prefix, depth):
+        return [num_tokens] * depth
+
+    def select(self, x, ctx):
+        return None
+
+    def attend(self, ctx):
+        ctx.carry = (ctx.carry or 0) + 1
+        probs = ctx.attention()
+        return torch.full_like(probs, 1 / probs.shape[-1]) if ctx.layer >= self.at else probs
+
+
+@pytest.mark.parametrize("model_name", ["vit", "qknorm_avg", "respost", "hf_clip", "hf_dinov2", "hf_siglip", "hf_vit"])
+def test_edited_attention_runs_the_blocks_own_map_or_the_given_one(model_name):
+    model, x = build(model_name), images()
+    want = output(model, x)
+    method = Uniform()
+    tokenreduce.apply(model, method)
+    torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)  # eager vs fused
+    assert patch_of(model).latest().carry == 4  # the carried value went through every block
+    tokenreduce.apply(model, Uniform(at=3))
+    edited = output(model, x)
+    tokenreduce.remove(model)
+    assert not torch.allclose(edited, want, atol=1e-3)
+    if hasattr(model, "blocks"):
+        # timm's eager attention hands its map to attn_drop: make the last block's uniform there
+        attn = model.blocks[3].attn
+        attn.fused_attn = False
+        hook = attn.attn_drop.register_forward_hook(lambda m, a, out: torch.full_like(out, 1 / out.shape[-1]))
+        try:
+            torch.testing.assert_close(edited, output(model, x), rtol=1e-4, atol=1e-4)
+        finally:
+            hook.remove()

@@ -186,6 +186,17 @@ class Patch:
         """This patch's per-thread namespace, for adapters that keep per-thread state of their own."""
         return self._local
 
+    def attend(
+        self, state: ForwardState, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, attn_bias: Tensor | None
+    ) -> Tensor:
+        """The attention map block ``layer`` uses, from a method that edits attention."""
+        ctx = LayerContext(
+            layer, self.num_prefix, state.schedule[layer], q, k, scale, attn_bias, state.size, v, Hook.ATTN, state.carry
+        )
+        probs = self.method.attend(ctx)
+        state.carry = ctx.carry
+        return probs
+
     def attn_bias(self, state: ForwardState, dtype: torch.dtype) -> Tensor | None:
         return state.attn_bias(dtype) if self.method.prop_attn else None
 
@@ -207,9 +218,12 @@ class Patch:
                 raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
             qkv = (state.q, state.k, state.v)
         q, k, v = qkv
-        ctx = LayerContext(layer, self.num_prefix, state.schedule[layer], q, k, scale, attn_bias, state.size, v, hook)
+        ctx = LayerContext(
+            layer, self.num_prefix, state.schedule[layer], q, k, scale, attn_bias, state.size, v, hook, state.carry
+        )
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)
+        state.carry = ctx.carry
         if selection is not None:
             if selection.num_out != ctx.num_out:
                 raise RuntimeError(

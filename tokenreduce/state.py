@@ -88,6 +88,7 @@ class ForwardState:
     q: Tensor | None = None  # queries/keys/values of the block now running, captured on their way to attention
     k: Tensor | None = None
     v: Tensor | None = None
+    carry: object = None  # the method's own per-forward value (LayerContext.carry)
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:

@@ -34,7 +34,8 @@ class BlockLayout:
     ``[B, N, H * D]``, as chunk ``value_chunk = (i, n)`` of ``n`` along its last dimension when given
     (timm's fused ``qkv``); ``scale`` and ``heads`` are attribute names on the attention. ``project``
     computes ``(q, k, v)`` ``[B, H, N, D]`` of the attention module from its input, as the attention
-    itself does (for methods acting at the block input).
+    itself does (for methods acting at the block input); ``attend`` finishes the attention from given
+    softmax probabilities ``[B, H, N, N]`` and ``v`` (for methods that edit the attention map).
     """
 
     attn: tuple[str, ...]
@@ -50,6 +51,7 @@ class BlockLayout:
     value: str
     value_chunk: tuple[int, int] | None
     project: Callable[[nn.Module, Tensor], QKV]
+    attend: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 
     def project_input(self, block: nn.Module, x: Tensor) -> QKV:
         """``(q, k, v)`` that the block's attention would compute on the block input ``x``."""
@@ -65,6 +67,18 @@ class BlockLayout:
                 x = getattr(block, name)(x, **{self.mask_kwarg: mask}, **kwargs)
                 if isinstance(x, tuple):
                     x = x[0]
+            else:
+                x = getattr(block, name)(x)
+        return x
+
+    def run_attn_edited(self, block: nn.Module, x: Tensor, probs: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """The attention branch computed eagerly, its softmax probabilities ``probs(q, k, v)`` given by the
+        caller (a method that edits or replaces the attention map)."""
+        for name in self.attn:
+            if name == self.attention:
+                attention = getattr(block, name)
+                q, k, v = self.project(attention, x)
+                x = self.attend(attention, x, probs(q, k, v), v)
             else:
                 x = getattr(block, name)(x)
         return x
@@ -94,7 +108,10 @@ class ReducingBlock:
             qkv = layout.project_input(self, x) if patch.method.start_qkv else None
             x = patch.reduce(state, layer, x, scale, patch.attn_bias(state, x.dtype), hook, qkv)
         bias = patch.attn_bias(state, x.dtype)
-        x = x + layout.run_attn(self, x, mask if bias is None else bias, kwargs)
+        if patch.method.edits_attention:
+            x = x + layout.run_attn_edited(self, x, lambda q, k, v: patch.attend(state, layer, q, k, v, scale, bias))
+        else:
+            x = x + layout.run_attn(self, x, mask if bias is None else bias, kwargs)
         if hook is Hook.ATTN:
             x = patch.reduce(state, layer, x, scale, bias, hook)
         x = x + layout.run_mlp(self, x)
@@ -135,13 +152,21 @@ def verify_layout(block: nn.Module, layout: BlockLayout, width: int) -> None:
         expected = type(block).forward(block, x, **{layout.mask_kwarg: None})
         y = x + layout.run_attn(block, x, None, {})
         got = y + layout.run_mlp(block, y)
+        scale = getattr(getattr(block, layout.attention), layout.scale)
+        edited = x + layout.run_attn_edited(block, x, lambda q, k, v: ((q @ k.transpose(-1, -2)) * scale).softmax(-1))
     finally:
         block.train(training)
     tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
-    if not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol * expected.float().abs().max().item()):
+    atol = tol * expected.float().abs().max().item()
+    if not torch.allclose(got.float(), expected.float(), rtol=tol, atol=atol):
         raise TypeError(
             f"{type(block).__qualname__}.forward does not match the layout tokenreduce expects "
             f"(attention branch {layout.attn}, MLP branch {layout.mlp}); this library version changed the block"
+        )
+    if not torch.allclose(edited.float(), y.float(), rtol=tol, atol=atol):
+        raise TypeError(
+            f"{type(getattr(block, layout.attention)).__qualname__} does not compute attention the way tokenreduce "
+            f"projects and finishes it ({layout.project.__name__}, {layout.attend.__name__}); this library version changed it"
         )
 
 
@@ -181,6 +206,26 @@ def timm_qkv(attn: nn.Module, x: Tensor) -> QKV:
 def separate_qkv(attn: nn.Module, x: Tensor) -> QKV:
     """Hugging Face attention: separate ``q_proj``, ``k_proj``, ``v_proj``, split into heads."""
     return tuple(_heads(proj(x), attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # type: ignore[return-value]
+
+
+def _merge_heads(probs: Tensor, v: Tensor) -> Tensor:
+    return (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+
+
+@loadable
+def timm_attend(attn: nn.Module, x: Tensor, probs: Tensor, v: Tensor) -> Tensor:
+    """timm ``Attention`` after its softmax: heads merged, output norm, optional gate, projection."""
+    out = attn.norm(_merge_heads(probs, v))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+@loadable
+def separate_attend(attn: nn.Module, x: Tensor, probs: Tensor, v: Tensor) -> Tensor:
+    """Hugging Face attention after its softmax: heads merged, output projection (``out_proj``/``o_proj``)."""
+    proj = attn.out_proj if hasattr(attn, "out_proj") else attn.o_proj
+    return proj(_merge_heads(probs, v))
 
 
 def linear_macs(module: nn.Module) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
-from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, separate_qkv
+from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, separate_attend, separate_qkv
 from tokenreduce.patch import Patch, original_class
 from tokenreduce.registry import register_adapter
 
@@ -36,6 +36,7 @@ def _layout(attn: tuple[str, ...], mlp: tuple[str, ...], attention: str, scale: 
         value=f"{attention}.v_proj",
         value_chunk=None,
         project=separate_qkv,
+        attend=separate_attend,
     )
 
 

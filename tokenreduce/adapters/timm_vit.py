@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
-from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, timm_qkv
+from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, timm_attend, timm_qkv
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 
@@ -29,6 +29,7 @@ _TIMM = dict(
     value="attn.qkv",
     value_chunk=(2, 3),
     project=timm_qkv,
+    attend=timm_attend,
 )
 LAYOUTS = {
     "timm.models.vision_transformer.Block": BlockLayout(

@@ -58,6 +58,7 @@ class LayerContext:
     size: Tensor | None  # [B, N, 1] original tokens per token; None while all are 1
     v: Tensor | None = None
     hook: Hook = Hook.ATTN
+    carry: Any = None  # the method's own value for this forward call, kept from block to block
 
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
@@ -114,6 +115,7 @@ class EncoderMethod(Method):
     prop_attn: bool = False  # add log(size) to attention logits (proportional attention)
     hook: ClassVar[Hook] = Hook.ATTN
     start_qkv: ClassVar[bool] = False  # at Hook.START, project this block's q/k/v from its input
+    edits_attention: ClassVar[bool] = False  # every block's attention map comes from attend() (eager)
 
     @abstractmethod
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
@@ -122,6 +124,12 @@ class EncoderMethod(Method):
     @abstractmethod
     def select(self, x: Tensor, ctx: LayerContext) -> Selection | None:
         """How ``x [B, N, C]`` becomes ``ctx.num_out`` tokens; ``None`` when nothing changes here."""
+
+    def attend(self, ctx: LayerContext) -> Tensor:
+        """With ``edits_attention``: the softmax probabilities ``[B, H, N, N]`` block ``ctx.layer``'s
+        attention applies to its values, from its ``q``/``k``/``v`` (``ctx.hook`` is ATTN, ``ctx.num_out``
+        the count the block will leave). The default is the block's own attention."""
+        return ctx.attention()
 
 
 @dataclass
