@@ -231,3 +231,15 @@ def test_edited_attention_runs_the_blocks_own_map_or_the_given_one(model_name):
             torch.testing.assert_close(edited, output(model, x), rtol=1e-4, atol=1e-4)
         finally:
             hook.remove()
+
+
+def test_every_hook_sees_the_tokens_that_entered_its_block():
+    model, x = build("vit"), images()
+    inputs = block_inputs(model, x)
+    for hook in Hook:
+        method = spy(hook, at=1)
+        tokenreduce.apply(model, method)
+        output(model, x)
+        for layer, (_, ctx) in enumerate(method.seen[:2]):
+            torch.testing.assert_close(ctx.block_input, inputs[layer])
+        tokenreduce.remove(model)

@@ -89,6 +89,7 @@ class ForwardState:
     k: Tensor | None = None
     v: Tensor | None = None
     carry: object = None  # the method's own per-forward value (LayerContext.carry)
+    block_input: Tensor | None = None  # the tokens that entered the block now running
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:

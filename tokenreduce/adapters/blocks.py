@@ -104,6 +104,7 @@ class ReducingBlock:
         mask = kwargs.pop(layout.mask_kwarg, None)
         state = patch.begin(x, masked=mask is not None or bool(kwargs.get("is_causal"))) if layer == 0 else patch.current()
         hook, scale = patch.method.hook, getattr(getattr(self, layout.attention), layout.scale)
+        state.block_input = x
         if hook is Hook.START:
             qkv = layout.project_input(self, x) if patch.method.start_qkv else None
             x = patch.reduce(state, layer, x, scale, patch.attn_bias(state, x.dtype), hook, qkv)
