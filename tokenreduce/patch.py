@@ -191,7 +191,18 @@ class Patch:
     ) -> Tensor:
         """The attention map block ``layer`` uses, from a method that edits attention."""
         ctx = LayerContext(
-            layer, self.num_prefix, state.schedule[layer], q, k, scale, attn_bias, state.size, v, Hook.ATTN, state.carry
+            layer,
+            self.num_prefix,
+            state.schedule[layer],
+            q,
+            k,
+            scale,
+            attn_bias,
+            state.size,
+            v,
+            Hook.ATTN,
+            state.carry,
+            state.block_input,
         )
         probs = self.method.attend(ctx)
         state.carry = ctx.carry
@@ -219,7 +230,18 @@ class Patch:
             qkv = (state.q, state.k, state.v)
         q, k, v = qkv
         ctx = LayerContext(
-            layer, self.num_prefix, state.schedule[layer], q, k, scale, attn_bias, state.size, v, hook, state.carry
+            layer,
+            self.num_prefix,
+            state.schedule[layer],
+            q,
+            k,
+            scale,
+            attn_bias,
+            state.size,
+            v,
+            hook,
+            state.carry,
+            state.block_input,
         )
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)
