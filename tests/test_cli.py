@@ -15,6 +15,8 @@ import tokenreduce
 import tokenreduce.cli as cli
 from tokenreduce.cli import main
 from tokenreduce.loading import create_timm_model
+from tokenreduce.registry import method_classes
+from tokenreduce.stages import Stage
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "64"]
 BENCH = ["bench", *TINY, "--batch-size", "2", "--repeats", "1", "--threads", "1", "--quiet"]
@@ -61,6 +63,30 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     for key in ("method", "params", "images_per_s", "gflops", "speedup", "flops_speedup", "tokens_per_layer"):
         assert key in rows["tome:r=1"]
     assert rows["tome:r=1"]["tokens_per_layer"] == list(range(16, 4, -1))
+
+
+def test_cli_bench_preset_runs_every_method_at_matched_flops(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main([*BENCH, "--img-size", "224", "--preset", "matched-flops", "--flops-fraction", "0.6", "--json", str(out)]) == 0
+    rows = {r["method"].split(":")[0]: r for r in json.loads(out.read_text())["results"]}
+    encoders = [method_classes(n).get(Stage.ENCODER) for n in tokenreduce.list_methods()]
+    budgeted = [cls.name for cls in encoders if cls is not None and cls.budget is not None]
+    assert set(rows) == {"none", *budgeted}
+    for name in budgeted:
+        assert rows[name]["gflops"] / rows["none"]["gflops"] == pytest.approx(0.6, abs=0.05), name
+    capsys.readouterr()
+    assert main([*BENCH, "--img-size", "224", "--preset", "matched-flops", "--methods", "evit"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
+    assert rows[0] == "none" and rows[1].startswith("evit:keep_rate=0.6") and len(rows) == 2
+
+
+def test_cli_bench_preset_errors(capsys):
+    assert "--preset sets each method's config" in fails([*BENCH, "--preset", "matched-flops", "--methods", "tome:r=2"], capsys)
+    assert "pass --preset matched-flops" in fails([*BENCH, "--flops-fraction", "0.5"], capsys)
+    assert "--flops-fraction must be in (0, 1]" in fails([*BENCH, "--preset", "matched-flops", "--flops-fraction", "1.5"], capsys)
+    assert "no config of ['tome']" in fails(
+        [*BENCH, "--preset", "matched-flops", "--methods", "tome", "--flops-fraction", "0.01"], capsys
+    )
 
 
 def test_cli_bench_warns_when_the_machine_is_busy(tmp_path, capsys, monkeypatch):

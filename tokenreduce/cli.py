@@ -131,9 +131,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tokenreduce.bench.runner import format_table, run_bench, steps
 
-    specs = check_specs(args.methods)
+    if args.preset is None and args.flops_fraction is not None:
+        raise CommandError("--flops-fraction sets the target of --preset matched-flops; pass --preset matched-flops")
+    specs = check_specs(args.methods or DEFAULT_METHODS) if args.preset is None else None
     device = check_bench_args(args, ("--img-size", args.img_size, 1))
     model = build_model(args, args.img_size)
+    if specs is None:
+        specs = preset_specs(args, model)
     load_before = os.getloadavg()
     total = steps(specs, args.repeats, args.warmup)
     with tqdm(total=total, desc=f"bench {args.model}", unit="fwd", disable=args.quiet, file=sys.stderr) as bar:
@@ -152,6 +156,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return report(args, device, results, format_table(results), header, load_before, img_size=args.img_size, model=args.model)
 
 
+def preset_specs(args: argparse.Namespace, model: torch.nn.Module):
+    """``none`` and every encoder method (or those ``--methods`` names) at matched FLOPs on ``model``."""
+    from tokenreduce.bench.preset import DEFAULT_FRACTION, match_flops
+    from tokenreduce.bench.runner import MethodSpec, parse_specs
+
+    fraction = DEFAULT_FRACTION if args.flops_fraction is None else args.flops_fraction
+    if not 0 < fraction <= 1:
+        raise CommandError(f"--flops-fraction must be in (0, 1], got {fraction}")
+    names = None
+    if args.methods:
+        names = [s.name for s in parse_specs(args.methods) if s.name != "none"]
+        for spec in parse_specs(args.methods):
+            if spec.config:
+                raise CommandError(f"--preset sets each method's config; give --methods as names only, got {spec.label!r}")
+            tokenreduce.make_method(spec.name, stage="encoder")
+    matched = match_flops(model, fraction, args.img_size, names)
+    if names is not None:
+        missing = sorted(set(names) - {m.spec.name for m in matched})
+        if missing:
+            raise CommandError(f"no config of {missing} plans {fraction:.0%} of the unreduced FLOPs on {args.model}")
+    return [MethodSpec("none"), *(m.spec for m in matched)]
+
+
 def cmd_bench_vlm(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -159,7 +186,9 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
     from tokenreduce.loading import create_hf_vlm
 
     model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
-    specs = check_specs(args.methods if args.methods != DEFAULT_METHODS else DEFAULT_VLM_METHODS)
+    if args.preset is not None:
+        raise CommandError("--preset applies to the encoder bench, not --vlm")
+    specs = check_specs(args.methods or DEFAULT_VLM_METHODS)
     device = check_bench_args(args, ("--prompt-tokens", args.prompt_tokens, 0), ("--new-tokens", args.new_tokens, 2))
     model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint)
     load_before = os.getloadavg()
@@ -410,7 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="compare methods side by side: speed, FLOPs, memory")
     bench.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
     bench.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS})"
+        "--methods",
+        default=None,
+        help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS}); with --preset, names only",
+    )
+    bench.add_argument(
+        "--preset",
+        choices=["matched-flops"],
+        default=None,
+        help="matched-flops: none and every encoder method at the config planning --flops-fraction of the unreduced FLOPs",
+    )
+    bench.add_argument(
+        "--flops-fraction",
+        type=float,
+        default=None,
+        help="the target of --preset matched-flops (default 0.63, DeiT-S 2.9 of 4.6 G)",
     )
     bench.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32; 1 prompt with --vlm)")
     bench.add_argument("--img-size", type=int, default=224)

@@ -189,7 +189,7 @@ def run_bench(
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dtype)
 
-    models, records, params = [], [], []
+    models, records, params, hooks = [], [], [], []
     with torch.inference_mode():
         for spec in specs:  # build and validate every method before timing anything
             m = tokenreduce.apply(copy.deepcopy(base), spec.name, **spec.config)
@@ -197,6 +197,7 @@ def run_bench(
             tick(1)
             records.append(tokenreduce.record(m))
             params.append(patch_of(m).method.params())
+            hooks.append(patch_of(m).method.hook)
             if spec.name == "none":
                 tokenreduce.remove(m)  # the baseline is the untouched model
             models.append(m)
@@ -217,9 +218,9 @@ def run_bench(
             tick(1)
 
     results = []
-    for spec, rec, param, t, peak, share in zip(specs, records, params, times, peaks, shares):
+    for spec, rec, param, hook, t, peak, share in zip(specs, records, params, hooks, times, peaks, shares):
         latency = statistics.median(t)
-        macs = model_macs(adapter, target, rec.input_tokens, rec.tokens_per_layer)
+        macs = model_macs(adapter, target, rec.input_tokens, rec.tokens_per_layer, hook)
         results.append(
             BenchResult(
                 method=spec.label,

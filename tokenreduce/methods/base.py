@@ -103,6 +103,19 @@ class Method(ABC):
         return f"{self.name}({args})"
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The config knob that sets how much compute a method keeps, for matching methods at equal
+    FLOPs: ``param`` ranges over ``[low, high]`` (integers when ``integer``), and the model's MACs grow
+    with it when ``increasing`` (a keep rate) or shrink (tokens merged per block)."""
+
+    param: str
+    low: float
+    high: float
+    integer: bool = False
+    increasing: bool = True
+
+
 class EncoderMethod(Method):
     """Acts inside the blocks of a vision encoder.
 
@@ -117,6 +130,7 @@ class EncoderMethod(Method):
     hook: ClassVar[Hook] = Hook.ATTN
     start_qkv: ClassVar[bool] = False  # at Hook.START, project this block's q/k/v from its input
     edits_attention: ClassVar[bool] = False  # every block's attention map comes from attend() (eager)
+    budget: ClassVar[Budget | None] = None  # the knob the matched-FLOPs bench preset turns
 
     @abstractmethod
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
@@ -145,6 +159,7 @@ class PruneAtLayers(EncoderMethod):
     keep_rate: float = 0.7
     layers: Sequence[int] | None = None
 
+    budget = Budget("keep_rate", 0.0, 1.0)
     fuse: ClassVar[bool] = False  # fuse the dropped tokens into one (EViT) instead of discarding them
     needs_cls_token: ClassVar[bool] = True
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokenreduce.core import Selection, bipartite_soft_matching
-from tokenreduce.methods.base import EncoderMethod, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_real, as_sequence
 
@@ -33,6 +33,7 @@ class ToMe(EncoderMethod):
 
     name = "tome"
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023"
+    budget = Budget("keep_ratio", 0.0, 1.0)
 
     r: RSpec | None = None
     keep_ratio: float | None = None  # fraction of the mergeable tokens left after the last block
