@@ -251,12 +251,10 @@ class Patch:
                 raise RuntimeError(
                     f"method {self.method.name} left {selection.num_out} tokens at layer {layer}, its schedule says {ctx.num_out}"
                 )
-            state.follow(selection, x, layer)
-            x = selection.apply(x)
+            x = state.follow(selection, x, layer)
         elif x.shape[1] != ctx.num_out:
             raise RuntimeError(
                 f"method {self.method.name} kept all {x.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
             )
         state.tokens_per_layer.append(x.shape[1])
-        state.owner_history.append(state.owner)
         return x

@@ -82,8 +82,6 @@ class ForwardState:
     device: torch.device
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None  # [B, N, 1] float32; None means all ones
-    owner: Tensor | None = None  # [B, N0] long; None means every token is its own
-    owner_history: list[Tensor | None] = field(default_factory=list)  # owner after each block
     steps: list[tuple[int, Selection]] = field(default_factory=list)  # (block, selection) applied so far
     q: Tensor | None = None  # queries/keys/values of the block now running, captured on their way to attention
     k: Tensor | None = None
@@ -103,10 +101,13 @@ class ForwardState:
         return self.size
 
     def owners(self, after: int | None = None) -> Tensor:
-        """``owner [B, N0]`` now, or after block ``after`` (``-1``: before the first block)."""
-        owner = self.owner if after is None else (None if after < 0 else self.owner_history[after])
-        if owner is None:
-            return torch.arange(self.input_tokens, device=self.device).expand(self.batch, -1)
+        """``owner [B, N0]`` now, or after block ``after`` (``-1``: before the first block): followed
+        through the recorded steps when asked, not on every forward."""
+        owner = torch.arange(self.input_tokens, device=self.device).expand(self.batch, -1)
+        for layer, selection in self.steps:
+            if after is not None and layer > after:
+                break
+            owner = selection.owners(owner)
         return owner
 
     def tokens_after(self, layer: int) -> int:
@@ -117,11 +118,13 @@ class ForwardState:
         """The proportional-attention mask for the current tokens, or ``None`` while all sizes are 1."""
         return None if self.size is None else size_bias(self.size, dtype)
 
-    def follow(self, selection: Selection, x: Tensor, layer: int) -> None:
-        """Update sizes and owners for ``selection`` applied to the current tokens ``x`` in block ``layer``."""
+    def follow(self, selection: Selection, x: Tensor, layer: int) -> Tensor:
+        """Apply ``selection`` to the current tokens ``x`` in block ``layer``: the new tokens, with sizes
+        updated and the step recorded (owners follow it when asked)."""
         self.size = None if selection.restores else selection.sizes(self.sizes(x))
-        self.owner = None if selection.restores else selection.owners(self.owners())
+        x = selection.apply(x)
         self.steps.append((layer, selection))
+        return x
 
     def record(self) -> Record:
         return Record(

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from tokenreduce.core.selection import Selection, weighted_mean_coeff
+from tokenreduce.core.selection import Selection
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: Tensor | None = None) -> Selection:
@@ -63,5 +63,4 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: T
         ],
         dim=1,
     )
-    weight = torch.ones(b, n, device=device) if size is None else size[..., 0]
-    return Selection(slot, index, weighted_mean_coeff(slot, weight, index.shape[1]))
+    return Selection(slot, index, None if size is None else size[..., 0], mean=True)

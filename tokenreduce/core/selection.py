@@ -34,6 +34,8 @@ class Selection:
         coeff: ``[B, N]`` float32 weight of each input in its output, ``None`` for all ones.
         gather_only: every output is exactly one input with weight 1 (pure pruning), so applying
             is a gather.
+        mean: each output is the ``coeff``-weighted mean of its inputs (``coeff`` then holds the
+            unnormalised weights, e.g. sizes): the sums and their normaliser come from one scatter.
         matrix: dense form only, ``[B, num_out, N]`` float32: ``out = matrix @ x``.
         size_matrix: dense form only, ``[B, num_out, N]``: how sizes follow (``None``: each input's
             size is shared among its outputs in proportion to ``|matrix|``, so the total is kept).
@@ -47,6 +49,7 @@ class Selection:
     index: Tensor
     coeff: Tensor | None = None
     gather_only: bool = False
+    mean: bool = False
     matrix: Tensor | None = None
     size_matrix: Tensor | None = None
     inverse: Tensor | None = None
@@ -63,8 +66,24 @@ class Selection:
         acc = torch.promote_types(x.dtype, torch.float32)
         if self.matrix is not None:
             return torch.bmm(self.matrix.to(acc), x.to(acc)).to(x.dtype)
-        values = x.to(acc) if self.coeff is None else x.to(acc) * self.coeff[..., None].to(acc)
-        return self._scatter_sum(values).to(x.dtype)
+        return self._sums(x.to(acc)).to(x.dtype)
+
+    def _sums(self, x: Tensor) -> Tensor:
+        """The ``coeff``-weighted sums of ``x`` per output (means when :attr:`mean`), from one scatter."""
+        weight = None if self.coeff is None else self.coeff[..., None].to(x.dtype)
+        values = x if weight is None else x * weight
+        if not self.mean:
+            return self._scatter_sum(values)
+        both = self._scatter_sum(torch.cat([values, torch.ones_like(x[..., :1]) if weight is None else weight], dim=-1))
+        return both[..., :-1] / both[..., -1:].clamp(min=torch.finfo(both.dtype).tiny)
+
+    def weights(self) -> Tensor:
+        """The weight of each input in its output ``[B, N]`` (float32; 0 for dropped inputs)."""
+        if self.mean:
+            ones = torch.ones_like(self.slot, dtype=torch.float32)
+            return weighted_mean_coeff(self.slot, ones if self.coeff is None else self.coeff, self.num_out)
+        coeff = torch.ones_like(self.slot, dtype=torch.float32) if self.coeff is None else self.coeff.float()
+        return torch.where(self.slot >= 0, coeff, 0.0)
 
     def _scatter_sum(self, values: Tensor) -> Tensor:
         # One flat index_add over the batch; dropped inputs land in a spare slot that is cut off.
@@ -120,7 +139,7 @@ class Selection:
         if self.matrix is not None:
             return self.matrix.float()
         b, n = self.slot.shape
-        coeff = torch.ones(b, n, device=self.slot.device) if self.coeff is None else self.coeff.float()
+        coeff = self.weights()
         target = torch.where(self.slot >= 0, self.slot, self.num_out)
         out = coeff.new_zeros(b, self.num_out + 1, n).scatter_(1, target[:, None], coeff[:, None])
         return out[:, : self.num_out]
@@ -134,8 +153,7 @@ class Selection:
             gather_only = self.gather_only and later.gather_only
             coeff = None
             if not gather_only:
-                first = torch.ones_like(self.slot, dtype=torch.float32) if self.coeff is None else self.coeff.float()
-                second = torch.ones_like(later.slot, dtype=torch.float32) if later.coeff is None else later.coeff.float()
+                first, second = self.weights(), later.weights()
                 coeff = torch.where(slot >= 0, first * second.gather(1, self.slot.clamp(min=0)), 0.0)
             return Selection(slot, index, coeff, gather_only)
         return mix(torch.bmm(later.dense(), self.dense()), index=index, restores=later.restores)
@@ -180,10 +198,7 @@ def choose_rows(take_first: Tensor, first: Selection, second: Selection) -> Sele
     slot = torch.where(pick[:, None], first.slot, second.slot)
     if first.gather_only and second.gather_only:
         return Selection(slot, index, gather_only=True)
-    ones = torch.ones_like(first.slot, dtype=torch.float32)
-    a = ones if first.coeff is None else first.coeff.float()
-    b = ones if second.coeff is None else second.coeff.float()
-    return Selection(slot, index, torch.where(pick[:, None], a, b))
+    return Selection(slot, index, torch.where(pick[:, None], first.weights(), second.weights()))
 
 
 def first_inputs(slot: Tensor, num_out: int) -> Tensor:
