@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, restore_tokens, size_bias
+from tokenreduce.core import Selection, restore_tokens, size_bias, take_per_token
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ class Record:
             grid = (side, side)
         return restore_tokens(tokens, steps, self.num_prefix, grid)
 
+    def patch_grid(self, patches: Tensor, block: int, grid: tuple[int, int]) -> Tensor:
+        """The patch tokens ``patches [B, N - P, C]`` that left block ``block`` (the prefix tokens cut off,
+        as ``forward_intermediates`` hands them over) spread back over the ``grid`` (rows, cols) as
+        ``[B, C, rows, cols]`` (:meth:`restore`; prefix tokens are never reduced, zeros stand in for them)."""
+        full = torch.cat([patches.new_zeros(patches.shape[0], self.num_prefix, patches.shape[-1]), patches], dim=1)
+        restored = self.restore(full, block, grid)[:, self.num_prefix :]
+        return restored.reshape(patches.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+
     @property
     def num_tokens(self) -> int:
         """Tokens after the last block."""
@@ -90,6 +98,7 @@ class ForwardState:
     v: Tensor | None = None
     carry: object = None  # the method's own per-forward value (LayerContext.carry)
     block_input: Tensor | None = None  # the tokens that entered the block now running
+    position: Tensor | None = None  # [B, N] long: the original token whose position each token holds; None: its own
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:
@@ -109,6 +118,13 @@ class ForwardState:
             return torch.arange(self.input_tokens, device=self.device).expand(self.batch, -1)
         return owner
 
+    def follow_tokens(self, tables: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-token tables (one row per original token after the prefix: rotary embeddings) at the current
+        tokens: each takes the row of the original token whose position it holds (:func:`take_per_token`)."""
+        if self.position is None:
+            return tables
+        return {name: take_per_token(table, self.position, self.num_prefix) for name, table in tables.items()}
+
     def tokens_after(self, layer: int) -> int:
         """Token count leaving block ``layer`` (``-1``: entering the first block)."""
         return self.input_tokens if layer < 0 else self.tokens_per_layer[layer]
@@ -121,6 +137,13 @@ class ForwardState:
         """Update sizes and owners for ``selection`` applied to the current tokens ``x`` in block ``layer``."""
         self.size = None if selection.restores else selection.sizes(self.sizes(x))
         self.owner = None if selection.restores else selection.owners(self.owners())
+        if selection.restores:
+            self.position = None
+        else:
+            own = self.position is None
+            self.position = selection.take(
+                torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1) if own else self.position
+            )
         self.steps.append((layer, selection))
 
     def record(self) -> Record:
