@@ -3,6 +3,8 @@ registered encoder method on one tiny model of a family, and compile/export of o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch.export import Dim
@@ -11,6 +13,8 @@ import naive_g8
 import tokenreduce
 from conftest import images, layout
 from test_contract import DATA_DEPENDENT_COUNTS, IDENTITY, REDUCING, traces
+from tokenreduce.core import keep
+from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext
 
 METHODS = sorted(REDUCING)
 
@@ -113,3 +117,56 @@ def check_cls_pruning_matches(model, naive_forward, method: str) -> None:
     want = naive_forward(model, x, naive_g8.evit_step((1, 3, 4), 0.55, prefix, fuse=method == "evit"), prop_attn=False)
     tokenreduce.apply(model, method, keep_rate=0.55)
     torch.testing.assert_close(run(model, x), want, rtol=1e-4, atol=1e-4)
+
+
+@dataclass
+class Probe(EncoderMethod):
+    """Drops the first ``drop`` tokens after the prefix at block ``at`` (its rotary rows must shift) and
+    remembers every context it was shown."""
+
+    name = "probe"
+    at: int = 1
+    drop: int = 4
+
+    def __post_init__(self) -> None:
+        self.seen: list[LayerContext] = []
+
+    def schedule(self, num_tokens, num_prefix, depth):
+        return [num_tokens - (self.drop if i >= self.at else 0) for i in range(depth)]
+
+    def select(self, x, ctx):
+        self.seen.append(ctx)
+        n, p = x.shape[1], ctx.num_prefix
+        if n == ctx.num_out:
+            return None
+        return keep(torch.cat([torch.arange(p), torch.arange(p + self.drop, n)]).expand(x.shape[0], -1), n)
+
+
+def probe(hook: Hook, start_qkv: bool = False, edits_attention: bool = False, **config) -> Probe:
+    namespace = {"hook": hook, "start_qkv": start_qkv, "edits_attention": edits_attention}
+    return dataclass(type(f"Probe{hook}{start_qkv}{edits_attention}", (Probe,), namespace))(**config)
+
+
+def check_hook_points(model) -> None:
+    """Where tokenreduce runs the attention itself: a method at the block start sees the q/k/v that block's
+    attention uses; reducing at the start of block 1 equals reducing at the end of block 0; a method that
+    edits the attention map (here: leaves it as it is) gives the model's own outputs, reduced or not."""
+    x = images()
+    expected = run(model, x)
+    start, attn = probe(Hook.START, start_qkv=True, at=99), probe(Hook.ATTN, at=99)
+    for method in (start, attn):
+        tokenreduce.apply(model, method)
+        run(model, x)
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(getattr(start.seen[2], name), getattr(attn.seen[2], name), rtol=1e-5, atol=1e-5)
+    tokenreduce.apply(model, probe(Hook.START, start_qkv=True, at=1))
+    at_start = run(model, x)
+    tokenreduce.apply(model, probe(Hook.END, at=0))
+    torch.testing.assert_close(run(model, x), at_start, rtol=1e-5, atol=1e-5)
+    tokenreduce.apply(model, probe(Hook.ATTN, edits_attention=True, at=99))
+    torch.testing.assert_close(run(model, x), expected, rtol=1e-5, atol=1e-5)
+    tokenreduce.apply(model, probe(Hook.ATTN, at=1))
+    reduced = run(model, x)
+    tokenreduce.apply(model, probe(Hook.ATTN, edits_attention=True, at=1))
+    torch.testing.assert_close(run(model, x), reduced, rtol=1e-5, atol=1e-5)
+    tokenreduce.remove(model)

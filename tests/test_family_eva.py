@@ -15,6 +15,7 @@ from family_checks import (
     check_cls_pruning_matches,
     check_compile_and_export,
     check_defaults_plan,
+    check_hook_points,
     check_macs,
     check_method,
     check_tome_matches,
@@ -99,6 +100,11 @@ def test_tome_matches_naive_forward(name, prop_attn):
 @pytest.mark.parametrize("name", ["eva02", "eva_mixed"])
 def test_cls_attention_pruning_matches_naive_forward(name, method):
     check_cls_pruning_matches(build(name, depth=6), naive_g8.eva_forward, method)
+
+
+@pytest.mark.parametrize("name", ["eva02", "eva_mixed"])
+def test_hook_points(name):
+    check_hook_points(build(name))
 
 
 def test_rotary_rows_follow_the_tokens():

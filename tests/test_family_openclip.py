@@ -14,6 +14,7 @@ from family_checks import (
     check_cls_pruning_matches,
     check_compile_and_export,
     check_defaults_plan,
+    check_hook_points,
     check_macs,
     check_method,
     check_tome_matches,
@@ -29,6 +30,11 @@ VARIANTS = {
     "openclip_avg": dict(pool_type="avg", ls_init_value=0.5, final_ln_after_pool=True),  # size-weighted mean
     "openclip_coca": dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=3, output_dim=48),  # CoCa's pooler
     "openclip_custom": dict(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True),  # its own Attention
+}
+# CoCa-paper poolers (open_clip: "untested, WIP"; they run where output_dim equals the width)
+POOLERS = {
+    mode: dict(attentional_pool=mode, attn_pooler_queries=4, attn_pooler_heads=3, output_dim=48)
+    for mode in ("parallel", "cascade")
 }
 
 
@@ -47,6 +53,24 @@ def test_other_blocks_and_pools(name):
     check_method(build(name), "tome")
 
 
+@pytest.mark.parametrize("mode", sorted(POOLERS))
+def test_paper_poolers(mode):
+    model = build("openclip", **POOLERS[mode])
+    check_method(model, "tome")
+    tokenreduce.apply(model, "tome", r=6)
+    weighted = [p.attn for p in (model.attn_pool, model.attn_pool_contrastive) if type(p.attn).__name__ != "MultiheadAttention"]
+    assert len(weighted) == (2 if mode == "parallel" else 1)  # 'cascade' pools the first pooler's outputs
+
+
+def test_timm_trunk_inside_open_clip_is_found():
+    from open_clip.timm_model import TimmModel
+
+    tower = randomize(TimmModel("vit_tiny_patch16_224", embed_dim=16, image_size=224, pool="", proj="linear"), 0).eval()
+    tokenreduce.apply(tower, "tome", r=3)
+    assert "patched submodule 'trunk' of TimmModel" in tokenreduce.describe(tower)
+    assert run(tower, images(size=224)).shape == (2, 16) and tokenreduce.record(tower).tokens_per_layer[-1] == 197 - 36
+
+
 @pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_tome_matches_naive_forward(name, prop_attn):
@@ -56,6 +80,11 @@ def test_tome_matches_naive_forward(name, prop_attn):
 @pytest.mark.parametrize("method", ["evit", "topk"])
 def test_cls_attention_pruning_matches_naive_forward(method):
     check_cls_pruning_matches(build("openclip", layers=6), naive_g8.openclip_forward, method)
+
+
+@pytest.mark.parametrize("name", ["openclip", "openclip_custom"])
+def test_hook_points(name):
+    check_hook_points(build(name))
 
 
 def test_output_tokens_are_the_reduced_patch_tokens():

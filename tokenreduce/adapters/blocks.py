@@ -134,14 +134,22 @@ class BlockLayout:
         return self.finish(attention, x, out)
 
     def run_attn_edited(
-        self, block: nn.Module, x: Tensor, probs: Callable[[Tensor, Tensor, Tensor], Tensor], tables: dict | None = None
+        self,
+        block: nn.Module,
+        x: Tensor,
+        probs: Callable[[Tensor, Tensor, Tensor], Tensor],
+        tables: dict | None = None,
+        state=None,
     ) -> Tensor:
         """The attention branch computed eagerly, its softmax probabilities ``probs(q, k, v)`` given by the
-        caller (a method that edits or replaces the attention map)."""
+        caller (a method that edits or replaces the attention map); ``tables`` and ``state`` as in
+        :meth:`project_input` and :meth:`run_attn`."""
         for name in self.attn:
             if name == self.attention:
                 attention = getattr(block, name)
                 q, k, v = self.project(attention, x, **(tables or {}))
+                if state is not None and self.runs_attention:  # elsewhere the hooked modules kept them
+                    state.q, state.k, state.v = q, k, v
                 p = probs(q, k, v)
                 x = self.finish(attention, x, p.to(v.dtype) @ v) if self.attend is None else self.attend(attention, x, p, v)
             else:
@@ -187,7 +195,7 @@ class ReducingBlock:
         bias = patch.attn_bias(state, x.dtype)
         if patch.method.edits_attention:
             probs = lambda q, k, v: patch.attend(state, layer, q, k, v, scale, bias)  # noqa: E731
-            x = x + layout.run_attn_edited(self, x, probs, tables)
+            x = x + layout.run_attn_edited(self, x, probs, tables, state)
         else:
             x = x + layout.run_attn(self, x, mask if bias is None else bias, {**kwargs, **tables}, state)
         if hook is Hook.ATTN:

@@ -142,7 +142,8 @@ class TimmEva(TimmViT):
 
     def install(self, model: nn.Module, patch: Patch) -> None:
         for i, block in enumerate(self.blocks(model)):
-            skip = getattr(block.attn, "num_prefix_tokens", None)
+            self.layout(i, block)
+            skip = block.attn.num_prefix_tokens
             if skip != model.num_prefix_tokens:
                 raise TypeError(
                     f"block {i} attention rotates the tokens after {skip} prefix tokens, the model has "
