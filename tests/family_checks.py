@@ -170,3 +170,20 @@ def check_hook_points(model) -> None:
     tokenreduce.apply(model, probe(Hook.ATTN, edits_attention=True, at=1))
     torch.testing.assert_close(run(model, x), reduced, rtol=1e-5, atol=1e-5)
     tokenreduce.remove(model)
+
+
+def check_save_load_and_half(model, tmp_path) -> None:
+    """A patched model survives ``torch.save``/``load`` (tokenreduce's own classes and functions are all
+    allowed for ``weights_only`` loading) and runs in float16 and bfloat16 close to float32."""
+    x = images()
+    tokenreduce.apply(model, "tome", r=5)
+    reduced = run(model, x)
+    torch.save(model, tmp_path / "model.pt")
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "model.pt")
+    assert not [g for g in unsafe if g.startswith("tokenreduce")], "tokenreduce must allow its own classes"
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(run(loaded, x), reduced)
+    for dtype, bound in ((torch.float16, 0.99), (torch.bfloat16, 0.9)):  # as the contract's half-precision test
+        out = run(tokenreduce.apply(loaded.to(dtype), "tome", r=5), x.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert torch.nn.functional.cosine_similarity(out.float(), reduced, dim=-1).min() > bound

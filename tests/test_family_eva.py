@@ -18,6 +18,7 @@ from family_checks import (
     check_hook_points,
     check_macs,
     check_method,
+    check_save_load_and_half,
     check_tome_matches,
     run,
 )
@@ -105,6 +106,11 @@ def test_cls_attention_pruning_matches_naive_forward(name, method):
 @pytest.mark.parametrize("name", ["eva02", "eva_mixed"])
 def test_hook_points(name):
     check_hook_points(build(name))
+
+
+@pytest.mark.parametrize("name", ["eva02", "eva_pe"])
+def test_save_load_and_half_precision(name, tmp_path):
+    check_save_load_and_half(build(name), tmp_path)
 
 
 def test_rotary_rows_follow_the_tokens():

@@ -17,6 +17,7 @@ from family_checks import (
     check_hook_points,
     check_macs,
     check_method,
+    check_save_load_and_half,
     check_tome_matches,
     run,
 )
@@ -85,6 +86,11 @@ def test_cls_attention_pruning_matches_naive_forward(method):
 @pytest.mark.parametrize("name", ["openclip", "openclip_custom"])
 def test_hook_points(name):
     check_hook_points(build(name))
+
+
+@pytest.mark.parametrize("name", ["openclip", "openclip_coca"])
+def test_save_load_and_half_precision(name, tmp_path):
+    check_save_load_and_half(build(name), tmp_path)
 
 
 def test_output_tokens_are_the_reduced_patch_tokens():
