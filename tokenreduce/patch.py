@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from tokenreduce.core import size_bias
 from tokenreduce.methods.base import Hook, LayerContext, Method
 from tokenreduce.registry import loadable
 from tokenreduce.state import ForwardState
@@ -210,6 +211,18 @@ class Patch:
 
     def attn_bias(self, state: ForwardState, dtype: torch.dtype) -> Tensor | None:
         return state.attn_bias(dtype) if self.method.prop_attn else None
+
+    def pool_bias(self, keys: Tensor) -> Tensor | None:
+        """The proportional-attention bias ``[B, 1, 1, S]`` for an attention pool (a head's latent queries)
+        over ``keys [B, S, C]``, the last ``S`` tokens of this thread's forward (all of them, or those after
+        the prefix): ``None`` unless the method uses proportional attention and tokens were merged."""
+        state = self.latest()
+        if not self.method.prop_attn or state is None or state.size is None:
+            return None
+        size = state.size
+        if size.shape[0] != keys.shape[0] or size.shape[1] < keys.shape[1]:
+            return None  # not this forward's tokens
+        return size_bias(size[:, size.shape[1] - keys.shape[1] :], keys.dtype)
 
     def reduce(
         self,

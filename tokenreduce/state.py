@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, restore_tokens, size_bias
+from tokenreduce.core import Selection, restore_tokens, size_bias, take_per_token
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ class Record:
             grid = (side, side)
         return restore_tokens(tokens, steps, self.num_prefix, grid)
 
+    def patch_grid(self, patches: Tensor, block: int, grid: tuple[int, int]) -> Tensor:
+        """The patch tokens ``patches [B, N - P, C]`` that left block ``block`` (the prefix tokens cut off,
+        as ``forward_intermediates`` hands them over) spread back over the ``grid`` (rows, cols) as
+        ``[B, C, rows, cols]`` (:meth:`restore`; prefix tokens are never reduced, zeros stand in for them)."""
+        full = torch.cat([patches.new_zeros(patches.shape[0], self.num_prefix, patches.shape[-1]), patches], dim=1)
+        restored = self.restore(full, block, grid)[:, self.num_prefix :]
+        return restored.reshape(patches.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+
     @property
     def num_tokens(self) -> int:
         """Tokens after the last block."""
@@ -88,6 +96,8 @@ class ForwardState:
     v: Tensor | None = None
     carry: object = None  # the method's own per-forward value (LayerContext.carry)
     block_input: Tensor | None = None  # the tokens that entered the block now running
+    position: Tensor | None = None  # [B, N] long: the original token whose position each token holds; None: its own
+    position_steps: int = 0  # steps already followed into position
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:
@@ -109,6 +119,22 @@ class ForwardState:
                 break
             owner = selection.owners(owner)
         return owner
+
+    def follow_tokens(self, tables: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-token tables (one row per original token after the prefix: rotary embeddings) at the current
+        tokens: each takes the row of the original token whose position it holds (:func:`take_per_token`)."""
+        # followed through the steps recorded since the last call: free for models without such tables
+        for _, selection in self.steps[self.position_steps :]:
+            if selection.restores:
+                self.position = None
+            else:
+                slot = selection.slot
+                own = torch.arange(slot.shape[1], device=slot.device).expand(slot.shape[0], -1)
+                self.position = selection.take(own if self.position is None else self.position)
+        self.position_steps = len(self.steps)
+        if self.position is None:
+            return tables
+        return {name: take_per_token(table, self.position, self.num_prefix) for name, table in tables.items()}
 
     def tokens_after(self, layer: int) -> int:
         """Token count leaving block ``layer`` (``-1``: entering the first block)."""

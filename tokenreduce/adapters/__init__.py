@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokenreduce.adapters import hf_vision, hf_vlm, timm_vit  # noqa: F401  (registration)
+from tokenreduce.adapters import hf_vision, hf_vlm, openclip_vit, timm_eva, timm_vit  # noqa: F401  (registration)
 from tokenreduce.adapters.base import Adapter, BlockCost
 from tokenreduce.registry import adapters
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +19,21 @@ def class_names(model: nn.Module) -> Iterator[str]:
     """``module.QualName`` of every class in the model's MRO, so families match without importing them."""
     for cls in type(model).__mro__:
         yield f"{cls.__module__}.{cls.__qualname__}"
+
+
+def nlc_intermediates(
+    forward_intermediates: Callable, x, args: tuple, kwargs: dict
+) -> tuple[inspect.BoundArguments, object, bool]:
+    """Call a model's own (bound) ``forward_intermediates`` as asked, except that intermediates asked for as
+    NCHW grids, which the model reshapes from patch tokens that fewer tokens cannot fill, come back NLC for
+    the caller to spread over the grid. Returns ``(arguments, output, spread)``: ``spread`` says whether
+    they were asked for as NCHW."""
+    bound = inspect.signature(forward_intermediates).bind(x, *args, **kwargs)
+    bound.apply_defaults()
+    spread = bound.arguments["output_fmt"] == "NCHW"
+    if spread:
+        bound.arguments["output_fmt"] = "NLC"
+    return bound, forward_intermediates(*bound.args, **bound.kwargs), spread
 
 
 @dataclass(frozen=True)

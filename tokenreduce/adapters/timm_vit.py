@@ -1,20 +1,28 @@
-"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2, register tokens, qk-norm, CLIP towers)."""
+"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2, register tokens, qk-norm, CLIP and SigLIP
+towers), also inside timm's ``features_only`` wrappers.
+
+Attention pooling (``global_pool='map'``, timm's ``AttentionPoolLatent``, SigLIP's head) attends over the
+reduced tokens; under a method with proportional attention its attention is weighted by token size as the
+blocks' is (``log(size)`` added to the logits through the pool's ``attn_mask``), so at sizes 1 it is the
+pool's own. ``forward_intermediates(output_fmt='NCHW')``, which timm's ``features_only`` wrapper
+(``FeatureGetterNet``) calls, gives full patch grids (:meth:`~tokenreduce.state.Record.patch_grid`).
+"""
 
 from __future__ import annotations
 
-import inspect
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
-from tokenreduce.adapters.base import Adapter, BlockCost, class_names
+from tokenreduce.adapters.base import Adapter, BlockCost, class_names, nlc_intermediates
 from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, timm_attend, timm_qkv
+from tokenreduce.core import size_weighted_mean
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 
 VIT = "timm.models.vision_transformer.VisionTransformer"
-SUPPORTED_POOLS = ("", "token", "avg", "avgmax", "max")
+SUPPORTED_POOLS = ("", "token", "avg", "avgmax", "max", "map")
+ATTENTION_POOL = "timm.layers.attention_pool.AttentionPoolLatent"
 
 # timm attention: q/k after qk-norm are [B, H, N, D] (Identity norms when qk_norm is off).
 _TIMM = dict(
@@ -41,13 +49,10 @@ LAYOUTS = {
 }
 
 
-def _layout(block: nn.Module) -> BlockLayout | None:
-    return next((LAYOUTS[n] for n in class_names(block) if n in LAYOUTS), None)
-
-
 @loadable
 class ReducingVisionTransformer:
-    """Mixed in front of ``VisionTransformer``: average pooling weighted by token size."""
+    """Mixed in front of ``VisionTransformer`` (and EVA's ``Eva``): average pooling weighted by token size,
+    full patch grids from ``forward_intermediates``."""
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -58,28 +63,22 @@ class ReducingVisionTransformer:
         # timm reshapes NCHW intermediates with reshape(B, H, W, -1), which fewer tokens cannot fill:
         # run NLC, then spread each intermediate back over the patch grid (Record.restore: every
         # reduction up to that block undone, dropped patches from the nearest covered one).
-        bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)  # type: ignore[misc]
-        bound.apply_defaults()
-        if bound.arguments["output_fmt"] != "NCHW":
-            return super().forward_intermediates(*bound.args, **bound.kwargs)  # type: ignore[misc]
-        bound.arguments["output_fmt"] = "NLC"
-        out = super().forward_intermediates(*bound.args, **bound.kwargs)  # type: ignore[misc]
+        bound, out, spread = nlc_intermediates(super().forward_intermediates, x, args, kwargs)  # type: ignore[misc]
+        if not spread:
+            return out
         from timm.models._features import feature_take_indices
 
         take, _ = feature_take_indices(len(self.blocks), bound.arguments["indices"])
         grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        record, p = getattr(self, ATTR).latest().record(), self.num_prefix_tokens
-
-        def spread(tokens: Tensor, block: int) -> Tensor:
-            # timm hands over the patch tokens only; the prefix tokens are never reduced, so zeros stand in.
-            full = torch.cat([tokens.new_zeros(tokens.shape[0], p, tokens.shape[-1]), tokens], dim=1)
-            restored = record.restore(full, block, grid)[:, p:]
-            return restored.reshape(tokens.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+        record = getattr(self, ATTR).latest().record()
 
         def convert(items: list) -> list:  # items are tensors, or (tensor, prefix tokens) pairs
-            return [(spread(y[0], i), y[1]) if isinstance(y, tuple) else spread(y, i) for y, i in zip(items, take)]
+            return [
+                (record.patch_grid(y[0], i, grid), y[1]) if isinstance(y, tuple) else record.patch_grid(y, i, grid)
+                for y, i in zip(items, take)
+            ]
 
-        if bound.arguments["output_dict"]:
+        if bound.arguments.get("output_dict"):
             out["image_intermediates"] = convert(out["image_intermediates"])
             return out
         if bound.arguments["intermediates_only"]:
@@ -91,18 +90,30 @@ class ReducingVisionTransformer:
         pool_type = self.global_pool if pool_type is None else pool_type
         state = getattr(self, ATTR).latest()
         size = None if state is None else state.size
-        if size is None or pool_type not in ("avg", "avgmax") or size.shape[:2] != x.shape[:2]:
+        if size is None or pool_type not in ("avg", "avgmax") or size.shape[:2] != x.shape[:2] or self.attn_pool is not None:
             return super().pool(x, pool_type)  # type: ignore[misc]
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        tokens, weight = x[:, start:], size[:, start:].to(x.dtype)
-        avg = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens  # EVA has no such option
+        tokens = x[:, start:]
+        avg = size_weighted_mean(tokens, size[:, start:])
         return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
+
+
+@loadable
+class SizedAttentionPool:
+    """Mixed in front of timm's ``AttentionPoolLatent``: with proportional attention, its attention to each
+    token is weighted by the token's size, as the blocks' attention is."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if attn_mask is None:
+            attn_mask = getattr(self, ATTR).pool_bias(x)
+        return super().forward(x, attn_mask=attn_mask)  # type: ignore[misc]
 
 
 @register_adapter
 class TimmViT(Adapter):
     name = "timm-vit"
-    family = "timm VisionTransformer and its subclasses (vit_*, deit_*, DINOv2, CLIP image towers)"
+    family = "timm VisionTransformer and its subclasses (vit_*, deit_*, DINOv2, CLIP and SigLIP image towers, features_only)"
+    layouts: ClassVar[dict[str, BlockLayout]] = LAYOUTS
     attn_requires: ClassVar[tuple[str, ...]] = ("qkv", "q_norm", "k_norm", "scale", "num_heads")
 
     @classmethod
@@ -123,6 +134,20 @@ class TimmViT(Adapter):
             return None
         return int(model.patch_embed.num_patches) + self.num_prefix_tokens(model)
 
+    def layout(self, i: int, block: nn.Module) -> BlockLayout:
+        """Block ``i``'s layout; a ``TypeError`` for a block or attention this adapter does not know."""
+        layout = next((self.layouts[n] for n in class_names(block) if n in self.layouts), None)
+        if layout is None:
+            raise TypeError(f"block {i} is a {type(block).__qualname__}; supported block classes: {sorted(self.layouts)}")
+        missing = [a for a in self.attn_requires if not hasattr(block.attn, a)]
+        if missing:
+            raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
+        return layout
+
+    def example(self, model: nn.Module):
+        """Keyword arguments beside the tokens for checking a block's layout (see ``verify_layout``)."""
+        return None
+
     def install(self, model: nn.Module, patch: Patch) -> None:
         blocks = self.blocks(model)
         if not blocks:
@@ -132,21 +157,17 @@ class TimmViT(Adapter):
                 "gradient checkpointing re-runs blocks after the token state has moved on; "
                 "call model.set_grad_checkpointing(False) before tokenreduce.apply"
             )
-        if model.attn_pool is not None:
+        pool = model.attn_pool
+        if pool is not None and ATTENTION_POOL not in class_names(pool):
             raise TypeError(
-                f"global_pool={model.global_pool!r} (attention pooling) is not supported; "
+                f"global_pool={model.global_pool!r} ({type(pool).__name__}) is not supported; "
                 f"supported global_pool values: {SUPPORTED_POOLS}"
             )
-        layouts = []
-        for i, block in enumerate(blocks):
-            layout = _layout(block)
-            if layout is None:
-                raise TypeError(f"block {i} is a {type(block).__qualname__}; supported block classes: {sorted(LAYOUTS)}")
-            missing = [a for a in self.attn_requires if not hasattr(block.attn, a)]
-            if missing:
-                raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
-            layouts.append(layout)
-        install_blocks(patch, blocks, layouts, width=blocks[0].attn.qkv.in_features)
+        layouts = [self.layout(i, block) for i, block in enumerate(blocks)]
+        install_blocks(patch, blocks, layouts, width=model.embed_dim, example=self.example(model))
+        if pool is not None:
+            patch.set_attr(pool, ATTR, patch)
+            patch.swap_class(pool, SizedAttentionPool)
         patch.swap_class(model, ReducingVisionTransformer)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:

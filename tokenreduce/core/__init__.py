@@ -11,7 +11,8 @@ from tokenreduce.core.attention import (
 from tokenreduce.core.clustering import density_peaks, nearest_target_merge, strided_targets
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
-from tokenreduce.core.pooling import grid_pool
+from tokenreduce.core.pooling import grid_pool, size_weighted_mean
+from tokenreduce.core.positions import take_per_token
 from tokenreduce.core.restore import restore_tokens
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
 from tokenreduce.core.selection import Selection, choose_rows, keep, keep_and_cluster, keep_and_fuse, mix, weighted_mean_coeff
@@ -39,6 +40,8 @@ __all__ = [
     "keep_and_fuse",
     "keep_indices",
     "size_bias",
+    "size_weighted_mean",
     "split_keep_drop",
+    "take_per_token",
     "weighted_mean_coeff",
 ]

@@ -1,8 +1,9 @@
-"""Average pooling of tokens laid out on a patch grid, as a selection."""
+"""Average pooling of tokens: laid out on a patch grid (as a selection), and weighted by token size."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from tokenreduce.core.selection import Selection, first_inputs, weighted_mean_coeff
 
@@ -21,3 +22,10 @@ def grid_pool(batch: int, grid: tuple[int, int], stride: int, device: torch.devi
     num_out = -(-rows // stride) * out_cols
     slot, index = slot.expand(batch, -1), first_inputs(slot, num_out).expand(batch, -1)
     return Selection(slot, index, weighted_mean_coeff(slot, torch.ones(slot.shape, device=device), num_out))
+
+
+def size_weighted_mean(tokens: Tensor, size: Tensor) -> Tensor:
+    """``[B, C]``: the mean of ``tokens [B, N, C]`` over the original tokens they cover, ``size [B, N, 1]``
+    (a merged token counts as many as it holds): the plain mean of the unreduced tokens."""
+    weight = size.to(tokens.dtype)
+    return (tokens * weight).sum(dim=1) / weight.sum(dim=1)

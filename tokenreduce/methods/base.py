@@ -43,9 +43,10 @@ class Hook(str, Enum):
 class LayerContext:
     """What a method sees at its hook point in block ``layer``.
 
-    ``q``/``k``/``v`` are ``[B, H, N, D]`` (queries and keys after any qk-norm), aligned with the
-    tokens being reduced. At :attr:`Hook.START` they are this block's, projected from its input, when
-    the method sets ``start_qkv``; else those the previous block's attention used (``None`` at block 0).
+    ``q``/``k``/``v`` are ``[B, H, N, D]`` (queries and keys after any qk-norm and rotary embedding, as
+    the softmax sees them), aligned with the tokens being reduced. At :attr:`Hook.START` they are this
+    block's, projected from its input, when the method sets ``start_qkv``; else those the previous
+    block's attention used (``None`` at block 0).
     ``attn_bias`` is the additive mask that attention used (or will use, at the start)."""
 
     layer: int
