@@ -90,6 +90,7 @@ class ForwardState:
     v: Tensor | None = None
     carry: object = None  # the method's own per-forward value (LayerContext.carry)
     block_input: Tensor | None = None  # the tokens that entered the block now running
+    image: Tensor | None = None  # [B, C, H, W] the patch embedding's input, for methods with needs_image
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:

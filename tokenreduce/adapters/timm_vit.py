@@ -146,6 +146,14 @@ class TimmViT(Adapter):
             if missing:
                 raise TypeError(f"block {i} attention {type(block.attn).__qualname__} lacks {missing}")
             layouts.append(layout)
+        if getattr(patch.method, "needs_image", False):
+            # timm's PatchEmbed convolves the (optionally padded) image; a hybrid stem's proj sees CNN features instead.
+            if "timm.layers.patch_embed.PatchEmbed" not in class_names(model.patch_embed):
+                raise TypeError(
+                    f"method {patch.method.name!r} reads the pixels of each patch, which {type(model.patch_embed).__name__} "
+                    "(not timm's PatchEmbed) does not convolve directly"
+                )
+            patch.capture_image(model.patch_embed.proj)
         install_blocks(patch, blocks, layouts, width=blocks[0].attn.qkv.in_features)
         patch.swap_class(model, ReducingVisionTransformer)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from tokenreduce.core.selection import Selection, first_inputs, weighted_mean_coeff
 
@@ -21,3 +22,17 @@ def grid_pool(batch: int, grid: tuple[int, int], stride: int, device: torch.devi
     num_out = -(-rows // stride) * out_cols
     slot, index = slot.expand(batch, -1), first_inputs(slot, num_out).expand(batch, -1)
     return Selection(slot, index, weighted_mean_coeff(slot, torch.ones(slot.shape, device=device), num_out))
+
+
+def adaptive_pool_matrix(grid: tuple[int, int], out_grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """``[h * w, rows * cols]`` float32: ``adaptive_avg_pool2d`` from a row-major ``grid = (rows, cols)``
+    to ``out_grid = (h, w)`` as a matrix. Cell ``i`` of an axis of length ``n`` pooled to ``m`` averages
+    ``floor(i * n / m) <= j < ceil((i + 1) * n / m)``, so cells overlap when ``m`` does not divide ``n``."""
+
+    def axis(n: int, m: int) -> Tensor:
+        i = torch.arange(m, device=device)[:, None]
+        start, end = (i * n) // m, ((i + 1) * n + m - 1) // m
+        j = torch.arange(n, device=device)[None, :]
+        return ((j >= start) & (j < end)).float() / (end - start).float()
+
+    return torch.kron(axis(grid[0], out_grid[0]), axis(grid[1], out_grid[1]))
