@@ -13,7 +13,15 @@ import reference
 import tokenreduce
 from conftest import build, images, output, use_eager_attention
 from tokenreduce.adapters import locate
-from tokenreduce.core import knn_reconstruction_weights, local_soft_kmeans, patchify
+from tokenreduce.core import (
+    adaptive_pool_matrix,
+    knn_reconstruction_weights,
+    local_soft_kmeans,
+    mix,
+    pad_prefix,
+    patchify,
+    top_k_positions,
+)
 
 
 def eager(name: str, **overrides):
@@ -277,3 +285,22 @@ def test_patchify_gives_each_patch_tokens_pixels():
     conv = torch.nn.Conv2d(3, 5, 4, 4)
     want = conv(image).flatten(2).transpose(1, 2)
     torch.testing.assert_close(patchify(image, (4, 4)) @ conv.weight.flatten(1).T + conv.bias, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,cells", [((8, 8), (6, 6)), ((14, 14), (10, 10)), ((7, 5), (3, 4)), ((4, 4), (6, 6))])
+def test_adaptive_pool_matrix_is_adaptive_avg_pool2d(grid, cells):
+    x = torch.randn(2, 3, *grid)
+    want = torch.nn.functional.adaptive_avg_pool2d(x, cells).flatten(2)
+    torch.testing.assert_close(x.flatten(2) @ adaptive_pool_matrix(grid, cells).T, want)
+
+
+def test_top_k_positions_breaks_ties_toward_the_lower_position():
+    scores = torch.tensor([[1.0, 3, 3, 0, 3, 2], [5, 5, 5, 5, 5, 5]])
+    assert top_k_positions(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert top_k_positions(scores, 4).tolist() == [[1, 2, 4, 5], [0, 1, 2, 3]]
+
+
+def test_pad_prefix_passes_the_prefix_through():
+    x, matrix = torch.randn(2, 7, 4), torch.rand(2, 3, 5)
+    got = mix(pad_prefix(matrix, 2)).apply(x)
+    torch.testing.assert_close(got, torch.cat([x[:, :2], matrix @ x[:, 2:]], dim=1))
