@@ -27,6 +27,7 @@ def test_methods_lists_registered_names():
         "dart",
         "divprune",
         "evit",
+        "expedite",
         "fastv",
         "none",
         "pdrop",
@@ -36,6 +37,7 @@ def test_methods_lists_registered_names():
         "tome",
         "topk",
         "visionzip",
+        "vwt",
     ]
 
 

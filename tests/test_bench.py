@@ -16,7 +16,10 @@ from tokenreduce.bench.runner import load_warning, steps
 
 # Methods whose scoring runs matrix products the count model leaves out (full attention maps,
 # clustering distances), as a multiple of the counted MACs on the tiny 6-block model.
-SCORING_ALLOWANCE: dict[str, float] = {}
+SCORING_ALLOWANCE: dict[str, float] = {
+    # 14 products of K x P x C (5 soft k-means rounds, reconstruction): 15% on this tiny model, 3% at DeiT-S
+    "expedite": 1.16,
+}
 
 
 def test_parse_specs():

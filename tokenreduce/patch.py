@@ -76,6 +76,16 @@ class CaptureOutput:
 
 
 @loadable
+class CaptureImage:
+    """Mixed in front of a model's patch embedding (a convolution with stride equal to its kernel):
+    keeps its input image in the calling thread until the first block starts the forward's state."""
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        getattr(self, ATTR).local.image = x
+        return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+
+
+@loadable
 class Patch:
     """Method + config for one model, the adapter-neutral engine behind every patched block.
 
@@ -89,6 +99,7 @@ class Patch:
         self.method = method
         self.num_prefix = num_prefix
         self.depth = depth
+        self.patch_size: tuple[int, int] | None = None  # set when the patch embedding's input is captured
         self._local = threading.local()
         self._classes: list[tuple[nn.Module, type]] = []
         self._attrs: list[tuple[nn.Module, str]] = []
@@ -144,6 +155,20 @@ class Patch:
             self.set_attr(module, CAPTURE_CHUNK, chunk)
         self.swap_class(module, mixin)
 
+    def capture_image(self, conv: nn.Module) -> None:
+        """Keep the input of the patch embedding ``conv`` (``[B, C, H, W]``) for the method
+        (:attr:`LayerContext.image`), when the method has ``needs_image``. The patch embedding runs
+        before the first block creates the forward's state, so the image waits in this thread's slot
+        and :meth:`begin` moves it into the state."""
+        if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size or conv.padding not in ((0, 0), "valid"):
+            raise TypeError(
+                f"method {self.method.name!r} reads the pixels of each patch; the patch embedding must be a Conv2d with "
+                f"stride equal to its kernel and no padding, got {conv!r}"
+            )
+        self.patch_size = tuple(conv.kernel_size)  # type: ignore[assignment]
+        self.set_attr(conv, ATTR, self)
+        self.swap_class(conv, CaptureImage)
+
     def undo(self) -> None:
         for module, name, value in reversed(self._replaced):
             module.__dict__[name] = value
@@ -157,7 +182,7 @@ class Patch:
     def begin(self, x: Tensor, masked: bool = False) -> ForwardState:
         """Start a forward call at the first block with tokens ``x [B, N0, C]``."""
         schedule = self.method.schedule(x.shape[1], self.num_prefix, self.depth)
-        reduces = schedule[-1] != x.shape[1]
+        reduces = any(n != x.shape[1] for n in schedule)  # also a method that rebuilds every token at the end
         if masked and reduces:
             raise ValueError("attn_mask / is_causal cannot be combined with token reduction; use method='none'")
         if reduces and torch.jit.is_tracing():
@@ -168,6 +193,11 @@ class Patch:
                 "use torch.export.export(model, args) or torch.onnx.export(model, args, dynamo=True)"
             )
         state = ForwardState.start(x, self.num_prefix, schedule)
+        if self.patch_size is not None:
+            # The image this thread's patch embedding just saw; taken, so that a later forward on
+            # ready-made tokens cannot pick it up.
+            state.image = getattr(self._local, "image", None)
+            self._local.image = None
         self._local.state = state
         return state
 
@@ -204,6 +234,9 @@ class Patch:
             Hook.ATTN,
             state.carry,
             state.block_input,
+            self.depth,
+            state.image,
+            self.patch_size,
         )
         probs = self.method.attend(ctx)
         state.carry = ctx.carry
@@ -255,6 +288,9 @@ class Patch:
             hook,
             state.carry,
             state.block_input,
+            self.depth,
+            state.image,
+            self.patch_size,
         )
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)

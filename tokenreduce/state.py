@@ -98,6 +98,7 @@ class ForwardState:
     block_input: Tensor | None = None  # the tokens that entered the block now running
     position: Tensor | None = None  # [B, N] long: the original token whose position each token holds; None: its own
     position_steps: int = 0  # steps already followed into position
+    image: Tensor | None = None  # [B, C, H, W] the patch embedding's input, for methods with needs_image
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, schedule: list[int]) -> ForwardState:

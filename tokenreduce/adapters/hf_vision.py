@@ -131,6 +131,11 @@ class HFVisionTower(Adapter):
         for i, block in enumerate(blocks):
             if spec.layer not in class_names(block):
                 raise TypeError(f"layer {i} is a {type(block).__qualname__}; {type(model).__name__} layers must be {spec.layer}")
+        if getattr(patch.method, "needs_image", False):
+            convs = [m for m in model.embeddings.modules() if isinstance(m, nn.Conv2d)]
+            if len(convs) != 1:
+                raise TypeError(f"{type(model).__name__}.embeddings has {len(convs)} convolutions; one patch embedding expected")
+            patch.capture_image(convs[0])
         install_blocks(patch, blocks, [spec.layout] * len(blocks), width=model.config.hidden_size)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:

@@ -192,6 +192,8 @@ class OpenCLIPViT(Adapter):
                 raise TypeError(f"block {i} is a {type(block).__qualname__}; supported block classes: {sorted(LAYOUTS)}")
             _check_attention(i, block.attn)
             layouts.append(layout)
+        if getattr(patch.method, "needs_image", False):
+            patch.capture_image(model.conv1)
         install_blocks(patch, blocks, layouts, width=model.transformer.width)
         poolers = [model.attn_pool] if model.attn_pool is not None else []
         if getattr(model, "attn_pool_contrastive", None) is not None and model.attn_pool_type == "parallel":

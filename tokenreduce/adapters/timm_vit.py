@@ -164,6 +164,14 @@ class TimmViT(Adapter):
                 f"supported global_pool values: {SUPPORTED_POOLS}"
             )
         layouts = [self.layout(i, block) for i, block in enumerate(blocks)]
+        if getattr(patch.method, "needs_image", False):
+            # timm's PatchEmbed convolves the (optionally padded) image; a hybrid stem's proj sees CNN features instead.
+            if "timm.layers.patch_embed.PatchEmbed" not in class_names(model.patch_embed):
+                raise TypeError(
+                    f"method {patch.method.name!r} reads the pixels of each patch, which {type(model.patch_embed).__name__} "
+                    "(not timm's PatchEmbed) does not convolve directly"
+                )
+            patch.capture_image(model.patch_embed.proj)
         install_blocks(patch, blocks, layouts, width=model.embed_dim, example=self.example(model))
         if pool is not None:
             patch.set_attr(pool, ATTR, patch)

@@ -8,31 +8,55 @@ from tokenreduce.core.attention import (
     rows_attention,
     size_bias,
 )
-from tokenreduce.core.clustering import density_peaks, nearest_target_merge, strided_targets
+from tokenreduce.core.clustering import (
+    density_peaks,
+    grid_cells,
+    local_soft_kmeans,
+    nearest_target_merge,
+    squared_distances,
+    strided_targets,
+)
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
-from tokenreduce.core.pooling import grid_pool, size_weighted_mean
+from tokenreduce.core.patches import patchify
+from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
-from tokenreduce.core.restore import restore_tokens
-from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
-from tokenreduce.core.selection import Selection, choose_rows, keep, keep_and_cluster, keep_and_fuse, mix, weighted_mean_coeff
+from tokenreduce.core.restore import knn_reconstruction_weights, restore_tokens
+from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop, top_k_positions
+from tokenreduce.core.selection import (
+    Selection,
+    choose_rows,
+    keep,
+    keep_and_cluster,
+    keep_and_fuse,
+    mix,
+    pad_prefix,
+    weighted_mean_coeff,
+)
 
 __all__ = [
     "Selection",
+    "adaptive_pool_matrix",
     "attention_probs",
     "bipartite_soft_matching",
     "choose_rows",
     "cls_attention",
     "density_peaks",
     "cosine_distance",
+    "grid_cells",
     "grid_pool",
+    "knn_reconstruction_weights",
+    "local_soft_kmeans",
     "max_min_subset",
     "mix",
     "nearest_target_merge",
+    "pad_prefix",
+    "patchify",
     "received_attention",
     "restore_tokens",
     "row_attention",
     "rows_attention",
+    "squared_distances",
     "strided_targets",
     "hash_scores",
     "keep",
@@ -43,5 +67,6 @@ __all__ = [
     "size_weighted_mean",
     "split_keep_drop",
     "take_per_token",
+    "top_k_positions",
     "weighted_mean_coeff",
 ]

@@ -1,10 +1,13 @@
 """Assigning tokens to a few targets and merging them there (VisionZip's contextual tokens, density-peaks
-clusters)."""
+clusters, Expedite's local soft k-means)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from tokenreduce.core.pooling import adaptive_pool_matrix
 
 
 def strided_targets(num_tokens: int, num_targets: int, device: torch.device | str = "cpu") -> Tensor:
@@ -58,3 +61,51 @@ def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Te
     assignment = dist[:, centres].argmin(dim=-1)
     assignment[centres] = torch.arange(clusters, device=x.device)
     return assignment, centres
+
+
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """``[B, M, N]`` squared L2 distances between ``a [B, M, C]`` and ``b [B, N, C]`` (float32), expanded
+    as ``|a|^2 + |b|^2 - 2 a.b`` (matrix products, as Expedite's reference computes them)."""
+    a, b = a.float(), b.float()
+    return (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * a @ b.transpose(1, 2)
+
+
+def grid_cells(grid: tuple[int, int], cells: tuple[int, int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The cell ``(row [P], col [P])`` of a coarse ``cells = (h, w)`` grid that each token of the row-major
+    ``grid = (rows, cols)`` starts in: nearest-neighbour upsampling of the cell labels to the grid,
+    computed with ``F.interpolate(mode="nearest")`` exactly as Expedite's reference does (its float
+    scale can put a token one cell lower than ``floor(r * h / rows)`` on a few grids, e.g. 46 -> 14)."""
+
+    def axis(n: int, m: int) -> Tensor:
+        labels = torch.arange(m, device=device, dtype=torch.float32)[None, None]
+        return F.interpolate(labels, size=n, mode="nearest")[0, 0].long()
+
+    rows, cols = axis(grid[0], cells[0]), axis(grid[1], cells[1])
+    return rows[:, None].expand(-1, grid[1]).reshape(-1), cols[None, :].expand(grid[0], -1).reshape(-1)
+
+
+def local_soft_kmeans(x: Tensor, grid: tuple[int, int], cells: tuple[int, int], iters: int, window: int, tau: float) -> Tensor:
+    """Expedite's token clustering: soft k-means of the tokens ``x [B, P, C]`` of a row-major ``grid``
+    into the ``h * w`` centroids of ``cells = (h, w)``, each token seeing only the centroids within
+    ``window // 2`` cells (rows and columns) of the cell it starts in (:func:`grid_cells`).
+
+    Centroids start as the adaptive average pool of the grid to ``cells``; each of ``iters`` rounds
+    computes ``aff = softmax over the allowed centroids of (-tau * |x - c|^2)`` and moves each centroid
+    to ``sum(aff * x) / sum(aff)``. Returns ``matrix [B, h * w, P]`` (float32), with the centroids
+    ``matrix @ x``: the last round's normalised affinities (the pooling matrix when ``iters == 0``).
+    """
+    b = x.shape[0]
+    rows, cols = grid_cells(grid, cells, x.device)
+    k = cells[0] * cells[1]
+    centre = torch.arange(k, device=x.device)
+    reach = window // 2
+    allowed = ((rows[None, :] - (centre // cells[1])[:, None]).abs() <= reach) & (
+        (cols[None, :] - (centre % cells[1])[:, None]).abs() <= reach
+    )  # [K, P]
+    matrix = adaptive_pool_matrix(grid, cells, x.device).expand(b, -1, -1)
+    xf = x.float()
+    for _ in range(iters):
+        logits = (-tau * squared_distances(matrix @ xf, xf)).masked_fill(~allowed, float("-inf"))
+        affinity = logits.softmax(dim=1)  # over the centroids
+        matrix = affinity / affinity.sum(dim=2, keepdim=True).clamp(min=1e-16)
+    return matrix

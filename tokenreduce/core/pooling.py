@@ -29,3 +29,17 @@ def size_weighted_mean(tokens: Tensor, size: Tensor) -> Tensor:
     (a merged token counts as many as it holds): the plain mean of the unreduced tokens."""
     weight = size.to(tokens.dtype)
     return (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+
+
+def adaptive_pool_matrix(grid: tuple[int, int], out_grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """``[h * w, rows * cols]`` float32: ``adaptive_avg_pool2d`` from a row-major ``grid = (rows, cols)``
+    to ``out_grid = (h, w)`` as a matrix. Cell ``i`` of an axis of length ``n`` pooled to ``m`` averages
+    ``floor(i * n / m) <= j < ceil((i + 1) * n / m)``, so cells overlap when ``m`` does not divide ``n``."""
+
+    def axis(n: int, m: int) -> Tensor:
+        i = torch.arange(m, device=device)[:, None]
+        start, end = (i * n) // m, ((i + 1) * n + m - 1) // m
+        j = torch.arange(n, device=device)[None, :]
+        return ((j >= start) & (j < end)).float() / (end - start).float()
+
+    return torch.kron(axis(grid[0], out_grid[0]), axis(grid[1], out_grid[1]))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from tokenreduce.core.clustering import squared_distances
 from tokenreduce.core.selection import Selection
 
 
@@ -15,6 +16,22 @@ def _grid_distances(grid: tuple[int, int], device: torch.device) -> Tensor:
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     coords = torch.stack([y.flatten(), x.flatten()], dim=1).float().to(device)
     return torch.cdist(coords, coords)  # [N, N]
+
+
+def knn_reconstruction_weights(x: Tensor, centroids: Tensor, k: int | None, tau: float, norm: str = "l2") -> Tensor:
+    """Expedite's token reconstruction weights ``[B, P, K]`` (float32): how each token of ``x [B, P, C]``
+    is rebuilt from the ``centroids [B, K, C]`` it was clustered into, ``W = exp(-tau * |x - c|^2)`` kept at
+    each token's ``k`` largest entries (all of them when ``k`` is None; ties with the k-th kept too) and
+    normalised across the centroids: ``norm="l2"`` to unit L2 norm (the reference's ``F.normalize``),
+    ``"sum"`` to sum 1. Computed from the logits (``W / |W|`` as ``exp(l - logsumexp(2 l) / 2)``), so a
+    token far from every centroid keeps its weights where the reference's ``exp`` underflows to zero."""
+    logits = -tau * squared_distances(x, centroids)
+    if k is not None and k < logits.shape[-1]:
+        kth = logits.topk(k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if norm == "sum":
+        return logits.softmax(dim=-1)
+    return (logits - 0.5 * torch.logsumexp(2 * logits, dim=-1, keepdim=True)).exp()
 
 
 def restore_tokens(tokens: Tensor, steps: Sequence[Selection], num_prefix: int, grid: tuple[int, int]) -> Tensor:

@@ -19,6 +19,21 @@ def keep_indices(scores: Tensor, k: int, num_prefix: int) -> Tensor:
     return torch.cat([prefix, top], dim=1)
 
 
+def top_k_positions(scores: Tensor, k: int) -> Tensor:
+    """``[B, k]`` positions of the ``k`` highest ``scores [B, N]`` in ascending position order, equal
+    scores going to the lower position: the same choice on every device, without a stable sort (which
+    ONNX lacks). The k-th largest value is the threshold; of the scores equal to it, the first ones
+    fill the count."""
+    n = scores.shape[1]
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above, tied = scores > kth, scores == kth
+    need = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.long().cumsum(dim=1) <= need))
+    positions = torch.arange(n, device=scores.device).expand_as(scores)
+    # distinct keys: chosen positions first, in order
+    return torch.where(chosen, positions, positions + n).topk(k, dim=1, largest=False, sorted=True).values
+
+
 def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Tensor]:
     """Like :func:`keep_indices`, plus the dropped indices ``[B, N - num_prefix - k]`` in ascending order."""
     keep = keep_indices(scores, k, num_prefix)

@@ -185,6 +185,17 @@ def mix(
     return Selection(slot, index, matrix=matrix, size_matrix=size_matrix, inverse=inverse, restores=restores)
 
 
+def pad_prefix(matrix: Tensor, num_prefix: int) -> Tensor:
+    """``matrix [B, M, N]`` acting on the tokens after ``num_prefix`` prefix tokens, as ``[B, num_prefix + M,
+    num_prefix + N]`` that passes the prefix tokens through unchanged (for :func:`mix`)."""
+    if num_prefix == 0:
+        return matrix
+    b, m, n = matrix.shape
+    eye = torch.eye(num_prefix, device=matrix.device, dtype=matrix.dtype).expand(b, -1, -1)
+    top = torch.cat([eye, matrix.new_zeros(b, num_prefix, n)], dim=2)
+    return torch.cat([top, torch.cat([matrix.new_zeros(b, m, num_prefix), matrix], dim=2)], dim=1)
+
+
 def choose_rows(take_first: Tensor, first: Selection, second: Selection) -> Selection:
     """Per batch row, ``first`` where ``take_first [B]`` is True, else ``second`` (same ``num_out``):
     a method that picks its rule per image (PPT's prune or pool) while the count stays uniform."""

@@ -21,6 +21,7 @@ from tokenreduce.core import (
     keep,
     keep_and_fuse,
     keep_indices,
+    patchify,
     received_attention,
     split_keep_drop,
 )
@@ -47,7 +48,10 @@ class LayerContext:
     the softmax sees them), aligned with the tokens being reduced. At :attr:`Hook.START` they are this
     block's, projected from its input, when the method sets ``start_qkv``; else those the previous
     block's attention used (``None`` at block 0).
-    ``attn_bias`` is the additive mask that attention used (or will use, at the start)."""
+    ``attn_bias`` is the additive mask that attention used (or will use, at the start). ``depth`` is the
+    encoder's block count. For a method with ``needs_image``, ``image`` is the input of the model's patch
+    embedding ``[B, C, H, W]`` (the normalised pixels, as the model sees them) and ``patch_size`` its
+    ``(height, width)``; ``None`` when the forward did not pass through the patch embedding."""
 
     layer: int
     num_prefix: int
@@ -61,6 +65,9 @@ class LayerContext:
     hook: Hook = Hook.ATTN
     carry: Any = None  # the method's own value for this forward call, kept from block to block
     block_input: Tensor | None = None  # [B, N_in, C] the tokens that entered this block (before any reduction in it)
+    depth: int | None = None  # blocks in the encoder
+    image: Tensor | None = None  # [B, C, H, W] the patch embedding's input, for methods with needs_image
+    patch_size: tuple[int, int] | None = None  # (height, width) of a patch, with image
 
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
@@ -84,6 +91,23 @@ class LayerContext:
         if self.size is None:
             return x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         return self.size
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the patch grid, from the captured image (``None`` without one)."""
+        if self.image is None or self.patch_size is None:
+            return None
+        return self.image.shape[-2] // self.patch_size[0], self.image.shape[-1] // self.patch_size[1]
+
+    def pixel_patches(self) -> Tensor:
+        """The raw pixels of each patch token ``[B, P, C * ph * pw]``, in the order of the patch tokens
+        (row-major), for a method with ``needs_image``."""
+        if self.image is None or self.patch_size is None:
+            raise ValueError(
+                "this method reads the input pixels, which were not captured: run the patched model on images "
+                "(its patch embedding keeps them), not on ready-made tokens"
+            )
+        return patchify(self.image, self.patch_size)
 
 
 class Method(ABC):
@@ -131,6 +155,7 @@ class EncoderMethod(Method):
     hook: ClassVar[Hook] = Hook.ATTN
     start_qkv: ClassVar[bool] = False  # at Hook.START, project this block's q/k/v from its input
     edits_attention: ClassVar[bool] = False  # every block's attention map comes from attend() (eager)
+    needs_image: ClassVar[bool] = False  # the patch embedding's input reaches LayerContext.image
     budget: ClassVar[Budget | None] = None  # the knob the matched-FLOPs bench preset turns
 
     @abstractmethod

@@ -1,0 +1,17 @@
+"""The raw pixels behind each patch token."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def patchify(image: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """``image [B, C, H, W] -> [B, P, C * ph * pw]``: the pixels each patch token of a ViT sees, for
+    ``patch_size = (ph, pw)``, patches in row-major order (the order of the patch tokens) and the
+    values of one patch channel-major (``c, y, x``). Rows and columns past the last whole patch are
+    left out, as a stride-``patch_size`` convolution leaves them out."""
+    b, c, h, w = image.shape
+    ph, pw = patch_size
+    rows, cols = h // ph, w // pw
+    x = image[:, :, : rows * ph, : cols * pw].reshape(b, c, rows, ph, cols, pw)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * ph * pw)
