@@ -203,6 +203,7 @@ class Patch:
             Hook.ATTN,
             state.carry,
             state.block_input,
+            self.depth,
         )
         probs = self.method.attend(ctx)
         state.carry = ctx.carry
@@ -242,6 +243,7 @@ class Patch:
             hook,
             state.carry,
             state.block_input,
+            self.depth,
         )
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)

@@ -60,6 +60,7 @@ class LayerContext:
     hook: Hook = Hook.ATTN
     carry: Any = None  # the method's own value for this forward call, kept from block to block
     block_input: Tensor | None = None  # [B, N_in, C] the tokens that entered this block (before any reduction in it)
+    depth: int = 0  # blocks in the encoder (``layer`` counts from 0 to ``depth - 1``)
 
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
