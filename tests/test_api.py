@@ -28,6 +28,7 @@ def test_methods_lists_registered_names():
         "divprune",
         "evit",
         "fastv",
+        "gtp",
         "none",
         "pdrop",
         "pool",
@@ -36,6 +37,7 @@ def test_methods_lists_registered_names():
         "tome",
         "topk",
         "visionzip",
+        "zero_tprune",
     ]
 
 
