@@ -18,6 +18,7 @@ from tokenreduce.core import (
     knn_adjacency,
     normalized_adjacency,
     redundant_half,
+    stable_order,
     weighted_pagerank,
     zero_smallest,
 )
@@ -130,6 +131,14 @@ def test_gtp_sizes_are_token_scales():
     rec = tokenreduce.record(model)
     assert torch.equal(rec.size[:, 0, 0], torch.ones(2))  # the class token's scale never changes
     assert (rec.size[:, 1:, 0] >= 1).all() and (rec.size[:, 1:, 0] > 1).any()
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_stable_order_is_a_stable_sort(descending):
+    scores = torch.randint(0, 5, (3, 40), generator=torch.Generator().manual_seed(0)).float()
+    scores[0, 7] = -math.inf
+    want = scores.sort(dim=1, descending=descending, stable=True).indices
+    assert torch.equal(stable_order(scores, descending), want)
 
 
 def test_zero_smallest_matches_naive():
