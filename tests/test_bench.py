@@ -16,7 +16,13 @@ from tokenreduce.bench.runner import load_warning, steps
 
 # Methods whose scoring runs matrix products the count model leaves out (full attention maps,
 # clustering distances), as a multiple of the counted MACs on the tiny 6-block model.
-SCORING_ALLOWANCE: dict[str, float] = {}
+SCORING_ALLOWANCE: dict[str, float] = {
+    # the semantic graph, and the dense propagation matrix applied to the tokens in every block (about 9% of
+    # these 48-wide blocks, about 4% of DeiT-S's)
+    "gtp": 1.11,
+    # the attention map recomputed beside SDPA at each pruning layer, and up to 30 PageRank steps on it
+    "zero_tprune": 1.13,
+}
 
 
 def test_parse_specs():

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core import Selection, graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency, zero_smallest
-from tokenreduce.methods.base import EncoderMethod, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_int_tuple, as_real, as_sequence
 
@@ -88,6 +88,7 @@ class GTP(EncoderMethod):
 
     name = "gtp"
     paper = "Xu et al., GTP-ViT: Efficient Vision Transformers via Graph-based Token Propagation, WACV 2024"
+    budget = Budget("keep_ratio", 0.0, 1.0)
 
     num_prop: int | list[int] | None = None  # P: tokens propagated in every block (or one per block)
     keep_ratio: float | None = None  # or: the same P in every block, leaving at least this fraction of patches
