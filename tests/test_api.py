@@ -29,6 +29,7 @@ def test_methods_lists_registered_names():
         "evit",
         "expedite",
         "fastv",
+        "gtp",
         "none",
         "pdrop",
         "pool",
@@ -38,6 +39,7 @@ def test_methods_lists_registered_names():
         "topk",
         "visionzip",
         "vwt",
+        "zero_tprune",
     ]
 
 

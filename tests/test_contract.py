@@ -21,6 +21,8 @@ REDUCING = {
     "random": dict(keep_rate=0.6, seed=3),
     "expedite": {},  # clusters after block 1 of 4 into 6x6, rebuilds all tokens after the last block
     "vwt": dict(keep_ratio=0.6),
+    "gtp": dict(num_prop=4),
+    "zero_tprune": dict(keep_rate=0.6),
 }
 IDENTITY = {
     "none": {},
@@ -30,12 +32,24 @@ IDENTITY = {
     "random": dict(keep_rate=1.0),
     "expedite": dict(clusters=64, n_iters=0, recon_k=1),  # every patch its own centroid, rebuilt from it alone
     "vwt": dict(keep_ratio=1.0),
+    "gtp": dict(num_prop=0, sparsity=1.0),
+    "zero_tprune": dict(keep_rate=1.0),
 }
 MERGING = {"none", "tome", "evit"}  # methods that keep every original token's mass
 # Methods whose outputs mix every token (no two restored patches need be equal).
-DENSE_MIXING: set[str] = {"expedite"}
+DENSE_MIXING: set[str] = {"expedite", "gtp"}
 # Methods whose token counts depend on the image, not only on the input shape: no fixed graph.
 DATA_DEPENDENT_COUNTS: dict[str, str] = {}
+# Methods whose sizes are weights of their own, not counts of the original tokens each token covers.
+SIZES_NOT_COUNTS: dict[str, str] = {
+    "gtp": "sizes are GTP-ViT's token scales: 1 plus alpha times the graph weight of the tokens propagated into it",
+}
+# Methods that make several hard decisions per reduction at dense score regions, so that float16's rounding of
+# q/k flips a near tie more often than a single top-k does: their float16 outputs are held to cos > 0.95.
+NEAR_TIE_SENSITIVE: dict[str, str] = {
+    "zero_tprune": "the importance median splitting A from B, the head-variance window and the top-k each flip "
+    "on a near tie (deit_distilled, keep_rate 0.6: importance 0.011521 vs 0.011535 at the median; cos 0.973)",
+}
 
 
 def test_all_covered():
@@ -147,6 +161,8 @@ def test_half_precision_is_finite_and_close_to_float32(method, model_name, dtype
     # Half precision may flip a near-tie merge, so compare directions, not values. bf16 keeps 8 bits of
     # mantissa: the post-norm model drifts to cos 0.99 even unreduced, and one flipped merge costs more.
     bound = 0.99 if dtype == torch.float16 else 0.9
+    if dtype == torch.float16 and method in NEAR_TIE_SENSITIVE:
+        bound = 0.95
     assert torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).min() > bound
     rec = tokenreduce.record(model)
     depth, prefix = layout(model)
@@ -182,6 +198,8 @@ def test_sizes_and_sources_account_for_every_token(method, model_name):
     assert torch.equal(source[:, :prefix], torch.eye(n0)[:prefix].expand(2, -1, -1))
     if rec.size is None:
         assert method == "none" or rec.tokens_per_layer[-1] == n0
+        return
+    if method in SIZES_NOT_COUNTS:
         return
     torch.testing.assert_close(rec.size[..., 0], source.sum(dim=-1))
     if method in MERGING:

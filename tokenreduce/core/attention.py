@@ -69,3 +69,66 @@ def rows_attention(q: Tensor, k: Tensor, rows: Tensor, key_mask: Tensor, scale: 
     logits = (q[:, rows].float() @ keys.transpose(-1, -2)) * scale  # [H, R, L]
     visible = key_mask.bool()[None] & (torch.arange(length, device=k.device)[None] <= rows[:, None])  # [R, L]
     return logits.masked_fill(~visible[None], float("-inf")).softmax(dim=-1).mean(dim=(0, 1))
+
+
+def zero_smallest(probs: Tensor, count: int) -> Tensor:
+    """``probs [B, H, N, N]`` with every entry below the ``count``-th smallest of its ``(batch, head)``
+    map set to 0, without renormalising (GTP-ViT's attention sparsity, ``count = int(N^2 (1 - theta))``;
+    entries equal to that value stay). ``count = 0`` changes nothing."""
+    flat = probs.flatten(2)
+    total = flat.shape[-1]
+    if not 0 <= count <= total:
+        raise ValueError(f"count must be in [0, {total}] for {total} entries per map, got {count}")
+    if count == 0:
+        return probs
+    # The count-th smallest is the (total - count + 1)-th largest: take the shorter top-k.
+    if count <= total - count + 1:
+        threshold = flat.topk(count, dim=-1, largest=False).values.amax(dim=-1)
+    else:
+        threshold = flat.topk(total - count + 1, dim=-1).values.amin(dim=-1)
+    return torch.where(probs < threshold[..., None, None], torch.zeros_like(probs), probs)
+
+
+def weighted_pagerank(probs: Tensor, iterations: int, alive: Tensor | None = None, first_weight: float = 1.0) -> Tensor:
+    """Zero-TPrune's Weighted PageRank per head: ``s <- A^T s`` (a token's score is the attention it
+    receives, weighted by the score of each token giving it) ``iterations`` times.
+
+    Args:
+        probs: ``[B, H, N, N]`` softmax attention, rows are queries.
+        alive: ``[B, N]`` bool, the tokens of the graph (``None``: all). Others neither give nor receive:
+            each row is renormalised over the alive keys (the softmax without the others) and their
+            scores stay 0.
+        first_weight: the initial score of token 0 relative to the others (Zero-TPrune: ``sqrt(N)`` for
+            the class token, ``N`` the alive count; 1 for the uniform variant).
+    Returns ``[B, H, N]`` float32 scores, each head's summing to 1 over the alive tokens.
+    """
+    a = probs.float()
+    start = torch.ones(a.shape[0], a.shape[-1], device=a.device)
+    if alive is not None:
+        keys = alive[:, None, None, :].float()
+        a = a * keys
+        a = a / a.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) * alive[:, None, :, None].float()
+        start = alive.float()
+    start = torch.cat([start[:, :1] * first_weight, start[:, 1:]], dim=1)
+    s = (start / start.sum(dim=1, keepdim=True))[:, None, None, :].expand(-1, a.shape[1], -1, -1)  # [B, H, 1, N]
+    for _ in range(iterations):
+        s = s @ a
+    return s[:, :, 0]
+
+
+def head_rms(scores: Tensor, alive: Tensor | None = None, variance: tuple[float, float] | None = None) -> Tensor:
+    """Zero-TPrune's head aggregation ``sqrt(mean over heads of s^2)`` of ``scores [B, H, N]`` (EIR),
+    over the heads whose score variance lies in ``variance = (low, high)`` (its head filter; all heads
+    when ``None`` or when none does). The variance is taken over the ``alive [B, N]`` tokens (default
+    all) of the scores scaled to mean 1 there. Returns ``[B, N]``."""
+    s = scores.float()
+    weight = torch.ones(s.shape[:2], device=s.device)
+    if variance is not None:
+        mask = torch.ones_like(s[:, 0]) if alive is None else alive.float()
+        count = mask.sum(dim=1)[:, None]
+        mean = (s * mask[:, None]).sum(dim=-1) / count
+        x = s / mean[..., None]
+        var = (((x - 1) ** 2) * mask[:, None]).sum(dim=-1) / count
+        inside = ((var >= variance[0]) & (var <= variance[1])).float()
+        weight = torch.where(inside.sum(dim=1, keepdim=True) > 0, inside, weight)
+    return ((s**2 * weight[..., None]).sum(dim=1) / weight.sum(dim=1)[:, None]).sqrt()

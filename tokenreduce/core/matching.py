@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenreduce.core.select import stable_order
 from tokenreduce.core.selection import Selection
 
 
@@ -64,3 +65,28 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: T
         dim=1,
     )
     return Selection(slot, index, None if size is None else size[..., 0], mean=True)
+
+
+
+def redundant_half(metric: Tensor, importance: Tensor, r: int, num_prefix: int = 0) -> Tensor:
+    """Zero-TPrune's similarity stage with its "Sequential-U" partition: the ``floor(M / 2)`` least
+    important non-prefix tokens form set A, the others set B; each A token is matched to its most
+    cosine-similar B token and the ``r`` A tokens with the most similar matches are returned, to be
+    dropped (not merged).
+
+    Args:
+        metric: ``[B, N, D]`` per-token features (Zero-TPrune: the attention keys).
+        importance: ``[B, N - num_prefix]`` importance of the non-prefix tokens (ties: lower position
+            counts as less important).
+        r: tokens to drop, ``0 <= r <= (N - num_prefix) // 2``.
+    Returns ``[B, r]`` positions in the full sequence (ordered by decreasing similarity; ties in A's order).
+    """
+    m = importance.shape[1]
+    if not 0 <= r <= m // 2:
+        raise ValueError(f"r must be in [0, {m // 2}] for {m} non-prefix tokens, got {r}")
+    order = stable_order(importance, descending=False) + num_prefix
+    a, b = order[:, : m // 2], order[:, m // 2 :]
+    unit = metric.float() / metric.float().norm(dim=-1, keepdim=True)
+    ua, ub = (unit.gather(1, idx[..., None].expand(-1, -1, unit.shape[-1])) for idx in (a, b))
+    best = (ua @ ub.transpose(-1, -2)).amax(dim=-1)
+    return a.gather(1, stable_order(best)[:, :r])

@@ -57,3 +57,16 @@ def hash_scores(n: int, key: int, device: torch.device | str = "cpu") -> Tensor:
     for _ in range(2):
         h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
     return h ^ (h >> 16)
+
+
+def stable_order(scores: Tensor, descending: bool = True) -> Tensor:
+    """The permutation ``[B, M]`` sorting ``scores [B, M]`` (descending by default), equal scores in
+    position order: what ``sort(stable=True)`` returns, from pairwise comparisons (``O(M^2)``) so that
+    it exports to ONNX, which has no stable sort."""
+    m = scores.shape[1]
+    a, b = scores[:, :, None], scores[:, None, :]  # a: the token ranked, b: every other token
+    ahead = (b > a) if descending else (b < a)
+    position = torch.arange(m, device=scores.device)
+    ahead = ahead | ((b == a) & (position[None, None, :] < position[None, :, None]))
+    rank = ahead.sum(dim=2)  # [B, M]: how many come before each token
+    return torch.empty_like(rank).scatter_(1, rank, position.expand_as(rank))

@@ -65,7 +65,7 @@ class LayerContext:
     hook: Hook = Hook.ATTN
     carry: Any = None  # the method's own value for this forward call, kept from block to block
     block_input: Tensor | None = None  # [B, N_in, C] the tokens that entered this block (before any reduction in it)
-    depth: int | None = None  # blocks in the encoder
+    depth: int | None = None  # blocks in the encoder (``layer`` counts from 0 to ``depth - 1``)
     image: Tensor | None = None  # [B, C, H, W] the patch embedding's input, for methods with needs_image
     patch_size: tuple[int, int] | None = None  # (height, width) of a patch, with image
 
