@@ -156,7 +156,7 @@ class Patch:
     def begin(self, x: Tensor, masked: bool = False) -> ForwardState:
         """Start a forward call at the first block with tokens ``x [B, N0, C]``."""
         schedule = self.method.schedule(x.shape[1], self.num_prefix, self.depth)
-        reduces = schedule[-1] != x.shape[1]
+        reduces = schedule[-1] != x.shape[1] or self.method.variable_counts
         if masked and reduces:
             raise ValueError("attn_mask / is_causal cannot be combined with token reduction; use method='none'")
         if reduces and torch.jit.is_tracing():
@@ -246,17 +246,16 @@ class Patch:
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)
         state.carry = ctx.carry
+        left = x.shape[1] if selection is None else selection.num_out
+        # A method with per-image counts may leave fewer (its rows padded to the longest); never more.
+        if left != ctx.num_out and not (self.method.variable_counts and left <= ctx.num_out):
+            what = "kept all" if selection is None else "left"
+            raise RuntimeError(
+                f"method {self.method.name} {what} {left} tokens at layer {layer}, its schedule says {ctx.num_out}"
+            )
         if selection is not None:
-            if selection.num_out != ctx.num_out:
-                raise RuntimeError(
-                    f"method {self.method.name} left {selection.num_out} tokens at layer {layer}, its schedule says {ctx.num_out}"
-                )
             state.follow(selection, x, layer)
             x = selection.apply(x)
-        elif x.shape[1] != ctx.num_out:
-            raise RuntimeError(
-                f"method {self.method.name} kept all {x.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
-            )
         state.tokens_per_layer.append(x.shape[1])
         state.owner_history.append(state.owner)
         return x

@@ -47,7 +47,8 @@ def _layout(block: nn.Module) -> BlockLayout | None:
 
 @loadable
 class ReducingVisionTransformer:
-    """Mixed in front of ``VisionTransformer``: average pooling weighted by token size."""
+    """Mixed in front of ``VisionTransformer``: average pooling weighted by token size, max pooling
+    over the tokens of nonzero size."""
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -91,12 +92,16 @@ class ReducingVisionTransformer:
         pool_type = self.global_pool if pool_type is None else pool_type
         state = getattr(self, ATTR).latest()
         size = None if state is None else state.size
-        if size is None or pool_type not in ("avg", "avgmax") or size.shape[:2] != x.shape[:2]:
+        if size is None or pool_type not in ("avg", "avgmax", "max") or size.shape[:2] != x.shape[:2]:
             return super().pool(x, pool_type)  # type: ignore[misc]
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         tokens, weight = x[:, start:], size[:, start:].to(x.dtype)
+        # Padding (size 0: rows of a method with per-image counts) never wins the max.
+        peak = None if pool_type == "avg" else tokens.masked_fill(weight == 0, float("-inf")).amax(dim=1)
+        if pool_type == "max":
+            return peak
         avg = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
-        return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
+        return avg if pool_type == "avg" else 0.5 * (peak + avg)
 
 
 @register_adapter
