@@ -1,5 +1,6 @@
 """Pure tensor operations for token reduction: no model code, no model-library imports."""
 
+from tokenreduce.core.agglomerative import agglomerative_clustering, merge_clusters
 from tokenreduce.core.attention import (
     attention_probs,
     cls_attention,
@@ -10,7 +11,13 @@ from tokenreduce.core.attention import (
 )
 from tokenreduce.core.clustering import density_peaks, nearest_target_merge, strided_targets
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
-from tokenreduce.core.matching import bipartite_soft_matching
+from tokenreduce.core.matching import (
+    batch_soft_matching,
+    best_partners,
+    bipartite_soft_matching,
+    merge_edges,
+    threshold_soft_matching,
+)
 from tokenreduce.core.pooling import grid_pool
 from tokenreduce.core.restore import restore_tokens
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
@@ -18,7 +25,10 @@ from tokenreduce.core.selection import Selection, choose_rows, keep, keep_and_cl
 
 __all__ = [
     "Selection",
+    "agglomerative_clustering",
     "attention_probs",
+    "batch_soft_matching",
+    "best_partners",
     "bipartite_soft_matching",
     "choose_rows",
     "cls_attention",
@@ -26,6 +36,8 @@ __all__ = [
     "cosine_distance",
     "grid_pool",
     "max_min_subset",
+    "merge_clusters",
+    "merge_edges",
     "mix",
     "nearest_target_merge",
     "received_attention",
@@ -33,6 +45,7 @@ __all__ = [
     "row_attention",
     "rows_attention",
     "strided_targets",
+    "threshold_soft_matching",
     "hash_scores",
     "keep",
     "keep_and_cluster",
