@@ -30,19 +30,18 @@ def agglomerative_clustering(distance: Tensor, num_clusters: int, linkage: str =
     if not 1 <= num_clusters <= m:
         raise ValueError(f"num_clusters must be in [1, {m}] for {m} items, got {num_clusters}")
     device = distance.device
-    inf = torch.tensor(float("inf"), dtype=distance.dtype, device=device)
     items = torch.arange(m, device=device)
-    # Only pairs (i, j) with i < j are candidates, so the arg-min names the lower index first.
-    upper = items[:, None] < items[None, :]
-    dist = torch.where(upper, distance, inf)  # row i, column j > i: the distance between clusters i and j
-    full = torch.where(items[:, None] == items[None, :], inf, distance)  # both triangles, for the updates
+    inf = torch.tensor(float("inf"), dtype=distance.dtype, device=device)
+    # Cluster distances, inf on the diagonal and for clusters that were joined into another. The first
+    # arg-min in row-major order is the pair whose lower index is lowest, and names it first.
+    dist = torch.where(items[:, None] == items[None, :], inf, distance)
     count = torch.ones(b, m, dtype=distance.dtype, device=device)
     root = items.expand(b, -1)
     rows = torch.arange(b, device=device)
     for _ in range(m - num_clusters):
         pair = dist.flatten(1).argmin(dim=1)
         low, high = pair // m, pair % m  # low < high: the joined cluster keeps the name `low`
-        d_low, d_high = full[rows, low], full[rows, high]  # [B, M]
+        d_low, d_high = dist[rows, low], dist[rows, high]  # [B, M]
         if linkage == "single":
             joined = torch.minimum(d_low, d_high)
         elif linkage == "complete":
@@ -50,15 +49,14 @@ def agglomerative_clustering(distance: Tensor, num_clusters: int, linkage: str =
         else:
             n_low, n_high = count[rows, low][:, None], count[rows, high][:, None]
             joined = (n_low * d_low + n_high * d_high) / (n_low + n_high)
-        is_low, is_high = items == low[:, None], items == high[:, None]  # [B, M]
-        gone = is_low | is_high
-        joined = torch.where(gone, inf, joined)
-        # Row and column `low` take the joined distances; row and column `high` leave.
-        full = torch.where(is_low[:, :, None], joined[:, None, :], full)
-        full = torch.where(is_low[:, None, :], joined[:, :, None], full)
-        full = torch.where(is_high[:, :, None] | is_high[:, None, :], inf, full)
-        dist = torch.where(upper, full, inf)
-        count = torch.where(is_low, count + count[rows, high][:, None], count)
+        joined = torch.where((items == low[:, None]) | (items == high[:, None]), inf, joined)
+        # Row and column `low` take the joined distances, row and column `high` leave: O(B * M) writes.
+        dist = dist.clone()
+        dist[rows, low] = joined
+        dist[rows, :, low] = joined
+        dist[rows, high] = inf
+        dist[rows, :, high] = inf
+        count = count.index_put((rows, low), count[rows, low] + count[rows, high])
         root = torch.where(root == high[:, None], low[:, None], root)
     return root
 
