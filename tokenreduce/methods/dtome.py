@@ -81,9 +81,12 @@ class DToMe(EncoderMethod):
 
     Departures: similarities are computed in float32 whatever the model's dtype; DyMU's batch path (B > 1)
     does not apply the 50% cap its single-image path applies (the two differ only for an odd token count
-    without a class token); ``prop_attn`` is not optional here (DyMU's flag defaults to on), since it is
-    what masks the padding. A SigLIP tower's pooling head is not size-weighted (DyMU's
-    ``AttentionPoolLatentWMasking`` adds ``log(size)`` there).
+    without a class token); without prefix tokens DyMU's single-image path leaves the unmerged A tokens in
+    score order, here they are in position order as with prefix tokens (outputs are the same, only the
+    token order differs); ``prop_attn`` is not optional here (DyMU's flag defaults to on), since it is what
+    masks the padding. A SigLIP tower's pooling head is not size-weighted (DyMU's
+    ``AttentionPoolLatentWMasking`` adds ``log(size)`` there). Calibrated thresholds are a mean over
+    batches, so the batch size matters (DyMU's script: 64 per GPU, ``tokenreduce calibrate``'s default).
     """
 
     name = "dtome"
@@ -167,8 +170,8 @@ def calibrate(
     Blocks with ``r_i = 0`` get ``None`` (no merging). Deterministic for a given order of batches.
 
     Returns the dict ``tokenreduce calibrate`` writes as JSON: ``thresholds``, ``r``, ``images``,
-    ``batches``, ``input_tokens``, ``tokenreduce`` (the version) and ``format``; pass it (or the file) to
-    ``apply(model, "dtome", thresholds=...)``.
+    ``batches``, ``input_tokens``, ``tokenreduce`` (the version) and ``format``. Pass its ``thresholds`` (or
+    the file) to ``apply(model, "dtome", thresholds=...)``.
     """
     import tokenreduce
     from tokenreduce.adapters import locate
