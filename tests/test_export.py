@@ -8,7 +8,7 @@ from torch.export import Dim
 
 import tokenreduce
 from conftest import build, images, output
-from test_contract import REDUCING
+from test_contract import DATA_DEPENDENT_COUNTS, REDUCING
 
 LAYOUTS = ["vit", "dinov2_reg", "deit_distilled", "hf_clip"]
 
@@ -22,6 +22,8 @@ def exported_inputs():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method", sorted(REDUCING))
 def test_torch_export_matches_eager(method, layout):
+    if method in DATA_DEPENDENT_COUNTS:
+        pytest.skip(DATA_DEPENDENT_COUNTS[method])
     model = tokenreduce.apply(build(layout), method, **REDUCING[method])
     example, check = exported_inputs()
     program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch")},))
@@ -32,6 +34,8 @@ def test_torch_export_matches_eager(method, layout):
 
 @pytest.mark.parametrize("method", sorted(REDUCING))
 def test_onnx_export_runs_in_onnxruntime(method, tmp_path):
+    if method in DATA_DEPENDENT_COUNTS:
+        pytest.skip(DATA_DEPENDENT_COUNTS[method])
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = tokenreduce.apply(build("dinov2_reg"), method, **REDUCING[method])

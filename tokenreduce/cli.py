@@ -1,4 +1,4 @@
-"""``tokenreduce`` command line: ``methods``, ``bench``, ``viz`` and ``eval``.
+"""``tokenreduce`` command line: ``methods``, ``bench``, ``viz``, ``eval`` and ``calibrate``.
 
 Every request is checked before anything slow happens (weights loaded, a model run): method specs,
 input and output paths, the device, and the architecture itself on a meta-device skeleton.
@@ -7,10 +7,12 @@ input and output paths, the device, and the architecture itself on a meta-device
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -419,6 +421,69 @@ def cmd_viz_vlm(args: argparse.Namespace, specs) -> int:
     return 0
 
 
+def parse_r(text: str | None):
+    """``--r``: an int, a per-block list ``[4,4,8]`` or ``(r, inflection)``, as ``tome``'s ``r``."""
+    if text is None:
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise CommandError(f"--r must be an int, a list [r0, r1, ...] or (r, inflection), got {text!r}") from None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tokenreduce.eval.data import load_folder
+    from tokenreduce.methods.dtome import calibrate, write_thresholds
+    from tokenreduce.methods.rschedule import check_r
+    from tokenreduce.methods.tome import DEFAULT_KEEP_RATIO
+
+    r, keep_ratio = check_r(parse_r(args.r), args.keep_ratio, DEFAULT_KEEP_RATIO)
+    counts = {"--batch-size": args.batch_size, "--img-size": args.img_size, "--limit": args.limit, "--threads": args.threads}
+    for flag, value in counts.items():
+        if value is not None:
+            check_positive(value, flag)
+    device = check_device(args.device)
+    check_writable(args.out, "--out")
+    images = load_folder(args.images, labeled=False)
+    images.images = images.images[: args.limit]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = build_model(args, args.img_size).eval().to(device, DTYPES[args.dtype])
+    mean, std = normalisation(model)
+    starts = range(0, len(images), args.batch_size)
+
+    def batches():
+        for start in starts:
+            yield images.batch(start, start + args.batch_size, args.img_size, mean, std).to(device, DTYPES[args.dtype])
+
+    began = time.perf_counter()
+    with tqdm(total=len(starts), desc=f"calibrate {args.model}", unit="batch", disable=args.quiet, file=sys.stderr) as bar:
+        result = calibrate(model, batches(), r=r, keep_ratio=keep_ratio, progress=bar.update)
+    seconds = time.perf_counter() - began
+    is_tower = args.checkpoint is not None and Path(args.checkpoint).is_dir()
+    result.update(
+        model=args.checkpoint if is_tower else args.model,
+        weights=_weights(args),
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        seconds=round(seconds, 3),
+    )
+    write_thresholds(args.out, result)
+    shown = " ".join("-" if t is None else f"{t:.4f}" for t in result["thresholds"])
+    print(
+        f"calibrated dtome on {result['model']} ({result['weights']} weights): {result['images']} images in "
+        f"{result['batches']} batches of up to {args.batch_size} at {args.img_size} px, {seconds:.2f} s "
+        f"({result['images'] / seconds:.1f} images/s, {args.dtype} on {device}, {torch.get_num_threads()} threads)"
+    )
+    print(f"r per block: {' '.join(map(str, result['r']))}")
+    print(f"thresholds per block: {shown}")
+    print(f"wrote {args.out}; use it as tokenreduce.apply(model, 'dtome', thresholds={args.out!r})")
+    return 0
+
+
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="load the hub's weights (needs network); default random")
@@ -510,6 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="write the quality vs speedup and vs GFLOPs Pareto picture (PNG; needs matplotlib)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(fn=cmd_eval, device="cpu", dtype="float32", repeats=3, warmup=1)
+
+    cal = sub.add_parser(
+        "calibrate", help="find dtome's per-block thresholds on your images for a target merge schedule (DyMU's calibration)"
+    )
+    cal.add_argument("images", metavar="DIR", help="a folder of images (searched recursively, taken in sorted order)")
+    cal.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    cal.add_argument("--r", help="target merges per block, as tome's r: an int, a list [r0,r1,...] or (r,inflection)")
+    cal.add_argument("--keep-ratio", type=float, help="target fraction of patch tokens left, as tome's (default 0.2 without --r)")
+    cal.add_argument("--img-size", type=int, default=224)
+    cal.add_argument("--batch-size", type=int, default=64, help="images ranked together per batch (default 64, DyMU's script)")
+    cal.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_weight_options(cal)
+    cal.add_argument("--out", default="dtome-thresholds.json", help="JSON file to write (default dtome-thresholds.json)")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(fn=cmd_calibrate)
     return parser
 
 

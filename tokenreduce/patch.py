@@ -182,7 +182,8 @@ class Patch:
     def begin(self, x: Tensor, masked: bool = False) -> ForwardState:
         """Start a forward call at the first block with tokens ``x [B, N0, C]``."""
         schedule = self.method.schedule(x.shape[1], self.num_prefix, self.depth)
-        reduces = any(n != x.shape[1] for n in schedule)  # also a method that rebuilds every token at the end
+        # also a method that rebuilds every token at the end, or one whose counts depend on the image
+        reduces = any(n != x.shape[1] for n in schedule) or self.method.variable_counts
         if masked and reduces:
             raise ValueError("attn_mask / is_causal cannot be combined with token reduction; use method='none'")
         if reduces and torch.jit.is_tracing():
@@ -295,15 +296,14 @@ class Patch:
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)
         state.carry = ctx.carry
-        if selection is not None:
-            if selection.num_out != ctx.num_out:
-                raise RuntimeError(
-                    f"method {self.method.name} left {selection.num_out} tokens at layer {layer}, its schedule says {ctx.num_out}"
-                )
-            x = state.follow(selection, x, layer)
-        elif x.shape[1] != ctx.num_out:
+        left = x.shape[1] if selection is None else selection.num_out
+        # A method with per-image counts may leave fewer (its rows padded to the longest); never more.
+        if left != ctx.num_out and not (self.method.variable_counts and left <= ctx.num_out):
+            what = "kept all" if selection is None else "left"
             raise RuntimeError(
-                f"method {self.method.name} kept all {x.shape[1]} tokens at layer {layer}, its schedule says {ctx.num_out}"
+                f"method {self.method.name} {what} {left} tokens at layer {layer}, its schedule says {ctx.num_out}"
             )
+        if selection is not None:
+            x = state.follow(selection, x, layer)
         state.tokens_per_layer.append(x.shape[1])
         return x

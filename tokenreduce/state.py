@@ -22,7 +22,8 @@ class Record:
     (prefix tokens included), the index of the final token covering it, or -1 where it was dropped.
     ``size [B, N, 1]`` counts the original tokens merged into each final token (``None`` when nothing
     was reduced). ``steps`` are the ``(block, selection)`` pairs applied, in order, which
-    :meth:`restore` undoes.
+    :meth:`restore` undoes. Under a method with per-image counts (``variable_counts``), counts are the
+    batch's padded lengths and ``size == 0`` marks each row's padding.
     """
 
     input_tokens: int

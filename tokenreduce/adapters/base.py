@@ -106,4 +106,5 @@ class Adapter(ABC):
         if n0 is None or not isinstance(method, EncoderMethod):
             return []
         plan = method.schedule(n0, self.num_prefix_tokens(model), len(self.blocks(model)))
-        return [f"tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}"]
+        bound = " (at most: the counts depend on the image)" if method.variable_counts else ""
+        return [f"tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}{bound}"]

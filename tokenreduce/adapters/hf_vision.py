@@ -17,8 +17,8 @@ from torch import nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.adapters.blocks import BlockLayout, install_blocks, linear_macs, separate_attend, separate_qkv
-from tokenreduce.patch import Patch, original_class
-from tokenreduce.registry import register_adapter
+from tokenreduce.patch import ATTR, Patch, original_class
+from tokenreduce.registry import loadable, register_adapter
 
 
 def _layout(attn: tuple[str, ...], mlp: tuple[str, ...], attention: str, scale: str, heads: str) -> BlockLayout:
@@ -48,6 +48,7 @@ class Tower:
     layer: str  # qualified class name of a layer
     layout: BlockLayout
     class_token: bool
+    attention_pool: str | None = None  # the nn.MultiheadAttention of an attention-pooling head, if any
 
 
 _CLIP_LIKE = _layout(("layer_norm1", "self_attn"), ("layer_norm2", "mlp"), "self_attn", "scale", "num_heads")
@@ -56,7 +57,7 @@ TOWERS = {
         "encoder.layers", "transformers.models.clip.modeling_clip.CLIPEncoderLayer", _CLIP_LIKE, True
     ),
     "transformers.models.siglip.modeling_siglip.SiglipVisionModel": Tower(
-        "encoder.layers", "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer", _CLIP_LIKE, False
+        "encoder.layers", "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer", _CLIP_LIKE, False, "head.attention"
     ),
     "transformers.models.dinov2.modeling_dinov2.Dinov2Model": Tower(
         "encoder.layer",
@@ -83,6 +84,19 @@ TOWERS = {
         True,
     ),
 }
+
+
+@loadable
+class PaddingMaskedPool:
+    """Mixed in front of a tower's attention-pooling ``nn.MultiheadAttention`` under a method with
+    per-image counts: the padding tokens (size 0) are masked as keys, so padded rows pool as alone."""
+
+    def forward(self, query, key, value, key_padding_mask=None, *args, **kwargs):
+        state = getattr(self, ATTR).latest()
+        size = None if state is None else state.size
+        if key_padding_mask is None and size is not None and size.shape[:2] == key.shape[:2]:
+            key_padding_mask = size[..., 0] == 0
+        return super().forward(query, key, value, key_padding_mask, *args, **kwargs)  # type: ignore[misc]
 
 
 def _tower(model: nn.Module) -> Tower | None:
@@ -137,6 +151,10 @@ class HFVisionTower(Adapter):
                 raise TypeError(f"{type(model).__name__}.embeddings has {len(convs)} convolutions; one patch embedding expected")
             patch.capture_image(convs[0])
         install_blocks(patch, blocks, [spec.layout] * len(blocks), width=model.config.hidden_size)
+        if getattr(patch.method, "variable_counts", False) and spec.attention_pool and _has_module(model, spec.attention_pool):
+            pool = model.get_submodule(spec.attention_pool)
+            patch.set_attr(pool, ATTR, patch)
+            patch.swap_class(pool, PaddingMaskedPool)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:
         layout = self._spec(model).layout
@@ -163,3 +181,11 @@ class HFVisionTower(Adapter):
             f"{original_class(model).__name__}: {len(blocks)} layers ({', '.join(kinds)}), "
             f"{self.num_prefix_tokens(model)} prefix tokens, attention {model.config._attn_implementation}"
         )
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

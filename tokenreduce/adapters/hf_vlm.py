@@ -562,6 +562,11 @@ class HFVLM(Adapter):
 
     def _validate_before(self, model: nn.Module, method: Method) -> None:
         if isinstance(method, EncoderMethod):
+            if method.variable_counts:
+                raise ValueError(
+                    f"method {method.name!r} leaves each image its own token count, which the LLM's image placeholders "
+                    "cannot follow yet; apply it to the vision tower alone"
+                )
             vision = self.vision(model, f"encoder-stage method {method.name!r}")
             self.tower.validate(vision, method)
             self.feature_layer(model, vision)

@@ -52,7 +52,7 @@ LAYOUTS = {
 @loadable
 class ReducingVisionTransformer:
     """Mixed in front of ``VisionTransformer`` (and EVA's ``Eva``): average pooling weighted by token size,
-    full patch grids from ``forward_intermediates``."""
+    max pooling over the tokens of nonzero size, full patch grids from ``forward_intermediates``."""
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -90,12 +90,21 @@ class ReducingVisionTransformer:
         pool_type = self.global_pool if pool_type is None else pool_type
         state = getattr(self, ATTR).latest()
         size = None if state is None else state.size
-        if size is None or pool_type not in ("avg", "avgmax") or size.shape[:2] != x.shape[:2] or self.attn_pool is not None:
+        if (
+            size is None
+            or pool_type not in ("avg", "avgmax", "max")
+            or size.shape[:2] != x.shape[:2]
+            or self.attn_pool is not None
+        ):
             return super().pool(x, pool_type)  # type: ignore[misc]
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens  # EVA has no such option
-        tokens = x[:, start:]
-        avg = size_weighted_mean(tokens, size[:, start:])
-        return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
+        tokens, weight = x[:, start:], size[:, start:]
+        # Padding (size 0: rows of a method with per-image counts) never wins the max.
+        peak = None if pool_type == "avg" else tokens.masked_fill(weight == 0, float("-inf")).amax(dim=1)
+        if pool_type == "max":
+            return peak
+        avg = size_weighted_mean(tokens, weight)
+        return avg if pool_type == "avg" else 0.5 * (peak + avg)
 
 
 @loadable

@@ -1,5 +1,6 @@
 """Pure tensor operations for token reduction: no model code, no model-library imports."""
 
+from tokenreduce.core.agglomerative import agglomerative_clustering, merge_clusters
 from tokenreduce.core.attention import (
     attention_probs,
     cls_attention,
@@ -21,7 +22,14 @@ from tokenreduce.core.clustering import (
 )
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
-from tokenreduce.core.matching import bipartite_soft_matching, redundant_half
+from tokenreduce.core.matching import (
+    batch_soft_matching,
+    best_partners,
+    bipartite_soft_matching,
+    merge_edges,
+    redundant_half,
+    threshold_soft_matching,
+)
 from tokenreduce.core.patches import patchify
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
@@ -45,7 +53,10 @@ __all__ = [
     "Selection",
     "SpanKeep",
     "adaptive_pool_matrix",
+    "agglomerative_clustering",
     "attention_probs",
+    "batch_soft_matching",
+    "best_partners",
     "bipartite_soft_matching",
     "choose_rows",
     "cls_attention",
@@ -68,6 +79,8 @@ __all__ = [
     "knn_reconstruction_weights",
     "local_soft_kmeans",
     "max_min_subset",
+    "merge_clusters",
+    "merge_edges",
     "mix",
     "nearest_target_merge",
     "normalized_adjacency",
@@ -85,6 +98,7 @@ __all__ = [
     "stable_order",
     "strided_targets",
     "take_per_token",
+    "threshold_soft_matching",
     "top_k_positions",
     "weighted_mean_coeff",
     "weighted_pagerank",

@@ -8,7 +8,25 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core.select import stable_order
-from tokenreduce.core.selection import Selection
+from tokenreduce.core.selection import Selection, weighted_mean_coeff
+
+
+def best_partners(metric: Tensor, num_prefix: int = 0, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ToMe's edges: every token of set A (even positions) to its most cosine-similar token of set B (odd
+    positions). ``metric [B, N, D]``; ``valid [B, N]`` False on padding (``None``: no padding).
+
+    Returns ``(similarity, partner)``, both ``[B, ceil(N / 2)]``: the best similarity (``-inf`` for prefix
+    and padding rows of A, and rows with no valid partner) and the B index it points to. Prefix
+    columns of B and padding columns are never partners."""
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    scores[:, :pa, :] = -math.inf
+    scores[:, :, :pb] = -math.inf
+    if valid is not None:
+        pair = valid[:, ::2, None] & valid[:, None, 1::2]
+        scores = scores.masked_fill(~pair, -math.inf)
+    return scores.max(dim=-1)
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: Tensor | None = None) -> Selection:
@@ -30,12 +48,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: T
         raise ValueError(f"r must be in [0, {limit}] for {n} tokens with {num_prefix} prefix tokens, got {r}")
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, bb = metric[:, ::2], metric[:, 1::2]
-        scores = a @ bb.transpose(-1, -2)
-        scores[:, :pa, :] = -math.inf
-        scores[:, :, :pb] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
+        node_max, node_idx = best_partners(metric, num_prefix)
         edge_idx = node_max.argsort(dim=-1, descending=True)
         unm_idx = edge_idx[:, r:]  # A indices that stay
         src_idx = edge_idx[:, :r]  # A indices merged away
@@ -67,7 +80,6 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: T
     return Selection(slot, index, None if size is None else size[..., 0], mean=True)
 
 
-
 def redundant_half(metric: Tensor, importance: Tensor, r: int, num_prefix: int = 0) -> Tensor:
     """Zero-TPrune's similarity stage with its "Sequential-U" partition: the ``floor(M / 2)`` least
     important non-prefix tokens form set A, the others set B; each A token is matched to its most
@@ -90,3 +102,92 @@ def redundant_half(metric: Tensor, importance: Tensor, r: int, num_prefix: int =
     ua, ub = (unit.gather(1, idx[..., None].expand(-1, -1, unit.shape[-1])) for idx in (a, b))
     best = (ua @ ub.transpose(-1, -2)).amax(dim=-1)
     return a.gather(1, stable_order(best)[:, :r])
+
+
+def merge_edges(merged: Tensor, partner: Tensor, num_tokens: int, num_prefix: int = 0, size: Tensor | None = None) -> Selection:
+    """Merge A token ``i`` (position ``2i`` of ``num_tokens``) into its partner B token (position
+    ``2 partner[:, i] + 1``) wherever ``merged [B, ceil(N / 2)]`` is True, size-weighted: a different
+    number of merges per row.
+
+    ``size [B, N, 1]`` weights the means (``None``: all ones); tokens of size 0 are padding and feed
+    nothing. Each row's outputs are ``[prefix tokens, unmerged A tokens, B tokens]`` (each in position
+    order; a merged token takes its B token's place and position), then padding up to the longest row:
+    outputs no input feeds (size 0, value 0, the position of token 0). The output count is read from
+    the data (one host sync), so this runs eagerly only."""
+    b, n = merged.shape[0], num_tokens
+    device = merged.device
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    valid = torch.ones(b, n, dtype=torch.bool, device=device) if size is None else size[..., 0] > 0
+    kept_a = valid[:, ::2] & ~merged
+    kept_a[:, :pa] = False
+    real_b = valid[:, 1::2].clone()
+    real_b[:, :pb] = False
+    n_kept = kept_a.sum(dim=1, keepdim=True)
+    b_slot = torch.where(real_b, num_prefix + n_kept + real_b.long().cumsum(dim=1) - 1, -1)
+    b_slot[:, :pb] = 2 * torch.arange(pb, device=device) + 1  # prefix B tokens keep their place
+    a_slot = torch.where(kept_a, num_prefix + kept_a.long().cumsum(dim=1) - 1, -1)
+    a_slot = torch.where(merged, b_slot.gather(1, partner), a_slot)
+    a_slot[:, :pa] = 2 * torch.arange(pa, device=device)
+    slot = torch.empty(b, n, dtype=torch.long, device=device)
+    slot[:, ::2], slot[:, 1::2] = a_slot, b_slot
+    # A row that merges nothing keeps its order (as when it runs alone and nothing happens to it);
+    # its real tokens lead and padding follows, as they came in.
+    still = ~merged.any(dim=1, keepdim=True)
+    slot = torch.where(still, torch.where(valid, torch.arange(n, device=device), -1), slot)
+    num_out = int((num_prefix + n_kept[:, 0] + real_b.sum(dim=1)).max())
+    inherits = slot >= 0  # outputs take the position of their prefix, unmerged A or B token
+    inherits[:, ::2] &= ~merged
+    index = torch.zeros(b, num_out + 1, dtype=torch.long, device=device)
+    index = index.scatter(1, torch.where(inherits, slot, num_out), torch.arange(n, device=device).expand(b, -1))
+    weight = valid.float() if size is None else size[..., 0]
+    return Selection(slot, index[:, :num_out], weighted_mean_coeff(slot, weight, num_out))
+
+
+def _ranks(scores: Tensor) -> Tensor:
+    """Each entry's place in its row sorted descending (0 for the largest; ties by position)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+
+
+def threshold_soft_matching(
+    metric: Tensor, threshold: float, num_prefix: int = 0, size: Tensor | None = None, max_r: int | None = None
+) -> Selection | None:
+    """Merge, per row, every A token whose best B partner's cosine similarity exceeds ``threshold``
+    (DyMU's dynamic ToMe), at most half of the row's non-prefix tokens and at most ``max_r``, the most
+    similar first. ``metric [B, N, D]``; ``size [B, N, 1]`` as in :func:`merge_edges` (size 0 is
+    padding). Outputs as :func:`merge_edges` gives them; ``None`` when no row merges anything."""
+    b, n = metric.shape[:2]
+    valid = None if size is None else size[..., 0] > 0
+    with torch.no_grad():
+        similarity, partner = best_partners(metric, num_prefix, valid)
+        real = n if valid is None else valid.sum(dim=1, keepdim=True)
+        cap = (real - num_prefix) // 2
+        if max_r is not None:
+            cap = torch.clamp(torch.as_tensor(cap, device=metric.device), max=max_r)
+        merged = (similarity > threshold) & (_ranks(similarity) < cap)
+    if not bool(merged.any()):
+        return None
+    return merge_edges(merged, partner, n, num_prefix, size)
+
+
+def batch_soft_matching(
+    metric: Tensor, r: int, num_prefix: int = 0, size: Tensor | None = None
+) -> tuple[Selection | None, Tensor | None]:
+    """DyMU's batch-level matching, for calibrating thresholds: rank the A -> B edges of all rows together
+    and merge the ``r * B`` most similar (``r`` at most half of the ``N - num_prefix`` mergeable tokens),
+    so rows merge different counts. ``metric``, ``size`` as in :func:`threshold_soft_matching`.
+
+    Returns the selection (``None`` when ``r`` is 0) and the threshold it stands for: the similarity of
+    the most similar edge left unmerged (the ``r * B``-th, counting from 0), clamped at 0 (0-d tensor)."""
+    b, n = metric.shape[:2]
+    r = min(r, (n - num_prefix) // 2)
+    if r <= 0:
+        return None, None
+    valid = None if size is None else size[..., 0] > 0
+    with torch.no_grad():
+        similarity, partner = best_partners(metric, num_prefix, valid)
+        flat = similarity.flatten()
+        ranked = flat.sort(descending=True, stable=True).values
+        threshold = ranked[min(r * b, flat.shape[0] - 1)].clamp(min=0)
+        merged = ((_ranks(flat) < r * b) & (flat > -math.inf)).view(b, -1)
+    return merge_edges(merged, partner, n, num_prefix, size), threshold

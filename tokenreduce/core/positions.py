@@ -14,9 +14,10 @@ def take_per_token(table: Tensor, position: Tensor, num_prefix: int) -> Tensor:
     (prefix included, prefix first), the original token whose row it takes (a merged token: the one
     whose position it inherits, :attr:`~tokenreduce.core.Selection.index`). Returns
     ``[B, H, N - P, D]`` (``H`` 1 for a two-dimensional table), which broadcasts against per-head
-    queries and keys ``[B, heads, N - P, D]``.
+    queries and keys ``[B, heads, N - P, D]``. A token after the prefix that holds a prefix token's
+    position (padding, which no input feeds) takes row 0: it is masked out of attention anyway.
     """
-    index = position[:, num_prefix:] - num_prefix  # [B, M]
+    index = (position[:, num_prefix:] - num_prefix).clamp(min=0)  # [B, M]
     if table.dim() == 2:
         table = table[None, None]
     elif table.dim() == 3:

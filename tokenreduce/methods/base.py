@@ -146,8 +146,8 @@ class EncoderMethod(Method):
 
     ``schedule`` plans, from the input token count alone, how many tokens leave each block; ``select``
     then says, at the method's :attr:`hook` in each block, which tokens become which (a
-    :class:`~tokenreduce.core.Selection` with exactly ``ctx.num_out`` outputs). The engine applies it to
-    the tokens and follows it on sizes and owners.
+    :class:`~tokenreduce.core.Selection` with exactly ``ctx.num_out`` outputs, at most that many with
+    ``variable_counts``). The engine applies it to the tokens and follows it on sizes and owners.
     """
 
     stage = Stage.ENCODER
@@ -157,6 +157,10 @@ class EncoderMethod(Method):
     edits_attention: ClassVar[bool] = False  # every block's attention map comes from attend() (eager)
     needs_image: ClassVar[bool] = False  # the patch embedding's input reaches LayerContext.image
     budget: ClassVar[Budget | None] = None  # the knob the matched-FLOPs bench preset turns
+    # Counts depend on the image: a selection may leave fewer than ctx.num_out tokens (the schedule gives
+    # upper bounds), rows padded to the longest with tokens of size 0 (no input feeds them; log(size) masks
+    # them as keys, size-weighted pooling ignores them, owners never point to them). Eager only.
+    variable_counts: ClassVar[bool] = False
 
     @abstractmethod
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:

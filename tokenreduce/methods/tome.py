@@ -8,10 +8,9 @@ from torch import Tensor
 
 from tokenreduce.core import Selection, bipartite_soft_matching
 from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
+from tokenreduce.methods.rschedule import RSpec, check_r, per_layer_r
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_bool, as_int, as_real, as_sequence
-
-RSpec = int | list[int] | tuple[int, float]
+from tokenreduce.validate import as_bool
 
 # r=13 on a 197-token, 12-block ViT-S/B (the paper's headline setting) keeps 40 of 196 patch tokens.
 DEFAULT_KEEP_RATIO = 0.2
@@ -43,36 +42,11 @@ class ToMe(EncoderMethod):
     def __post_init__(self) -> None:
         self.prop_attn = as_bool("prop_attn", self.prop_attn)
         self.clip = as_bool("clip", self.clip)
-        if self.r is not None and self.keep_ratio is not None:
-            raise ValueError(f"pass r or keep_ratio, not both (got r={self.r!r}, keep_ratio={self.keep_ratio!r})")
-        if self.r is None:
-            ratio = DEFAULT_KEEP_RATIO if self.keep_ratio is None else self.keep_ratio
-            self.keep_ratio = as_real("keep_ratio", ratio, 0, 1, low_open=True)
-        elif isinstance(self.r, tuple):
-            if len(self.r) != 2:
-                raise ValueError(f"r as a tuple must be (r >= 0, inflection in [-1, 1]), got {self.r!r}")
-            self.r = (as_int("r[0]", self.r[0], 0), as_real("r[1] (inflection)", self.r[1], -1, 1))
-        elif isinstance(self.r, (list, range)) or getattr(self.r, "ndim", 0) == 1:
-            self.r = [as_int(f"r[{i}]", v, 0) for i, v in enumerate(as_sequence("r", self.r, "integers >= 0"))]
-        else:
-            self.r = as_int("r", self.r, 0)
+        self.r, self.keep_ratio = check_r(self.r, self.keep_ratio, DEFAULT_KEEP_RATIO)
 
     def per_layer_r(self, mergeable: int, depth: int) -> list[int]:
         """Tokens to merge in each of ``depth`` blocks for ``mergeable`` non-prefix input tokens."""
-        if self.keep_ratio is not None:
-            return [int(mergeable * (1 - self.keep_ratio) / depth)] * depth
-        r = self.r
-        if isinstance(r, list):
-            if len(r) != depth:
-                raise ValueError(f"r as a list must have one entry per block ({depth}), got {len(r)}")
-            return list(r)
-        r, inflection = r if isinstance(r, tuple) else (r, 0.0)
-        if depth == 1:
-            return [r]
-        lo = int(r * (1.0 - inflection))
-        hi = 2 * r - lo
-        step = (hi - lo) / (depth - 1)
-        return [int(lo + step * i) for i in range(depth)]
+        return per_layer_r(self.r, self.keep_ratio, mergeable, depth)
 
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         mergeable = num_tokens - num_prefix
