@@ -19,6 +19,9 @@ REDUCING = {
     "evit": dict(keep_rate=0.6),
     "topk": dict(keep_rate=0.6),
     "random": dict(keep_rate=0.6, seed=3),
+    "kmedoids": dict(keep_rate=0.6),
+    "dpc_knn": dict(keep_rate=0.6),
+    "token_pooling": {},
 }
 IDENTITY = {
     "none": {},
@@ -26,10 +29,19 @@ IDENTITY = {
     "evit": dict(keep_rate=1.0),
     "topk": dict(keep_rate=1.0),
     "random": dict(keep_rate=1.0),
+    "kmedoids": dict(keep_rate=1.0),
+    "dpc_knn": dict(keep_rate=1.0),
+    "token_pooling": dict(keep_rate=1.0),
 }
-MERGING = {"none", "tome", "evit"}  # methods that keep every original token's mass
+MERGING = {"none", "tome", "evit", "kmedoids", "dpc_knn", "token_pooling"}  # methods that keep every original token's mass
 # Methods whose outputs mix every token (no two restored patches need be equal).
 DENSE_MIXING: set[str] = set()
+# Methods that pick their clusters by hard ranks and argmins (the most attended tokens as seeds, density
+# peaks, medoids) and stand a cluster for one chosen token or its mean: a near-tie that half precision
+# flips re-seeds the clusters after it, which moves the output further than a flipped merge (fp32 inputs
+# perturbed by 1e-3 of their scale move them as far). Their half-precision outputs are held to these
+# (float16, bfloat16) cosine bounds instead.
+HARD_CLUSTERING: dict[str, tuple[float, float]] = {"kmedoids": (0.9, 0.85), "dpc_knn": (0.9, 0.85)}
 # Methods whose token counts depend on the image, not only on the input shape: no fixed graph.
 DATA_DEPENDENT_COUNTS: dict[str, str] = {}
 
@@ -142,6 +154,8 @@ def test_half_precision_is_finite_and_close_to_float32(method, model_name, dtype
     # Half precision may flip a near-tie merge, so compare directions, not values. bf16 keeps 8 bits of
     # mantissa: the post-norm model drifts to cos 0.99 even unreduced, and one flipped merge costs more.
     bound = 0.99 if dtype == torch.float16 else 0.9
+    if method in HARD_CLUSTERING:
+        bound = HARD_CLUSTERING[method][0 if dtype == torch.float16 else 1]
     assert torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).min() > bound
     rec = tokenreduce.record(model)
     depth, prefix = layout(model)

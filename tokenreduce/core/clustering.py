@@ -1,10 +1,14 @@
-"""Assigning tokens to a few targets and merging them there (VisionZip's contextual tokens, density-peaks
-clusters)."""
+"""Assigning tokens to a few targets and merging them there: VisionZip's contextual tokens, and the
+clusterings of K-Medoids, DPC-kNN and Token Pooling (distances, nearest-centre assignment, medoid and
+weighted-mean updates, density peaks), each batched ``[B, ...]`` with a fixed number of steps so that
+they trace as one graph."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from tokenreduce.core.selection import Selection, weighted_mean_coeff
 
 
 def strided_targets(num_tokens: int, num_targets: int, device: torch.device | str = "cpu") -> Tensor:
@@ -36,25 +40,175 @@ def nearest_target_merge(metric: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     return slot, coeff
 
 
-def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Tensor]:
-    """DPC-kNN clustering of ``x [N, C]`` (density peaks with k-nearest-neighbour density, as
-    TCFormer and SparseVLM's ``cluster_and_merge``): density ``exp(-mean of the squared distances to
-    the nearest neighbours)`` (distances scaled by ``sqrt(C)``), each token's distance to the nearest
-    denser token (the largest distance for the densest), centres the ``clusters`` tokens with the
-    largest ``distance * density``, every token assigned to its nearest centre (a centre to itself).
+def pairwise_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """Euclidean distances ``[B, N, M]`` (float32) between the rows of ``x [B, N, C]`` and ``y [B, M, C]``
+    (default ``x``: then the diagonal is exactly 0, so a token is always nearest to itself).
 
-    Returns ``(assignment [N], centres [clusters])``. Of two equal densities the earlier token counts as
-    denser, and equal centre scores go to the earlier token, instead of the reference's 1e-6 random
-    noise: deterministic (with one neighbour, the token itself, every density is equal).
+    Computed from the Gram matrix, as ``torch.cdist`` does for more than 25 rows, on features centred
+    on the mean of ``x``'s rows (smaller norms: less cancellation); squares below 0 are clamped."""
+    x = x.detach().float()
+    mean = x.mean(dim=1, keepdim=True)
+    a = x - mean
+    b = a if y is None else y.detach().float() - mean
+    square = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * (a @ b.transpose(1, 2))
+    dist = square.clamp(min=0).sqrt()
+    if y is None:
+        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        dist = dist.masked_fill(eye, 0.0)
+    return dist
+
+
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """``[B, k]``: the positions of the ``k`` highest ``scores [B, N]``, highest first; equal scores in
+    position order. Each token's rank is counted from all pairs (``O(N^2)``, like the distances beside
+    it), so ties are broken the same on every device and in exported graphs (ONNX has no stable sort,
+    and ``topk``'s order of ties is unspecified)."""
+    n = scores.shape[-1]
+    order = torch.arange(n, device=scores.device)
+    this, other = scores[:, :, None], scores[:, None, :]
+    ahead = (other > this) | ((other == this) & (order[None, :] < order[:, None]))  # [B, i, j]: j ranks before i
+    rank = ahead.sum(dim=-1)  # [B, N]: a permutation of 0..N-1
+    return torch.zeros_like(rank).scatter(1, rank, order.expand_as(rank))[:, :k]
+
+
+def nearest_centre(dist: Tensor, seeds: Tensor | None = None) -> Tensor:
+    """Assign every token to its nearest centre: ``dist [B, N, K]`` token-to-centre distances ->
+    ``[B, N]`` cluster ids (ties to the lower id). ``seeds [B, K]``, the token each centre started from
+    (a medoid, a density peak, a K-Means seed), are forced into their own cluster, so none is empty."""
+    assignment = dist.argmin(dim=-1)
+    if seeds is None:
+        return assignment
+    ids = torch.arange(seeds.shape[1], device=seeds.device).expand_as(seeds)
+    return assignment.scatter(1, seeds, ids)
+
+
+def cluster_argmin(cost: Tensor, assignment: Tensor, clusters: int) -> Tensor:
+    """``[B, clusters]``: per cluster, the member with the lowest ``cost [B, N]`` (the lowest position
+    on ties), for ``assignment [B, N]`` in ``[0, clusters)`` with no cluster empty."""
+    member = assignment[:, :, None] == torch.arange(clusters, device=assignment.device)  # [B, N, K]
+    return torch.where(member, cost[:, :, None], torch.inf).argmin(dim=1)
+
+
+def medoid_costs(
+    dist: Tensor,
+    assignment: Tensor,
+    candidate_weight: Tensor | None = None,
+    member_weight: Tensor | None = None,
+    within_cluster: bool = True,
+) -> Tensor:
+    """The cost ``[B, N]`` of each token as the medoid of its cluster:
+    ``candidate_weight[i] * sum_j member_weight[j] * dist[i, j]`` over the tokens ``j`` of ``i``'s
+    cluster (``within_cluster``) or over all tokens (K-Medoids of Haurum et al., whose cost is then fixed
+    per token). ``dist [B, N, N]``; weights ``[B, N]`` or ``None`` for ones."""
+    weighted = dist if member_weight is None else dist * member_weight[:, None, :].float()
+    if within_cluster:
+        weighted = torch.where(assignment[:, :, None] == assignment[:, None, :], weighted, 0.0)
+    cost = weighted.sum(dim=-1)
+    return cost if candidate_weight is None else cost * candidate_weight.float()
+
+
+def kmedoids(
+    dist: Tensor,
+    init: Tensor,
+    iterations: int,
+    candidate_weight: Tensor | None = None,
+    member_weight: Tensor | None = None,
+    within_cluster: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """K-Medoids from the token distances ``dist [B, N, N]`` and the initial medoids ``init [B, K]``:
+    ``iterations`` rounds of (assign every token to its nearest medoid; each cluster's medoid becomes its
+    member of lowest :func:`medoid_costs`), then a last assignment. A fixed number of rounds (a
+    converged round changes nothing, so this is "at most ``iterations``").
+
+    Returns ``(medoids [B, K], assignment [B, N])``, medoid ``k`` in cluster ``k``."""
+    medoids = init
+    clusters = init.shape[1]
+    for _ in range(iterations):
+        assignment = nearest_centre(dist.gather(2, medoids[:, None, :].expand(-1, dist.shape[1], -1)), medoids)
+        cost = medoid_costs(dist, assignment, candidate_weight, member_weight, within_cluster)
+        medoids = cluster_argmin(cost, assignment, clusters)
+    assignment = nearest_centre(dist.gather(2, medoids[:, None, :].expand(-1, dist.shape[1], -1)), medoids)
+    return medoids, assignment
+
+
+def farthest_first(dist: Tensor, first: Tensor, count: int) -> Tensor:
+    """``[B, count]`` initial medoids chosen greedily from ``dist [B, N, N]``: token ``first`` (a 0-d
+    index, the same for every row), then repeatedly the unchosen token whose **largest** distance to the
+    chosen ones is largest (Haurum et al.'s ``equal_weight`` start: max, not the usual min); ties to the
+    lower position."""
+    b, n, _ = dist.shape
+    chosen = first.expand(b, 1)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=dist.device).scatter(1, chosen, True)
+    spread = dist.gather(2, chosen[:, None, :].expand(b, n, 1))[..., 0]
+    picks = [chosen]
+    for _ in range(1, count):
+        new = torch.where(taken, -torch.inf, spread).argmax(dim=1, keepdim=True)
+        picks.append(new)
+        taken = taken.scatter(1, new, True)
+        spread = torch.maximum(spread, dist.gather(2, new[:, None, :].expand(b, n, 1))[..., 0])
+    return torch.cat(picks, dim=1)
+
+
+def weighted_kmeans(x: Tensor, weight: Tensor | None, init: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Weighted K-Means on ``x [B, N, C]`` with weights ``weight [B, N]`` (``None``: ones), started from
+    the tokens ``init [B, K]``: ``iterations`` rounds of (assign every token to its nearest centre, each
+    seed ``init[k]`` kept in cluster ``k`` so that none empties; each centre becomes the weighted mean of
+    its cluster). Returns ``(assignment [B, N], coeff [B, N])`` of the last round: the centres are
+    ``sum(coeff * x)`` over each cluster (``coeff = weight / cluster total``)."""
+    clusters = init.shape[1]
+    weight = torch.ones(x.shape[:2], device=x.device) if weight is None else weight.float()
+    centres = x.detach().float().gather(1, init[..., None].expand(-1, -1, x.shape[-1]))
+    assignment = coeff = init  # replaced in the first round (iterations >= 1)
+    for _ in range(iterations):
+        assignment = nearest_centre(pairwise_distances(x, centres), init)
+        coeff = weighted_mean_coeff(assignment, weight, clusters)
+        member = (assignment[:, None, :] == torch.arange(clusters, device=x.device)[:, None]).float()  # [B, K, N]
+        centres = (member * coeff[:, None, :]) @ x.detach().float()
+    return assignment, coeff
+
+
+def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Tensor]:
+    """DPC-kNN clustering of ``x [B, N, C]`` (or one sample ``[N, C]``): density peaks with k-nearest-
+    neighbour density, as TCFormer, Haurum et al.'s DPC-KNN and SparseVLM's ``cluster_and_merge``.
+    Distances are Euclidean over ``sqrt(C)``; density ``exp(-mean of the squared distances to the
+    nearest neighbours)`` (the token itself included); each token's distance to the nearest denser token
+    (the sample's largest distance for the densest); centres the ``clusters`` tokens with the largest
+    ``distance * density``, in that order; every token assigned to its nearest centre (a centre to itself).
+
+    Returns ``(assignment [B, N], centres [B, clusters])`` (without the batch dimension for one sample).
+    Of two equal densities the earlier token counts as denser, and equal centre scores go to the earlier
+    token, instead of the reference's 1e-6 random noise: deterministic (with one neighbour, the token
+    itself, every density is equal).
     """
-    n, c = x.shape
-    dist = torch.cdist(x.float()[None], x.float()[None])[0].fill_diagonal_(0) / c**0.5  # exact self-distances: they decide ties
+    if x.dim() == 2:
+        assignment, centres = density_peaks(x[None], clusters, neighbours)
+        return assignment[0], centres[0]
+    b, n, c = x.shape
+    dist = pairwise_distances(x) / c**0.5
     nearest = dist.topk(min(neighbours, n), dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
+    density = (-(nearest**2).mean(dim=-1)).exp()  # [B, N]
     order = torch.arange(n, device=x.device)
-    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (order[None, :] < order[:, None]))
-    parent = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = (parent * density).sort(descending=True, stable=True).indices[:clusters]
-    assignment = dist[:, centres].argmin(dim=-1)
-    assignment[centres] = torch.arange(clusters, device=x.device)
+    other, this = density[:, None, :], density[:, :, None]
+    denser = (other > this) | ((other == this) & (order[None, :] < order[:, None]))  # [B, i, j]: j denser than i
+    parent = torch.where(denser, dist, dist.amax(dim=(1, 2), keepdim=True)).min(dim=-1).values
+    centres = top_indices(parent * density, clusters)
+    assignment = nearest_centre(dist.gather(2, centres[:, None, :].expand(b, n, clusters)), centres)
     return assignment, centres
+
+
+def cluster_selection(assignment: Tensor, centres: Tensor, num_prefix: int, coeff: Tensor | None = None) -> Selection:
+    """The prefix tokens kept in front, then one output per cluster of the ``P`` tokens after them.
+
+    ``assignment [B, P]`` gives each token's cluster, ``centres [B, K]`` (positions among the ``P``) the
+    token each output inherits its position from, ``coeff [B, P]`` each token's weight in its output
+    (``None``: the centre alone with weight 1 and its members with weight 0, so the output *is* the
+    centre, a medoid, while its members still count in its size and are restored from it)."""
+    b, p = assignment.shape
+    device = assignment.device
+    if coeff is None:
+        coeff = (torch.arange(p, device=device) == centres.gather(1, assignment)).float()
+    prefix = torch.arange(num_prefix, device=device).expand(b, -1)
+    slot = torch.cat([prefix, assignment + num_prefix], dim=1)
+    index = torch.cat([prefix, centres + num_prefix], dim=1)
+    coeff = torch.cat([torch.ones(b, num_prefix, device=device), coeff.float()], dim=1)
+    return Selection(slot, index, coeff)
