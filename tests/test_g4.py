@@ -38,7 +38,9 @@ def test_pairwise_distances_are_euclidean_with_an_exact_zero_diagonal():
     torch.testing.assert_close(dist, torch.cdist(x.double(), x.double()).float(), rtol=1e-4, atol=1e-4)
     assert torch.equal(dist.diagonal(dim1=1, dim2=2), torch.zeros(2, 30))
     y = tokens(2, 5, 16, 1)
-    torch.testing.assert_close(pairwise_distances(x, y), torch.cdist(x.double(), y.double()).float(), rtol=1e-4, atol=1e-4)
+    want = torch.cdist(x.double(), y.double()).float()
+    torch.testing.assert_close(pairwise_distances(x, y), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pairwise_distances(x, y, squared=True), want**2, rtol=1e-4, atol=1e-3)
 
 
 def test_top_indices_rank_ties_by_position():
@@ -99,7 +101,7 @@ def test_density_peaks_breaks_ties_by_position():
 def test_token_pooling_kmedoids_matches_naive(p, k):
     x, w = tokens(3, p, 8, p), weights(3, p, p)
     init = top_indices(w, k)
-    medoids, assignment = kmedoids(pairwise_distances(x) ** 2, init, 5, member_weight=w)
+    medoids, assignment = kmedoids(pairwise_distances(x, squared=True), init, 5, member_weight=w)
     for b in range(3):
         want_medoids, want_assignment = naive.pooling_kmedoids(x[b], w[b].tolist(), init[b].tolist(), 5)
         assert medoids[b].tolist() == want_medoids
@@ -333,3 +335,18 @@ def test_kmedoids_equal_weight_may_cluster_before_block_zero():
     model, x = build("vit"), images()
     patched(model, x, "kmedoids", equal_weight=True, layers=[0])
     assert tokenreduce.record(model).tokens_per_layer == (45, 45, 45, 45)
+
+
+@pytest.mark.parametrize(
+    "method,config",
+    [("kmedoids", dict(equal_weight=True)), ("token_pooling", dict(algorithm="kmeans"))],
+    ids=str,
+)
+def test_variants_compile_without_graph_breaks(method, config):
+    # the defaults compile in test_contract; these paths (greedy start, K-Means) do not run there
+    model, x = build("dinov2_reg"), images(batch=3)
+    tokenreduce.apply(model, method, **config)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)

@@ -40,9 +40,10 @@ def nearest_target_merge(metric: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     return slot, coeff
 
 
-def pairwise_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
-    """Euclidean distances ``[B, N, M]`` (float32) between the rows of ``x [B, N, C]`` and ``y [B, M, C]``
-    (default ``x``: then the diagonal is exactly 0, so a token is always nearest to itself).
+def pairwise_distances(x: Tensor, y: Tensor | None = None, squared: bool = False) -> Tensor:
+    """Euclidean distances ``[B, N, M]`` (float32; their squares when ``squared``) between the rows of
+    ``x [B, N, C]`` and ``y [B, M, C]`` (default ``x``: then the diagonal is exactly 0, so a token is
+    always nearest to itself).
 
     Computed from the Gram matrix, as ``torch.cdist`` does for more than 25 rows, on features centred
     on the mean of ``x``'s rows (smaller norms: less cancellation); squares below 0 are clamped."""
@@ -50,8 +51,9 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None) -> Tensor:
     mean = x.mean(dim=1, keepdim=True)
     a = x - mean
     b = a if y is None else y.detach().float() - mean
-    square = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * (a @ b.transpose(1, 2))
-    dist = square.clamp(min=0).sqrt()
+    dist = ((a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * (a @ b.transpose(1, 2))).clamp(min=0)
+    if not squared:
+        dist = dist.sqrt()
     if y is None:
         eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
         dist = dist.masked_fill(eye, 0.0)
@@ -157,13 +159,15 @@ def weighted_kmeans(x: Tensor, weight: Tensor | None, init: Tensor, iterations: 
     ``sum(coeff * x)`` over each cluster (``coeff = weight / cluster total``)."""
     clusters = init.shape[1]
     weight = torch.ones(x.shape[:2], device=x.device) if weight is None else weight.float()
-    centres = x.detach().float().gather(1, init[..., None].expand(-1, -1, x.shape[-1]))
+    points = x.detach().float()
+    centres = points.gather(1, init[..., None].expand(-1, -1, x.shape[-1]))
     assignment = coeff = init  # replaced in the first round (iterations >= 1)
-    for _ in range(iterations):
-        assignment = nearest_centre(pairwise_distances(x, centres), init)
+    for step in range(iterations):
+        if step:  # the centres of the last round are the caller's to compute, from (assignment, coeff)
+            target = assignment[..., None].expand_as(points)
+            centres = torch.zeros_like(centres).scatter_add_(1, target, coeff[..., None] * points)
+        assignment = nearest_centre(pairwise_distances(x, centres, squared=True), init)
         coeff = weighted_mean_coeff(assignment, weight, clusters)
-        member = (assignment[:, None, :] == torch.arange(clusters, device=x.device)[:, None]).float()  # [B, K, N]
-        centres = (member * coeff[:, None, :]) @ x.detach().float()
     return assignment, coeff
 
 

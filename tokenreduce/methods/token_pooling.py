@@ -131,5 +131,5 @@ class TokenPooling(EncoderMethod):
         if self.algorithm == "kmeans":
             assignment, coeff = weighted_kmeans(x[:, p:], weight, init, self.iterations)
             return cluster_selection(assignment, init, p, coeff)
-        medoids, assignment = kmedoids(pairwise_distances(x[:, p:]) ** 2, init, self.iterations, member_weight=weight)
+        medoids, assignment = kmedoids(pairwise_distances(x[:, p:], squared=True), init, self.iterations, member_weight=weight)
         return cluster_selection(assignment, medoids, p)
