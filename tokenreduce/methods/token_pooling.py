@@ -27,7 +27,11 @@ class TokenPooling(EncoderMethod):
     divergence between the tokens ``f`` and the pooled tokens ``c``), by weighted K-Medoids (default) or
     weighted K-Means, with the significance of each token as its weight ``w``.
 
-    What the paper fixes (abstract and what we could retrieve of it; no code was released):
+    The paper's rule, in its words (abstract, arXiv 2110.03860): "Our new technique accurately
+    approximates a set of tokens by minimizing the reconstruction error caused by downsampling. We solve
+    this optimization problem via cost-efficient clustering." Its method section could not be retrieved
+    (the stored copies hold the abstract and introduction; no code was released), so the points below
+    come from the spec's summary of the paper (section 18, marked unverified there):
 
     - Downsampling between blocks: here at the end of a block (after its MLP), on the tokens the next
       block receives.
@@ -51,18 +55,20 @@ class TokenPooling(EncoderMethod):
       input's patch tokens: with ``keep_rate=0.92`` on DeiT-S, 180, 165, 152, 140, 129, 118, 109, 100,
       92, 85, 78 patch tokens after blocks 0..10, about 2.98 GMACs by the analytic model (4.60 unreduced;
       the class of EViT 0.7 at 3.03), a smooth geometric stand-in for the searched schedules.
+    - ``algorithm="kmedoids"`` by default: listed first in the spec, and it computes the distances once
+      (K-Means recomputes ``N x K`` of them every round).
     - Initial centres: the ``K`` most significant patch tokens (as Haurum et al.'s K-Medoids, which
       follows Token Pooling), so the clustering is deterministic; also with ``weighted=False``.
-    - K-Medoids update: each cluster's medoid becomes its member ``i`` of lowest
-      ``sum_{j in cluster} w_j ||f_i - f_j||^2`` (the weighted error restricted to medoids); assignment
-      to the nearest centre; a last assignment after the last update. K-Means: each round assigns, then
-      each centre becomes the weighted mean; the output is the last round's means, which are exactly
-      the weighted means of the last assignment.
+    - K-Medoids: ``iterations`` rounds of (assign every token to the nearest medoid; each cluster's
+      medoid becomes its member ``i`` of lowest ``sum_{j in cluster} w_j ||f_i - f_j||^2``, the weighted
+      error restricted to medoids), then a last assignment. K-Means: ``iterations`` rounds of (assign to
+      the nearest centre; each centre becomes the weighted mean of its cluster); the outputs are the
+      last round's centres, the weighted means of the last assignment.
     - Each centre's seed (its medoid, or the token a K-Means centre started from) stays in its own
       cluster, so no cluster empties; the output inherits the seed's position.
     - Ties go to the lower position. Distances in float32 from the Gram matrix, exact zero self-distance.
     - Prefix tokens (class, distillation, registers) are never pooled and stay in front; they count as
-      queries of the significance. No proportional attention (the paper mentions none).
+      queries of the significance. No proportional attention (none in what we could read of the paper).
     - The clustering's own cost (``O(N^2 C)`` distances plus ``O(N^2)`` per round) is not in the
       analytic GMAC count.
 
