@@ -339,7 +339,7 @@ def test_kmedoids_equal_weight_may_cluster_before_block_zero():
 
 @pytest.mark.parametrize(
     "method,config",
-    [("kmedoids", dict(equal_weight=True)), ("token_pooling", dict(algorithm="kmeans"))],
+    [("kmedoids", dict(equal_weight=True)), ("token_pooling", dict(algorithm="kmeans", iterations=2))],
     ids=str,
 )
 def test_variants_compile_without_graph_breaks(method, config):
