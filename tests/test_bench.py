@@ -24,6 +24,10 @@ SCORING_ALLOWANCE: dict[str, float] = {
     "gtp": 1.11,
     # the attention map recomputed beside SDPA at each pruning layer, and up to 30 PageRank steps on it
     "zero_tprune": 1.13,
+    # token-to-token distances (N^2 C) at each clustering layer, and the medoid costs from them
+    "dpc_knn": 1.06,
+    "kmedoids": 1.11,
+    "token_pooling": 1.15,  # distances after every block, five rounds of medoid costs
 }
 
 

@@ -25,6 +25,9 @@ REDUCING = {
     "zero_tprune": dict(keep_rate=0.6),
     "atc": dict(r=6, r_sched="constant"),
     "dtome": dict(thresholds=0.75),
+    "kmedoids": dict(keep_rate=0.6),
+    "dpc_knn": dict(keep_rate=0.6),
+    "token_pooling": {},
 }
 IDENTITY = {
     "none": {},
@@ -38,10 +41,28 @@ IDENTITY = {
     "zero_tprune": dict(keep_rate=1.0),
     "atc": dict(r=0),
     "dtome": dict(thresholds=0.0, max_r=0),
+    "kmedoids": dict(keep_rate=1.0),
+    "dpc_knn": dict(keep_rate=1.0),
+    "token_pooling": dict(keep_rate=1.0),
 }
-MERGING = {"none", "tome", "evit", "atc", "dtome"}  # methods that keep every original token's mass
+MERGING = {
+    "none",
+    "tome",
+    "evit",
+    "atc",
+    "dtome",
+    "kmedoids",
+    "dpc_knn",
+    "token_pooling",
+}  # methods that keep every original token's mass
 # Methods whose outputs mix every token (no two restored patches need be equal).
 DENSE_MIXING: set[str] = {"expedite", "gtp"}
+# Methods that pick their clusters by hard ranks and argmins (the most attended tokens as seeds, density
+# peaks, medoids) and stand a cluster for one chosen token or its mean: a near-tie that half precision
+# flips re-seeds the clusters after it, which moves the output further than a flipped merge (fp32 inputs
+# perturbed by 1e-3 of their scale move them as far). Their half-precision outputs are held to these
+# (float16, bfloat16) cosine bounds instead.
+HARD_CLUSTERING: dict[str, tuple[float, float]] = {"kmedoids": (0.9, 0.85), "dpc_knn": (0.9, 0.85)}
 # Methods whose token counts depend on the image, not only on the input shape: no fixed graph.
 DATA_DEPENDENT_COUNTS: dict[str, str] = {
     "dtome": "per-image counts read from the data (rows padded to the longest): eager only, no fixed graph to compile or "
@@ -187,6 +208,8 @@ def test_half_precision_is_finite_and_close_to_float32(method, model_name, dtype
     bound = 0.99 if dtype == torch.float16 else 0.9
     if dtype == torch.float16 and method in NEAR_TIE_SENSITIVE:
         bound = 0.95
+    if method in HARD_CLUSTERING:
+        bound = HARD_CLUSTERING[method][0 if dtype == torch.float16 else 1]
     assert torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).min() > bound
     rec = tokenreduce.record(model)
     depth, prefix = layout(model)

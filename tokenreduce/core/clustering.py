@@ -1,5 +1,7 @@
-"""Assigning tokens to a few targets and merging them there (VisionZip's contextual tokens, density-peaks
-clusters, Expedite's local soft k-means)."""
+"""Assigning tokens to a few targets and merging them there: VisionZip's contextual tokens, and the
+clusterings of K-Medoids, DPC-kNN, Token Pooling and Expedite (distances, nearest-centre assignment,
+medoid and weighted-mean updates, density peaks, local soft k-means), each batched ``[B, ...]`` with a
+fixed number of steps so that they trace as one graph."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core.pooling import adaptive_pool_matrix
+from tokenreduce.core.select import stable_order
+from tokenreduce.core.selection import Selection, weighted_mean_coeff
 
 
 def strided_targets(num_tokens: int, num_targets: int, device: torch.device | str = "cpu") -> Tensor:
@@ -39,35 +43,151 @@ def nearest_target_merge(metric: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     return slot, coeff
 
 
+def pairwise_distances(x: Tensor, y: Tensor | None = None, squared: bool = False) -> Tensor:
+    """Euclidean distances ``[B, N, M]`` (float32; their squares when ``squared``) between the rows of
+    ``x [B, N, C]`` and ``y [B, M, C]`` (default ``x``: then the diagonal is exactly 0, so a token is
+    always nearest to itself).
+
+    Computed from the Gram matrix, as ``torch.cdist`` does for more than 25 rows, on features centred
+    on the mean of ``x``'s rows (smaller norms: less cancellation); squares below 0 are clamped."""
+    x = x.detach().float()
+    mean = x.mean(dim=1, keepdim=True)
+    a = x - mean
+    b = a if y is None else y.detach().float() - mean
+    dist = ((a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * (a @ b.transpose(1, 2))).clamp(min=0)
+    if not squared:
+        dist = dist.sqrt()
+    if y is None:
+        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        dist = dist.masked_fill(eye, 0.0)
+    return dist
+
+
+def nearest_centre(dist: Tensor, seeds: Tensor | None = None) -> Tensor:
+    """Assign every token to its nearest centre: ``dist [B, N, K]`` token-to-centre distances ->
+    ``[B, N]`` cluster ids (ties to the lower id). ``seeds [B, K]``, the token each centre started from
+    (a medoid, a density peak, a K-Means seed), are forced into their own cluster, so none is empty."""
+    assignment = dist.argmin(dim=-1)
+    if seeds is None:
+        return assignment
+    ids = torch.arange(seeds.shape[1], device=seeds.device).expand_as(seeds)
+    return assignment.scatter(1, seeds, ids)
+
+
+def cluster_argmin(cost: Tensor, assignment: Tensor, clusters: int) -> Tensor:
+    """``[B, clusters]``: per cluster, the member with the lowest ``cost [B, N]`` (the lowest position
+    on ties), for ``assignment [B, N]`` in ``[0, clusters)`` with no cluster empty."""
+    member = assignment[:, :, None] == torch.arange(clusters, device=assignment.device)  # [B, N, K]
+    return torch.where(member, cost[:, :, None], torch.inf).argmin(dim=1)
+
+
+def medoid_costs(
+    dist: Tensor,
+    assignment: Tensor,
+    candidate_weight: Tensor | None = None,
+    member_weight: Tensor | None = None,
+    within_cluster: bool = True,
+) -> Tensor:
+    """The cost ``[B, N]`` of each token as the medoid of its cluster:
+    ``candidate_weight[i] * sum_j member_weight[j] * dist[i, j]`` over the tokens ``j`` of ``i``'s
+    cluster (``within_cluster``) or over all tokens (K-Medoids of Haurum et al., whose cost is then fixed
+    per token). ``dist [B, N, N]``; weights ``[B, N]`` or ``None`` for ones."""
+    weighted = dist if member_weight is None else dist * member_weight[:, None, :].float()
+    if within_cluster:
+        weighted = torch.where(assignment[:, :, None] == assignment[:, None, :], weighted, 0.0)
+    cost = weighted.sum(dim=-1)
+    return cost if candidate_weight is None else cost * candidate_weight.float()
+
+
+def kmedoids(
+    dist: Tensor,
+    init: Tensor,
+    iterations: int,
+    candidate_weight: Tensor | None = None,
+    member_weight: Tensor | None = None,
+    within_cluster: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """K-Medoids from the token distances ``dist [B, N, N]`` and the initial medoids ``init [B, K]``:
+    ``iterations`` rounds of (assign every token to its nearest medoid; each cluster's medoid becomes its
+    member of lowest :func:`medoid_costs`), then a last assignment. A fixed number of rounds (a
+    converged round changes nothing, so this is "at most ``iterations``").
+
+    Returns ``(medoids [B, K], assignment [B, N])``, medoid ``k`` in cluster ``k``."""
+    medoids = init
+    clusters = init.shape[1]
+    for _ in range(iterations):
+        assignment = nearest_centre(dist.gather(2, medoids[:, None, :].expand(-1, dist.shape[1], -1)), medoids)
+        cost = medoid_costs(dist, assignment, candidate_weight, member_weight, within_cluster)
+        medoids = cluster_argmin(cost, assignment, clusters)
+    assignment = nearest_centre(dist.gather(2, medoids[:, None, :].expand(-1, dist.shape[1], -1)), medoids)
+    return medoids, assignment
+
+
+def farthest_first(dist: Tensor, first: Tensor, count: int) -> Tensor:
+    """``[B, count]`` initial medoids chosen greedily from ``dist [B, N, N]``: token ``first`` (a 0-d
+    index, the same for every row), then repeatedly the unchosen token whose **largest** distance to the
+    chosen ones is largest (Haurum et al.'s ``equal_weight`` start: max, not the usual min); ties to the
+    lower position."""
+    b, n, _ = dist.shape
+    chosen = first.expand(b, 1)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=dist.device).scatter(1, chosen, True)
+    spread = dist.gather(2, chosen[:, None, :].expand(b, n, 1))[..., 0]
+    picks = [chosen]
+    for _ in range(1, count):
+        new = torch.where(taken, -torch.inf, spread).argmax(dim=1, keepdim=True)
+        picks.append(new)
+        taken = taken.scatter(1, new, True)
+        spread = torch.maximum(spread, dist.gather(2, new[:, None, :].expand(b, n, 1))[..., 0])
+    return torch.cat(picks, dim=1)
+
+
+def weighted_kmeans(x: Tensor, weight: Tensor | None, init: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Weighted K-Means on ``x [B, N, C]`` with weights ``weight [B, N]`` (``None``: ones), started from
+    the tokens ``init [B, K]``: ``iterations`` rounds of (assign every token to its nearest centre, each
+    seed ``init[k]`` kept in cluster ``k`` so that none empties; each centre becomes the weighted mean of
+    its cluster). Returns ``(assignment [B, N], coeff [B, N])`` of the last round: the centres are
+    ``sum(coeff * x)`` over each cluster (``coeff = weight / cluster total``)."""
+    clusters = init.shape[1]
+    weight = torch.ones(x.shape[:2], device=x.device) if weight is None else weight.float()
+    points = x.detach().float()
+    centres = points.gather(1, init[..., None].expand(-1, -1, x.shape[-1]))
+    assignment = coeff = init  # replaced in the first round (iterations >= 1)
+    for step in range(iterations):
+        if step:  # the centres of the last round are the caller's to compute, from (assignment, coeff)
+            target = assignment[..., None].expand_as(points)
+            centres = torch.zeros_like(centres).scatter_add_(1, target, coeff[..., None] * points)
+        assignment = nearest_centre(pairwise_distances(x, centres, squared=True), init)
+        coeff = weighted_mean_coeff(assignment, weight, clusters)
+    return assignment, coeff
+
+
 def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Tensor]:
-    """DPC-kNN clustering of ``x [N, C]`` (density peaks with k-nearest-neighbour density, as
-    TCFormer and SparseVLM's ``cluster_and_merge``): density ``exp(-mean of the squared distances to
-    the nearest neighbours)`` (distances scaled by ``sqrt(C)``), each token's distance to the nearest
-    denser token (the largest distance for the densest), centres the ``clusters`` tokens with the
-    largest ``distance * density``, every token assigned to its nearest centre (a centre to itself).
+    """DPC-kNN clustering of ``x [B, N, C]`` (or one sample ``[N, C]``): density peaks with k-nearest-
+    neighbour density, as TCFormer, Haurum et al.'s DPC-KNN and SparseVLM's ``cluster_and_merge``.
+    Distances are Euclidean over ``sqrt(C)``; density ``exp(-mean of the squared distances to the
+    nearest neighbours)`` (the token itself included); each token's distance to the nearest denser token
+    (the sample's largest distance for the densest); centres the ``clusters`` tokens with the largest
+    ``distance * density``, in that order; every token assigned to its nearest centre (a centre to itself).
 
-    Returns ``(assignment [N], centres [clusters])``. Of two equal densities the earlier token counts as
-    denser, and equal centre scores go to the earlier token, instead of the reference's 1e-6 random
-    noise: deterministic (with one neighbour, the token itself, every density is equal).
+    Returns ``(assignment [B, N], centres [B, clusters])`` (without the batch dimension for one sample).
+    Of two equal densities the earlier token counts as denser, and equal centre scores go to the earlier
+    token, instead of the reference's 1e-6 random noise: deterministic (with one neighbour, the token
+    itself, every density is equal).
     """
-    n, c = x.shape
-    dist = torch.cdist(x.float()[None], x.float()[None])[0].fill_diagonal_(0) / c**0.5  # exact self-distances: they decide ties
+    if x.dim() == 2:
+        assignment, centres = density_peaks(x[None], clusters, neighbours)
+        return assignment[0], centres[0]
+    b, n, c = x.shape
+    dist = pairwise_distances(x) / c**0.5
     nearest = dist.topk(min(neighbours, n), dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
+    density = (-(nearest**2).mean(dim=-1)).exp()  # [B, N]
     order = torch.arange(n, device=x.device)
-    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (order[None, :] < order[:, None]))
-    parent = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = (parent * density).sort(descending=True, stable=True).indices[:clusters]
-    assignment = dist[:, centres].argmin(dim=-1)
-    assignment[centres] = torch.arange(clusters, device=x.device)
+    other, this = density[:, None, :], density[:, :, None]
+    denser = (other > this) | ((other == this) & (order[None, :] < order[:, None]))  # [B, i, j]: j denser than i
+    parent = torch.where(denser, dist, dist.amax(dim=(1, 2), keepdim=True)).min(dim=-1).values
+    centres = stable_order(parent * density)[:, :clusters]
+    assignment = nearest_centre(dist.gather(2, centres[:, None, :].expand(b, n, clusters)), centres)
     return assignment, centres
-
-
-def squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """``[B, M, N]`` squared L2 distances between ``a [B, M, C]`` and ``b [B, N, C]`` (float32), expanded
-    as ``|a|^2 + |b|^2 - 2 a.b`` (matrix products, as Expedite's reference computes them)."""
-    a, b = a.float(), b.float()
-    return (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * a @ b.transpose(1, 2)
 
 
 def grid_cells(grid: tuple[int, int], cells: tuple[int, int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -105,7 +225,25 @@ def local_soft_kmeans(x: Tensor, grid: tuple[int, int], cells: tuple[int, int], 
     matrix = adaptive_pool_matrix(grid, cells, x.device).expand(b, -1, -1)
     xf = x.float()
     for _ in range(iters):
-        logits = (-tau * squared_distances(matrix @ xf, xf)).masked_fill(~allowed, float("-inf"))
+        logits = (-tau * pairwise_distances(matrix @ xf, xf, squared=True)).masked_fill(~allowed, float("-inf"))
         affinity = logits.softmax(dim=1)  # over the centroids
         matrix = affinity / affinity.sum(dim=2, keepdim=True).clamp(min=1e-16)
     return matrix
+
+
+def cluster_selection(assignment: Tensor, centres: Tensor, num_prefix: int, coeff: Tensor | None = None) -> Selection:
+    """The prefix tokens kept in front, then one output per cluster of the ``P`` tokens after them.
+
+    ``assignment [B, P]`` gives each token's cluster, ``centres [B, K]`` (positions among the ``P``) the
+    token each output inherits its position from, ``coeff [B, P]`` each token's weight in its output
+    (``None``: the centre alone with weight 1 and its members with weight 0, so the output *is* the
+    centre, a medoid, while its members still count in its size and are restored from it)."""
+    b, p = assignment.shape
+    device = assignment.device
+    if coeff is None:
+        coeff = (torch.arange(p, device=device) == centres.gather(1, assignment)).float()
+    prefix = torch.arange(num_prefix, device=device).expand(b, -1)
+    slot = torch.cat([prefix, assignment + num_prefix], dim=1)
+    index = torch.cat([prefix, centres + num_prefix], dim=1)
+    coeff = torch.cat([torch.ones(b, num_prefix, device=device), coeff.float()], dim=1)
+    return Selection(slot, index, coeff)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tokenreduce.core.clustering import squared_distances
+from tokenreduce.core.clustering import pairwise_distances
 from tokenreduce.core.selection import Selection
 
 
@@ -25,7 +25,7 @@ def knn_reconstruction_weights(x: Tensor, centroids: Tensor, k: int | None, tau:
     normalised across the centroids: ``norm="l2"`` to unit L2 norm (the reference's ``F.normalize``),
     ``"sum"`` to sum 1. Computed from the logits (``W / |W|`` as ``exp(l - logsumexp(2 l) / 2)``), so a
     token far from every centroid keeps its weights where the reference's ``exp`` underflows to zero."""
-    logits = -tau * squared_distances(x, centroids)
+    logits = -tau * pairwise_distances(x, centroids, squared=True)
     if k is not None and k < logits.shape[-1]:
         kth = logits.topk(k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
