@@ -25,6 +25,7 @@ def test_import_pulls_in_no_model_library():
 def test_methods_lists_registered_names():
     assert tokenreduce.list_methods() == [
         "dart",
+        "dct",
         "divprune",
         "evit",
         "expedite",
@@ -32,9 +33,11 @@ def test_methods_lists_registered_names():
         "gtp",
         "none",
         "pdrop",
+        "pitome",
         "pool",
         "random",
         "sparsevlm",
+        "tofu",
         "tome",
         "topk",
         "visionzip",
@@ -46,7 +49,7 @@ def test_methods_lists_registered_names():
 @pytest.mark.parametrize(
     "method,config,error,match",
     [
-        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['dart', 'divprune'"),
+        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['dart', '"),
         ("tome", dict(r=-1), ValueError, r"r must be an integer >= 0"),
         ("tome", dict(r=1.5), TypeError, r"r must be an integer >= 0, got 1.5 \(float\)"),
         ("tome", dict(r=(8, 2.0)), ValueError, r"r\[1\] \(inflection\) must be a number in \[-1, 1\], got 2.0"),

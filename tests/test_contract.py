@@ -23,6 +23,9 @@ REDUCING = {
     "vwt": dict(keep_ratio=0.6),
     "gtp": dict(num_prop=4),
     "zero_tprune": dict(keep_rate=0.6),
+    "pitome": dict(ratio=0.8),
+    "tofu": dict(r=6),  # depth 4: blocks 0-1 prune, 2-3 merge (MLERP)
+    "dct": dict(ratio=0.8),
 }
 IDENTITY = {
     "none": {},
@@ -34,10 +37,13 @@ IDENTITY = {
     "vwt": dict(keep_ratio=1.0),
     "gtp": dict(num_prop=0, sparsity=1.0),
     "zero_tprune": dict(keep_rate=1.0),
+    "pitome": dict(ratio=1.0),
+    "tofu": dict(r=0),
+    "dct": dict(ratio=1.0),
 }
-MERGING = {"none", "tome", "evit"}  # methods that keep every original token's mass
+MERGING = {"none", "tome", "evit", "pitome", "dct"}  # methods that keep every original token's mass
 # Methods whose outputs mix every token (no two restored patches need be equal).
-DENSE_MIXING: set[str] = {"expedite", "gtp"}
+DENSE_MIXING: set[str] = {"expedite", "gtp", "dct"}
 # Methods whose token counts depend on the image, not only on the input shape: no fixed graph.
 DATA_DEPENDENT_COUNTS: dict[str, str] = {}
 # Methods whose sizes are weights of their own, not counts of the original tokens each token covers.
@@ -49,6 +55,8 @@ SIZES_NOT_COUNTS: dict[str, str] = {
 NEAR_TIE_SENSITIVE: dict[str, str] = {
     "zero_tprune": "the importance median splitting A from B, the head-variance window and the top-k each flip "
     "on a near tie (deit_distilled, keep_rate 0.6: importance 0.011521 vs 0.011535 at the median; cos 0.973)",
+    "pitome": "tokens are sorted by energy and paired alternately in that order; adjacent energies differ by ~1e-6 on "
+    "the tiny models while float16 keys move them by ~1e-4, so many pairs change (hf_clip, ratio 0.8: cos 0.989)",
 }
 
 

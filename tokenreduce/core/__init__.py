@@ -20,8 +20,9 @@ from tokenreduce.core.clustering import (
     strided_targets,
 )
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
+from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
-from tokenreduce.core.matching import bipartite_soft_matching, redundant_half
+from tokenreduce.core.matching import bipartite_merge, bipartite_soft_matching, redundant_half
 from tokenreduce.core.patches import patchify
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
@@ -39,6 +40,7 @@ from tokenreduce.core.selection import (
     weighted_mean_coeff,
 )
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
+from tokenreduce.core.spectral import dct_lowpass, dct_matrix
 
 __all__ = [
     "Compaction",
@@ -46,11 +48,14 @@ __all__ = [
     "SpanKeep",
     "adaptive_pool_matrix",
     "attention_probs",
+    "bipartite_merge",
     "bipartite_soft_matching",
     "choose_rows",
     "cls_attention",
     "compact",
     "cosine_distance",
+    "dct_lowpass",
+    "dct_matrix",
     "density_peaks",
     "first_inputs",
     "graph_propagation",
@@ -75,6 +80,7 @@ __all__ = [
     "patchify",
     "received_attention",
     "redundant_half",
+    "rescale_to_max_norm",
     "restore_tokens",
     "row_attention",
     "rows_attention",
