@@ -8,12 +8,15 @@ import math
 import naive_g1
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import reference
 import tokenreduce
-from conftest import build, images, output
+from conftest import build, images, output, use_eager_attention
+from tokenreduce.adapters import locate
+from tokenreduce.bench import model_macs
 from tokenreduce.core import bipartite_merge, dct_lowpass, dct_matrix, keep, rescale_to_max_norm
-from tokenreduce.methods.base import LayerContext
+from tokenreduce.methods.base import Hook, LayerContext
 
 
 def step_inputs(n: int, seed: int, sizes: bool = True):
@@ -289,6 +292,26 @@ def test_dct_deit_small_counts_and_cost():
     assert plan[0] == 1 + math.ceil(196 * 0.915) == 181
     assert round(gmacs(plan, 197, at_end=True), 2) == 2.96
     assert tokenreduce.make_method("dct", ratio=0.925).schedule(197, 1, 1) == [1 + math.ceil(196 * 0.925)]
+
+
+@pytest.mark.parametrize("model_name", ["vit", "hf_clip"])
+def test_dct_analytic_macs_count_blocks_at_their_input_size(model_name):
+    # DCT reduces after the MLP: both branches of a block run on its input count (model_macs(hook="end")),
+    # and the dense mix is one [num_out, N] @ [N, C] product per block, which torch's counter also sees, as it
+    # sees the matrix being built (a [T', T'] @ [T', T] product per block, whatever the batch).
+    model = build(model_name)
+    use_eager_attention(model)
+    tokenreduce.apply(model, "dct", ratio=0.8)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(images(batch=1))
+    rec = tokenreduce.record(model)
+    macs = model_macs(locate(model)[2], model, rec.input_tokens, rec.tokens_per_layer, Hook.END)
+    n_in = [rec.input_tokens, *rec.tokens_per_layer[:-1]]
+    p = rec.num_prefix
+    mixing = sum(n * m * 48 + (m - p) ** 2 * (n - p) for n, m in zip(n_in, rec.tokens_per_layer))
+    assert counter.get_total_flops() / 2 == pytest.approx(macs + mixing, rel=0.015)
+    assert model_macs(locate(model)[2], model, rec.input_tokens, rec.tokens_per_layer) < macs  # the MLP-after-reduction count
 
 
 # -- config errors --------------------------------------------------------------------------------------

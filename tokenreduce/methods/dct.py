@@ -83,7 +83,15 @@ class DCT(EncoderMethod):
             ],
             dim=0,
         )  # [num_out, N]: prefix tokens pass, the rest is low-passed
-        selection = mix(matrix.expand(x.shape[0], -1, -1), inverse=matrix.T.expand(x.shape[0], -1, -1))
-        # Each input's original tokens go to its strongest output (its slot), as its owners do.
-        credit = torch.nn.functional.one_hot(selection.slot, ctx.num_out).transpose(1, 2).float()
-        return dataclasses.replace(selection, size_matrix=credit)
+        # The map is the same for every image: work out owners and positions once, share them over the batch.
+        one = mix(matrix[None], inverse=matrix.T[None])
+        credit = torch.nn.functional.one_hot(one.slot, ctx.num_out).transpose(1, 2).float()  # inputs to their strongest output
+        b = x.shape[0]
+        return dataclasses.replace(
+            one,
+            slot=one.slot.expand(b, -1),
+            index=one.index.expand(b, -1),
+            matrix=matrix.expand(b, -1, -1),
+            inverse=matrix.T.expand(b, -1, -1),
+            size_matrix=credit.expand(b, -1, -1),
+        )
