@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core import Selection, dct_lowpass, mix
-from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, Hook, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_real
 
@@ -56,6 +56,7 @@ class DCT(EncoderMethod):
         "Findings of ACL 2023"
     )
     hook: ClassVar[Hook] = Hook.END
+    budget = Budget("ratio", 0.0, 1.0)
 
     ratio: float = 0.915  # fraction of the non-prefix tokens each block keeps (DeiT-S: 197 -> 72 tokens, 2.96 GMACs)
 

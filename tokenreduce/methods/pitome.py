@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core import Selection, bipartite_merge
-from tokenreduce.methods.base import EncoderMethod, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_real
 
@@ -56,6 +56,7 @@ class PiToMe(EncoderMethod):
 
     name = "pitome"
     paper = "Tran et al., Accelerating Transformers with Spectrum-Preserving Token Merging, NeurIPS 2024"
+    budget = Budget("ratio", 0.5, 1.0)
 
     ratio: float = 0.925  # fraction of the non-prefix tokens each block keeps (DeiT-S: 197 -> 82 tokens)
     margin: float = 0.75  # energy margin at the first block, decreasing linearly to 0 after the last
