@@ -12,8 +12,6 @@ import math
 import torch
 from torch import Tensor
 
-import reference
-
 
 def _cosines(metric: Tensor, rows: list[int], cols: list[int]) -> dict[tuple[int, int], float]:
     unit = [v / v.norm() for v in metric.double()]
@@ -134,23 +132,3 @@ def dct_restore(y: Tensor, num_inputs: int, prefix: int) -> Tensor:
     coeffs = [sum(_dct_basis(m, k, j) * outs[j] for j in range(m)) for k in range(m)]
     patches = [sum(_dct_basis(t, k, i) * coeffs[k] for k in range(m)) for i in range(t)]
     return torch.stack([y[i].double() for i in range(prefix)] + patches)
-
-
-def vit_forward_end(model, images: Tensor, step) -> Tensor:
-    """A pre-norm timm ViT run sample by sample (the attention written out), calling ``step(layer, t, size)``
-    at the end of each block (after the MLP); returns the logits. Sizes weight average pooling."""
-    outs = []
-    with torch.no_grad():
-        tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))
-        for t in tokens:
-            size = torch.ones(t.shape[0])
-            for layer, blk in enumerate(model.blocks):
-                out, _, _ = reference.attention(blk.attn, blk.norm1(t), 0.0)
-                t = t + blk.ls1(out)
-                t = t + blk.ls2(blk.mlp(blk.norm2(t)))
-                t, size = step(layer, t, size)
-            t = model.norm(t)
-            p = model.num_prefix_tokens
-            pooled = (t[p:] * size[p:, None]).sum(0) / size[p:].sum() if model.global_pool == "avg" else t[0]
-            outs.append(model.head(model.fc_norm(pooled)))
-    return torch.stack(outs)

@@ -90,15 +90,18 @@ def test_pitome_prop_attn_option_matches_naive():
 
 
 @pytest.mark.parametrize("model_name", ["hf_clip", "hf_siglip"])
-def test_pitome_on_hf_towers_matches_naive(model_name):
+@pytest.mark.parametrize("method", ["pitome", "tofu"])
+def test_on_hf_towers_matches_naive(method, model_name):
     model, x = build(model_name), images(batch=2)
     prefix = 1 if model_name == "hf_clip" else 0
 
     def step(layer, t, k, probs, size):
+        if method == "tofu":
+            return naive_g1.tofu_step(t, k.mean(0), size, 6, prefix, "prune" if layer < 2 else "mlerp")
         return naive_g1.pitome_step(t, k.mean(0), size, 0.8, 0.75 * (1 - layer / 4), prefix, layer < 2)
 
-    want = reference.hf_tower_forward(model, x, step, prop_attn=False)
-    tokenreduce.apply(model, "pitome", ratio=0.8)
+    want = reference.hf_tower_forward(model, x, step, prop_attn=method == "tofu")
+    tokenreduce.apply(model, method, **(dict(r=6) if method == "tofu" else dict(ratio=0.8)))
     torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)
 
 
@@ -191,19 +194,6 @@ def test_tofu_model_matches_naive(model_name, merge, prune_layers, prop_attn):
     torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_name", ["hf_clip", "hf_siglip"])
-def test_tofu_on_hf_towers_matches_naive(model_name):
-    model, x = build(model_name), images(batch=2)
-    prefix = 1 if model_name == "hf_clip" else 0
-
-    def step(layer, t, k, probs, size):
-        return naive_g1.tofu_step(t, k.mean(0), size, 6, prefix, "prune" if layer < 2 else "mlerp")
-
-    want = reference.hf_tower_forward(model, x, step)
-    tokenreduce.apply(model, "tofu", r=6)
-    torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)
-
-
 def test_tofu_schedule_is_tome_and_pruning_loses_mass():
     for config in [dict(), dict(r=13), dict(r=(13, -0.5)), dict(keep_ratio=0.5)]:
         assert tokenreduce.make_method("tofu", **config).schedule(197, 1, 12) == tokenreduce.make_method(
@@ -251,12 +241,12 @@ def test_dct_model_matches_naive(model_name):
     prefix, ratio = model.num_prefix_tokens, 0.8
     sizes = []
 
-    def step(layer, t, size):
+    def step(layer, t, k, probs, size):
         t, size = naive_g1.dct_step(t, size, ratio, prefix)
         sizes.append(size)
         return t, size
 
-    want = naive_g1.vit_forward_end(model, x, step)
+    want = reference.vit_forward(model, x, step, prop_attn=False, at_end=True)
     tokenreduce.apply(model, "dct", ratio=ratio)
     torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tokenreduce.record(model).size[..., 0], torch.stack([sizes[3], sizes[7]]))
