@@ -146,7 +146,7 @@ def test_pitome_rule_a_merges_every_a_token_and_protects_low_energy():
 
 
 def test_pitome_half_precision_on_a_well_conditioned_model():
-    # The contract waives the cosine bound for pitome (energy near-ties reorder in fp16); on the plain ViT
+    # The contract holds pitome to a looser float16 bound (energy near-ties reorder); on the plain ViT
     # at ratio 0.9 the fp16 output still keeps the fp32 direction.
     model, x = build("vit"), images()
     tokenreduce.apply(model, "pitome", ratio=0.9)
