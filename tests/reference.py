@@ -65,10 +65,10 @@ def attention(attn, t: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return attn.proj(attn.norm(out)), k, probs
 
 
-def vit_forward(model, images: Tensor, step, prop_attn: bool = True) -> Tensor:
+def vit_forward(model, images: Tensor, step, prop_attn: bool = True, at_end: bool = False) -> Tensor:
     """Run a pre-norm timm ViT sample by sample, calling ``step(layer, t, keys, probs, size)`` after
-    each attention; it returns the new ``(t, size)``. Sizes weight average pooling and, with
-    ``prop_attn``, attention."""
+    each attention (``at_end``: after each MLP, with that block's keys and probs); it returns the new
+    ``(t, size)``. Sizes weight average pooling and, with ``prop_attn``, attention."""
     outs = []
     with torch.no_grad():
         tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))
@@ -77,8 +77,11 @@ def vit_forward(model, images: Tensor, step, prop_attn: bool = True) -> Tensor:
             for layer, blk in enumerate(model.blocks):
                 out, k, probs = attention(blk.attn, blk.norm1(t), size.log() if prop_attn else 0.0)
                 t = t + blk.ls1(out)
-                t, size = step(layer, t, k, probs, size)
+                if not at_end:
+                    t, size = step(layer, t, k, probs, size)
                 t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+                if at_end:
+                    t, size = step(layer, t, k, probs, size)
             t = model.norm(t)
             if model.global_pool == "avg":
                 p = model.num_prefix_tokens

@@ -28,6 +28,9 @@ REDUCING = {
     "kmedoids": dict(keep_rate=0.6),
     "dpc_knn": dict(keep_rate=0.6),
     "token_pooling": {},
+    "pitome": dict(ratio=0.8),
+    "tofu": dict(r=6),  # depth 4: blocks 0-1 prune, 2-3 merge (MLERP)
+    "dct": dict(ratio=0.8),
 }
 IDENTITY = {
     "none": {},
@@ -44,6 +47,9 @@ IDENTITY = {
     "kmedoids": dict(keep_rate=1.0),
     "dpc_knn": dict(keep_rate=1.0),
     "token_pooling": dict(keep_rate=1.0),
+    "pitome": dict(ratio=1.0),
+    "tofu": dict(r=0),
+    "dct": dict(ratio=1.0),
 }
 MERGING = {
     "none",
@@ -54,9 +60,11 @@ MERGING = {
     "kmedoids",
     "dpc_knn",
     "token_pooling",
+    "pitome",
+    "dct",
 }  # methods that keep every original token's mass
 # Methods whose outputs mix every token (no two restored patches need be equal).
-DENSE_MIXING: set[str] = {"expedite", "gtp"}
+DENSE_MIXING: set[str] = {"expedite", "gtp", "dct"}
 # Methods that pick their clusters by hard ranks and argmins (the most attended tokens as seeds, density
 # peaks, medoids) and stand a cluster for one chosen token or its mean: a near-tie that half precision
 # flips re-seeds the clusters after it, which moves the output further than a flipped merge (fp32 inputs
@@ -77,6 +85,8 @@ SIZES_NOT_COUNTS: dict[str, str] = {
 NEAR_TIE_SENSITIVE: dict[str, str] = {
     "zero_tprune": "the importance median splitting A from B, the head-variance window and the top-k each flip "
     "on a near tie (deit_distilled, keep_rate 0.6: importance 0.011521 vs 0.011535 at the median; cos 0.973)",
+    "pitome": "tokens are sorted by energy and paired alternately in that order; adjacent energies differ by ~1e-6 on "
+    "the tiny models while float16 keys move them by ~1e-4, so many pairs change (hf_clip, ratio 0.8: cos 0.989)",
 }
 
 

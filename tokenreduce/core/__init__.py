@@ -28,10 +28,12 @@ from tokenreduce.core.clustering import (
     weighted_kmeans,
 )
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
+from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
 from tokenreduce.core.matching import (
     batch_soft_matching,
     best_partners,
+    bipartite_merge,
     bipartite_soft_matching,
     merge_edges,
     redundant_half,
@@ -54,6 +56,7 @@ from tokenreduce.core.selection import (
     weighted_mean_coeff,
 )
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
+from tokenreduce.core.spectral import dct_lowpass, dct_matrix
 
 __all__ = [
     "Compaction",
@@ -64,6 +67,7 @@ __all__ = [
     "attention_probs",
     "batch_soft_matching",
     "best_partners",
+    "bipartite_merge",
     "bipartite_soft_matching",
     "choose_rows",
     "cls_attention",
@@ -71,6 +75,8 @@ __all__ = [
     "cluster_selection",
     "compact",
     "cosine_distance",
+    "dct_lowpass",
+    "dct_matrix",
     "density_peaks",
     "farthest_first",
     "first_inputs",
@@ -102,6 +108,7 @@ __all__ = [
     "patchify",
     "received_attention",
     "redundant_half",
+    "rescale_to_max_norm",
     "restore_tokens",
     "row_attention",
     "rows_attention",

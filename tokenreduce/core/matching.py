@@ -1,4 +1,6 @@
-"""Bipartite soft matching (ToMe, Bolya et al., ICLR 2023) as a size-weighted merging selection."""
+"""Bipartite soft matching (ToMe, Bolya et al., ICLR 2023) as a size-weighted merging selection, and the
+general step behind it: given two sets of tokens and their similarities, merge (or drop) the ``r`` sources
+with the strongest best edge into their partners."""
 
 from __future__ import annotations
 
@@ -29,7 +31,69 @@ def best_partners(metric: Tensor, num_prefix: int = 0, valid: Tensor | None = No
     return scores.max(dim=-1)
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: Tensor | None = None) -> Selection:
+def bipartite_merge(
+    scores: Tensor,
+    a_index: Tensor,
+    b_index: Tensor,
+    r: int,
+    num_tokens: int,
+    keep_index: Tensor | None = None,
+    size: Tensor | None = None,
+    *,
+    sort_unmerged: bool = False,
+    drop_sources: bool = False,
+) -> Selection:
+    """Merge the ``r`` tokens of set A whose best edge to set B is strongest into that B token.
+
+    Args:
+        scores: ``[B, Na, Nb]`` similarity of every A token to every B token (``-inf`` forbids an edge).
+        a_index: ``[B, Na]`` positions of the A tokens among the ``num_tokens`` inputs.
+        b_index: ``[B, Nb]`` positions of the B tokens.
+        r: A tokens merged, ``0 <= r <= Na`` (``r = Na``: every A token merges into its best B).
+        num_tokens: ``N``, the input token count.
+        keep_index: ``[B, K]`` positions kept unchanged in front (prefix tokens, protected tokens);
+            inputs in none of keep/A/B are dropped.
+        size: ``[B, N, 1]`` original tokens per token; merges are means weighted by it (``None``: plain means).
+        sort_unmerged: list the unmerged A tokens in ``a_index`` order (else by descending best edge).
+        drop_sources: prune instead of merging: the ``r`` sources are dropped, their partners unchanged.
+
+    Outputs are ``[keep tokens, unmerged A tokens, B tokens in b_index order]``; a merged token takes the
+    place of its B token. The edge ranking sorts by score, descending (ties in no fixed order).
+    """
+    b, n_a = a_index.shape
+    n_b = b_index.shape[1]
+    if not 0 <= r <= n_a:
+        raise ValueError(f"r must be in [0, {n_a}] for {n_a} tokens in set A, got {r}")
+    device = scores.device
+    if keep_index is None:
+        keep_index = torch.zeros(b, 0, dtype=torch.long, device=device)
+    with torch.no_grad():
+        if n_b:
+            node_max, node_idx = scores.max(dim=-1)
+        else:  # nothing to merge into (r is 0)
+            node_max, node_idx = scores.new_zeros(b, n_a), torch.zeros(b, n_a, dtype=torch.long, device=device)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+        if sort_unmerged:
+            unm_idx = unm_idx.sort(dim=1)[0]
+        dst_idx = node_idx.gather(1, src_idx)
+    k, n_unm = keep_index.shape[1], n_a - r
+    unmerged = a_index.gather(1, unm_idx)
+    slot = torch.full((b, num_tokens), -1, dtype=torch.long, device=device)
+    slot = slot.scatter(1, keep_index, torch.arange(k, device=device).expand(b, -1))
+    slot = slot.scatter(1, unmerged, torch.arange(k, k + n_unm, device=device).expand(b, -1))
+    slot = slot.scatter(1, b_index, torch.arange(k + n_unm, k + n_unm + n_b, device=device).expand(b, -1))
+    sources = a_index.gather(1, src_idx)
+    slot = slot.scatter(1, sources, torch.full_like(sources, -1) if drop_sources else k + n_unm + dst_idx)
+    index = torch.cat([keep_index, unmerged, b_index], dim=1)
+    if drop_sources:
+        return Selection(slot, index, gather_only=True)
+    return Selection(slot, index, None if size is None else size[..., 0], mean=True)
+
+
+def bipartite_soft_matching(
+    metric: Tensor, r: int, num_prefix: int = 0, size: Tensor | None = None, *, drop_sources: bool = False
+) -> Selection:
     """Merge the ``r`` tokens of set A most similar to their best partner in set B.
 
     Args:
@@ -37,47 +101,29 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 0, size: T
         r: tokens to remove, ``0 <= r <= (N - num_prefix) // 2``.
         num_prefix: leading tokens (CLS, distillation, registers) that are never merged.
         size: ``[B, N, 1]`` original tokens per token; merges are means weighted by it (``None``: plain means).
+        drop_sources: prune the ``r`` sources instead (their partners unchanged), as :func:`bipartite_merge`.
 
-    The sequence is split alternately (even positions -> A, odd -> B) and compared by cosine
-    similarity, prefix rows of A and prefix columns of B masked out. Outputs are ordered
-    ``[prefix tokens, unmerged A tokens, B tokens]``; a merged token takes the place of its B token.
+    The non-prefix tokens are split by position parity (even positions -> A, odd -> B, as the reference
+    splits the whole sequence and masks the prefix) and compared by cosine similarity. Outputs are
+    ordered ``[prefix tokens, unmerged A tokens, B tokens]``; a merged token takes the place of its B
+    token; with prefix tokens the unmerged A tokens stay in position order, as in the reference.
     """
     b, n = metric.shape[:2]
     limit = (n - num_prefix) // 2
     if not 0 <= r <= limit:
         raise ValueError(f"r must be in [0, {limit}] for {n} tokens with {num_prefix} prefix tokens, got {r}")
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    first_a = min(num_prefix + num_prefix % 2, n)  # the first even position after the prefix
+    first_b = min(num_prefix + 1 - num_prefix % 2, n)
     with torch.no_grad():
-        node_max, node_idx = best_partners(metric, num_prefix)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
-        unm_idx = edge_idx[:, r:]  # A indices that stay
-        src_idx = edge_idx[:, :r]  # A indices merged away
-        dst_idx = node_idx.gather(1, src_idx)  # their B partners
-        if num_prefix:
-            # Prefix rows score -inf so they are the last edges; sorting puts them first to drop them.
-            unm_idx = unm_idx.sort(dim=1)[0][:, pa:]
-
-    device, rows = metric.device, torch.arange(b, device=metric.device)[:, None]
-    n_a, n_b, n_unm = (n + 1) // 2, n // 2, unm_idx.shape[1]
-    b_slot = torch.arange(n_b, device=device) - pb + num_prefix + n_unm  # B tokens after prefix and unmerged A
-    b_slot[:pb] = 2 * torch.arange(pb, device=device) + 1  # prefix B tokens keep their place
-    b_slot = b_slot.expand(b, -1)
-    a_slot = torch.empty(b, n_a, dtype=torch.long, device=device)
-    a_slot[:, :pa] = 2 * torch.arange(pa, device=device)
-    a_slot[rows, unm_idx] = torch.arange(num_prefix, num_prefix + n_unm, device=device)
-    a_slot[rows, src_idx] = b_slot.gather(1, dst_idx)
-    slot = torch.stack([a_slot[:, :n_b], b_slot], dim=2).flatten(1)
-    if n % 2:
-        slot = torch.cat([slot, a_slot[:, n_b:]], dim=1)
-    index = torch.cat(
-        [
-            torch.arange(num_prefix, device=device).expand(b, -1),
-            2 * unm_idx,
-            (2 * torch.arange(pb, n_b, device=device) + 1).expand(b, -1),
-        ],
-        dim=1,
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(-1, -2)
+    device = metric.device
+    a_index = torch.arange(first_a, n, 2, device=device).expand(b, -1)
+    b_index = torch.arange(first_b, n, 2, device=device).expand(b, -1)
+    keep_index = torch.arange(num_prefix, device=device).expand(b, -1)
+    return bipartite_merge(
+        scores, a_index, b_index, r, n, keep_index, size, sort_unmerged=num_prefix > 0, drop_sources=drop_sources
     )
-    return Selection(slot, index, None if size is None else size[..., 0], mean=True)
 
 
 def redundant_half(metric: Tensor, importance: Tensor, r: int, num_prefix: int = 0) -> Tensor:
