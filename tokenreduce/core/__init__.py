@@ -3,6 +3,7 @@
 from tokenreduce.core.attention import (
     attention_probs,
     cls_attention,
+    merge_attention,
     received_attention,
     row_attention,
     rows_attention,
@@ -10,7 +11,7 @@ from tokenreduce.core.attention import (
 )
 from tokenreduce.core.clustering import density_peaks, nearest_target_merge, strided_targets
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
-from tokenreduce.core.matching import bipartite_soft_matching
+from tokenreduce.core.matching import bipartite_merge, bipartite_soft_matching, merge_into_nearest
 from tokenreduce.core.pooling import grid_pool
 from tokenreduce.core.restore import restore_tokens
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
@@ -19,6 +20,7 @@ from tokenreduce.core.selection import Selection, choose_rows, keep, keep_and_cl
 __all__ = [
     "Selection",
     "attention_probs",
+    "bipartite_merge",
     "bipartite_soft_matching",
     "choose_rows",
     "cls_attention",
@@ -26,6 +28,8 @@ __all__ = [
     "cosine_distance",
     "grid_pool",
     "max_min_subset",
+    "merge_attention",
+    "merge_into_nearest",
     "mix",
     "nearest_target_merge",
     "received_attention",
