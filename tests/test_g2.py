@@ -355,3 +355,25 @@ def test_layers_outside_the_model_raise():
     for method in ("mctf", "ppt"):
         with pytest.raises(ValueError, match=r"layers must be block indices in \[0, 3\]"):
             tokenreduce.apply(build("vit"), method, layers=(2, 4))
+
+
+def test_size_coefficients_follow_composition_and_per_image_choice():
+    from tokenreduce.core import Selection, choose_rows, keep
+
+    size = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]] * 2)[..., None]
+    discounted = Selection(
+        torch.tensor([[0, 1, 1, 2, 2]] * 2),
+        torch.tensor([[0, 1, 3]] * 2),
+        torch.full((2, 5), 0.5),
+        size_coeff=torch.tensor([[1.0, 1.0, 0.5, 1.0, 0.25]] * 2),
+    )
+    assert discounted.sizes(size)[0, :, 0].tolist() == [1.0, 3.5, 5.25]
+    later = keep(torch.tensor([[0, 2]] * 2), 3)
+    both = discounted.then(later)
+    torch.testing.assert_close(both.sizes(size), later.sizes(discounted.sizes(size)))
+    x = torch.randn(2, 5, 3)
+    torch.testing.assert_close(both.apply(x), later.apply(discounted.apply(x)))
+    plain = Selection(torch.tensor([[0, 0, 1, 2, 2]] * 2), torch.tensor([[0, 2, 3]] * 2), torch.full((2, 5), 0.5))
+    mixed = choose_rows(torch.tensor([True, False]), discounted, plain)
+    torch.testing.assert_close(mixed.sizes(size)[0], discounted.sizes(size)[0])
+    torch.testing.assert_close(mixed.sizes(size)[1], plain.sizes(size)[1])
