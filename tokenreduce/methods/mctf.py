@@ -31,7 +31,9 @@ class MCTF(EncoderMethod):
 
     1. ``r`` = ``r`` if an integer, ``int((N - P) * r)`` if a fraction; at most ``N - 10`` (the reference
        never goes below 10 tokens) and ``(N - P) // 2``, P the prefix tokens. These caps are the
-       reference's own count rule, not a silent change of the config: :meth:`schedule` shows them.
+       reference's own count rule, not a silent change of the config: :meth:`schedule` shows them (on a
+       24-block ViT-L, ``r=16`` in 23 blocks stops at 10 tokens). The reference applies the 10-token
+       floor to a fraction before converting it, where it never binds; here it applies after, to both.
     2. Scores between A (even positions) and B (odd positions) tokens, on the hidden states ``x`` (not
        the keys): ``((cos + 1) / 2)^(1/tau_sim)``, times ``(w_a * w_b)^(1/tau_info)`` with ``w = (1/a) /
        max(1/a)`` and ``a`` the attention each token receives (averaged over heads and queries), times
@@ -72,6 +74,8 @@ class MCTF(EncoderMethod):
       (eager, equal to the fused one to float tolerance), and the merged map is the paper's approximation
       of the merged tokens' attention: not what recomputing attention gives (``one_step_ahead=2`` does).
     - Scores, weights and the merged map are computed in float32 whatever the model's dtype.
+    - Compute: one step ahead projects q/k/v at the start of every block (also of blocks that do not
+      merge, e.g. block 0) and again on the merged tokens, of which only v is used.
     """
 
     name = "mctf"
