@@ -16,7 +16,11 @@ from tokenreduce.bench.runner import load_warning, steps
 
 # Methods whose scoring runs matrix products the count model leaves out (full attention maps,
 # clustering distances), as a multiple of the counted MACs on the tiny 6-block model.
-SCORING_ALLOWANCE: dict[str, float] = {}
+SCORING_ALLOWANCE: dict[str, float] = {
+    # one step ahead: q/k/v and the full attention map on the unmerged tokens at the start of every block
+    # (the algorithm's look-ahead, plus v and the re-projected q/k of the merged tokens, unused): 1.26 here
+    "mctf": 1.3,
+}
 
 
 def test_parse_specs():

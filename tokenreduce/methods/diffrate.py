@@ -11,7 +11,7 @@ from importlib import resources
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, keep, keep_indices, merge_into_nearest, weighted_mean_coeff
+from tokenreduce.core import Selection, keep, keep_indices, merge_into_nearest
 from tokenreduce.methods.base import EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int_tuple
@@ -89,6 +89,7 @@ class DiffRate(EncoderMethod):
     merge: Sequence[int] | None = None  # custom kept-token counts per block after merging (with prune)
     size_weighted: bool = False  # paper-style size-weighted merge instead of the reference's unweighted mean
 
+    budget = None  # no numeric knob: the compute is set by a searched schedule (by name or lists)
     prop_attn = True  # always on in DiffRate
     needs_cls_token = True
 
@@ -152,10 +153,9 @@ class DiffRate(EncoderMethod):
             return keep(order, n)
         slot, similarity = merge_into_nearest(x, order[:, :merged], order[:, merged:], n, p)
         if self.size_weighted:
-            return Selection(slot, order[:, :merged], weighted_mean_coeff(slot, ctx.sizes(x)[..., 0], merged))
-        ones = torch.ones(slot.shape, device=x.device)
-        discount = ones.scatter(1, order[:, merged:], similarity.clamp(min=0))
-        return Selection(slot, order[:, :merged], weighted_mean_coeff(slot, ones, merged), size_coeff=discount)
+            return Selection(slot, order[:, :merged], ctx.sizes(x)[..., 0], mean=True)
+        discount = torch.ones(slot.shape, device=x.device).scatter(1, order[:, merged:], similarity.clamp(min=0))
+        return Selection(slot, order[:, :merged], mean=True, size_coeff=discount)  # unweighted means
 
 
 def _stretch(released: Sequence[int], depth: int, patches: int, num_prefix: int) -> list[int]:

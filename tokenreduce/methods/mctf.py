@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core import Selection, bipartite_merge, merge_attention
-from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext, as_layers, layers_for_depth
+from tokenreduce.methods.base import Budget, EncoderMethod, Hook, LayerContext, as_layers, layers_for_depth
 from tokenreduce.registry import register_method
 from tokenreduce.validate import _is_bool, _unwrap_scalar, as_bool, as_int, as_real
 
@@ -80,6 +80,7 @@ class MCTF(EncoderMethod):
 
     name = "mctf"
     paper = "Lee et al., Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision Transformers, CVPR 2024"
+    budget = Budget("r", 0.0, 0.5, increasing=False)  # as a fraction: the same knob at any resolution
 
     r: int | float = 16  # tokens merged per active block, or a fraction (< 1) of its non-prefix tokens
     layers: Sequence[int] | None = None  # active blocks; None: every block but the first

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokenreduce.core import Selection, bipartite_soft_matching, choose_rows, keep, keep_indices
-from tokenreduce.methods.base import EncoderMethod, LayerContext, as_layers, layers_for_depth
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext, as_layers, layers_for_depth
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_real
 
@@ -51,6 +51,7 @@ class PPT(EncoderMethod):
 
     name = "ppt"
     paper = "Wu et al., PPT: Token Pruning and Pooling for Efficient Vision Transformers, arXiv 2310.01812"
+    budget = Budget("r", 0, 1 << 16, integer=True, increasing=False)
 
     r: int = 50  # tokens removed at each reduction block (at most half of the non-prefix tokens)
     threshold: float = 7e-5  # significance variance below which an image pools instead of pruning
