@@ -31,6 +31,9 @@ SCORING_ALLOWANCE: dict[str, float] = {
     # dct's dense mix, one [T', N] @ [N, C] product per block (N / 12C of a block: 10% at C = 48, 3.6% on DeiT-S),
     # and the [T', T'] @ [T', T] product that builds the matrix
     "dct": 1.15,
+    # one step ahead: q/k/v and the full attention map on the unmerged tokens at the start of every block
+    # (the algorithm's look-ahead, plus v and the re-projected q/k of the merged tokens, unused): 1.26 here
+    "mctf": 1.3,
 }
 
 

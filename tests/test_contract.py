@@ -31,6 +31,9 @@ REDUCING = {
     "pitome": dict(ratio=0.8),
     "tofu": dict(r=6),  # depth 4: blocks 0-1 prune, 2-3 merge (MLERP)
     "dct": dict(ratio=0.8),
+    "mctf": dict(r=6),
+    "ppt": dict(r=10),
+    "diffrate": {},
 }
 IDENTITY = {
     "none": {},
@@ -50,6 +53,9 @@ IDENTITY = {
     "pitome": dict(ratio=1.0),
     "tofu": dict(r=0),
     "dct": dict(ratio=1.0),
+    "mctf": dict(r=0),
+    "ppt": dict(r=0),
+    "diffrate": dict(prune=[100] * 4, merge=[100] * 4),  # counts above the tokens a block has keep them all
 }
 MERGING = {
     "none",
@@ -62,6 +68,7 @@ MERGING = {
     "token_pooling",
     "pitome",
     "dct",
+    "mctf",
 }  # methods that keep every original token's mass
 # Methods whose outputs mix every token (no two restored patches need be equal).
 DENSE_MIXING: set[str] = {"expedite", "gtp", "dct"}
@@ -79,6 +86,7 @@ DATA_DEPENDENT_COUNTS: dict[str, str] = {
 # Methods whose sizes are weights of their own, not counts of the original tokens each token covers.
 SIZES_NOT_COUNTS: dict[str, str] = {
     "gtp": "sizes are GTP-ViT's token scales: 1 plus alpha times the graph weight of the tokens propagated into it",
+    "diffrate": "sizes of merged tokens are discounted by their similarity (the reference's rule)",
 }
 # Methods that make several hard decisions per reduction at dense score regions, so that float16's rounding of
 # q/k flips a near tie more often than a single top-k does: their float16 outputs are held to cos > 0.95.

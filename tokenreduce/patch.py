@@ -222,7 +222,22 @@ class Patch:
         self, state: ForwardState, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, attn_bias: Tensor | None
     ) -> Tensor:
         """The attention map block ``layer`` uses, from a method that edits attention."""
-        ctx = LayerContext(
+        ctx = self._context(state, layer, (q, k, v), scale, attn_bias, Hook.ATTN)
+        probs = self.method.attend(ctx)
+        state.carry = ctx.carry
+        return probs
+
+    def _context(
+        self,
+        state: ForwardState,
+        layer: int,
+        qkv: tuple[Tensor | None, Tensor | None, Tensor | None],
+        scale: float,
+        attn_bias: Tensor | None,
+        hook: Hook,
+    ) -> LayerContext:
+        q, k, v = qkv
+        return LayerContext(
             layer,
             self.num_prefix,
             state.schedule[layer],
@@ -232,16 +247,14 @@ class Patch:
             attn_bias,
             state.size,
             v,
-            Hook.ATTN,
+            hook,
             state.carry,
             state.block_input,
             self.depth,
             state.image,
             self.patch_size,
+            state.input_tokens,
         )
-        probs = self.method.attend(ctx)
-        state.carry = ctx.carry
-        return probs
 
     def attn_bias(self, state: ForwardState, dtype: torch.dtype) -> Tensor | None:
         return state.attn_bias(dtype) if self.method.prop_attn else None
@@ -275,24 +288,7 @@ class Patch:
             if hook is not Hook.START and (state.q is None or state.k is None):
                 raise RuntimeError(f"block {layer} ran attention without producing queries/keys through the hooked modules")
             qkv = (state.q, state.k, state.v)
-        q, k, v = qkv
-        ctx = LayerContext(
-            layer,
-            self.num_prefix,
-            state.schedule[layer],
-            q,
-            k,
-            scale,
-            attn_bias,
-            state.size,
-            v,
-            hook,
-            state.carry,
-            state.block_input,
-            self.depth,
-            state.image,
-            self.patch_size,
-        )
+        ctx = self._context(state, layer, qkv, scale, attn_bias, hook)
         state.q = state.k = state.v = None
         selection = self.method.select(x, ctx)
         state.carry = ctx.carry

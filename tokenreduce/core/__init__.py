@@ -5,6 +5,7 @@ from tokenreduce.core.attention import (
     attention_probs,
     cls_attention,
     head_rms,
+    merge_attention,
     received_attention,
     row_attention,
     rows_attention,
@@ -31,11 +32,13 @@ from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
 from tokenreduce.core.matching import (
+    alternate_merge,
     batch_soft_matching,
     best_partners,
     bipartite_merge,
     bipartite_soft_matching,
     merge_edges,
+    merge_into_nearest,
     redundant_half,
     threshold_soft_matching,
 )
@@ -64,6 +67,7 @@ __all__ = [
     "SpanKeep",
     "adaptive_pool_matrix",
     "agglomerative_clustering",
+    "alternate_merge",
     "attention_probs",
     "batch_soft_matching",
     "best_partners",
@@ -97,8 +101,10 @@ __all__ = [
     "local_soft_kmeans",
     "max_min_subset",
     "medoid_costs",
+    "merge_attention",
     "merge_clusters",
     "merge_edges",
+    "merge_into_nearest",
     "mix",
     "nearest_centre",
     "nearest_target_merge",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.core.selection import Selection
+
 
 def size_bias(size: Tensor, dtype) -> Tensor:
     """Proportional-attention bias ``log(size)`` as an additive float mask ``[B, 1, 1, N]``."""
@@ -31,6 +33,19 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
     if bias is not None:
         logits = logits + bias.float()
     return logits.softmax(dim=-1)
+
+
+def merge_attention(probs: Tensor, selection: Selection) -> Tensor:
+    """The attention map of the merged tokens, from the map ``probs [B, H, N, N]`` of the tokens before a
+    sparse merging ``selection`` (MCTF's one-step-ahead attention): each merged key receives the sum of
+    the probabilities of its inputs, each merged query row is its inputs' rows combined with the
+    selection's coefficients (a weighted mean for merges), so rows still sum to 1. ``[B, H, M, M]``."""
+    b, h, n, _ = probs.shape
+    m = selection.num_out
+    by_key = probs.permute(0, 3, 1, 2).reshape(b, n, h * n)  # keys first
+    by_key = Selection(selection.slot, selection.index).apply(by_key)  # coefficients 1: sums over merged keys
+    by_query = by_key.view(b, m, h, n).permute(0, 3, 2, 1).reshape(b, n, h * m)  # queries first
+    return selection.apply(by_query).view(b, m, h, m).transpose(1, 2)
 
 
 def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:

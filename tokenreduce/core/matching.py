@@ -1,6 +1,7 @@
-"""Bipartite soft matching (ToMe, Bolya et al., ICLR 2023) as a size-weighted merging selection, and the
-general step behind it: given two sets of tokens and their similarities, merge (or drop) the ``r`` sources
-with the strongest best edge into their partners."""
+"""Merging by matching: the general bipartite step (given two sets of tokens and their similarities, merge
+or drop the ``r`` sources with the strongest edges), ToMe's soft matching (Bolya et al., ICLR 2023) and its
+two-way form (MCTF, Lee et al., CVPR 2024), threshold merging (DyMU), merging into the most similar kept
+token (DiffRate, Chen et al., ICCV 2023) and Zero-TPrune's similarity stage."""
 
 from __future__ import annotations
 
@@ -38,27 +39,33 @@ def bipartite_merge(
     r: int,
     num_tokens: int,
     keep_index: Tensor | None = None,
-    size: Tensor | None = None,
+    weight: Tensor | None = None,
     *,
     sort_unmerged: bool = False,
     drop_sources: bool = False,
+    bidirectional: bool = False,
 ) -> Selection:
-    """Merge the ``r`` tokens of set A whose best edge to set B is strongest into that B token.
+    """Merge ``r`` tokens along the strongest edges between set A and set B.
 
     Args:
         scores: ``[B, Na, Nb]`` similarity of every A token to every B token (``-inf`` forbids an edge).
         a_index: ``[B, Na]`` positions of the A tokens among the ``num_tokens`` inputs.
         b_index: ``[B, Nb]`` positions of the B tokens.
-        r: A tokens merged, ``0 <= r <= Na`` (``r = Na``: every A token merges into its best B).
+        r: tokens merged away, ``0 <= r <= Na`` (``r = Na``: every A token merges into its best B).
         num_tokens: ``N``, the input token count.
         keep_index: ``[B, K]`` positions kept unchanged in front (prefix tokens, protected tokens);
             inputs in none of keep/A/B are dropped.
-        size: ``[B, N, 1]`` original tokens per token; merges are means weighted by it (``None``: plain means).
+        weight: ``[B, N]`` each token's weight in the mean it is merged into (sizes; ``None``: plain means).
         sort_unmerged: list the unmerged A tokens in ``a_index`` order (else by descending best edge).
         drop_sources: prune instead of merging: the ``r`` sources are dropped, their partners unchanged.
+        bidirectional: MCTF's two-way matching: ``r // 2`` A tokens merge into their best B token, then
+            the ``r - r // 2`` B tokens (merged ones included) whose best score to a still-unmerged A
+            token is highest merge into it, on the same scores transposed; the B tokens that stay are
+            then listed by descending best score to the unmerged A.
 
-    Outputs are ``[keep tokens, unmerged A tokens, B tokens in b_index order]``; a merged token takes the
-    place of its B token. The edge ranking sorts by score, descending (ties in no fixed order).
+    Outputs are ``[keep tokens, unmerged A tokens, B tokens (in b_index order)]``; a merged token takes
+    the place of its partner. Each output is the ``weight``-weighted mean of every token merged into it,
+    chains (A into B into A) included. The edge ranking sorts by score, descending (ties in no fixed order).
     """
     b, n_a = a_index.shape
     n_b = b_index.shape[1]
@@ -67,34 +74,84 @@ def bipartite_merge(
     device = scores.device
     if keep_index is None:
         keep_index = torch.zeros(b, 0, dtype=torch.long, device=device)
+    r1 = r // 2 if bidirectional else r
     with torch.no_grad():
         if n_b:
             node_max, node_idx = scores.max(dim=-1)
         else:  # nothing to merge into (r is 0)
             node_max, node_idx = scores.new_zeros(b, n_a), torch.zeros(b, n_a, dtype=torch.long, device=device)
         edge_idx = node_max.argsort(dim=-1, descending=True)
-        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+        unm_idx, src_idx = edge_idx[:, r1:], edge_idx[:, :r1]
         if sort_unmerged:
             unm_idx = unm_idx.sort(dim=1)[0]
         dst_idx = node_idx.gather(1, src_idx)
-    k, n_unm = keep_index.shape[1], n_a - r
+        if bidirectional:
+            back = scores.gather(1, unm_idx[..., None].expand(-1, -1, n_b)).transpose(1, 2)  # [B, Nb, unmerged A]
+            back_max, back_idx = back.max(dim=-1)
+            order = back_max.argsort(dim=-1, descending=True)
+            b_src, b_stay = order[:, : r - r1], order[:, r - r1 :]
+            b_dst = back_idx.gather(1, b_src)  # places in unm_idx
+        else:
+            b_stay = torch.arange(n_b, device=device).expand(b, -1)
+    k, n_unm, n_stay = keep_index.shape[1], n_a - r1, b_stay.shape[1]
     unmerged = a_index.gather(1, unm_idx)
+    b_slot = torch.empty(b, n_b, dtype=torch.long, device=device)
+    b_slot = b_slot.scatter(1, b_stay, torch.arange(k + n_unm, k + n_unm + n_stay, device=device).expand(b, -1))
+    if bidirectional:
+        b_slot = b_slot.scatter(1, b_src, k + b_dst)
     slot = torch.full((b, num_tokens), -1, dtype=torch.long, device=device)
     slot = slot.scatter(1, keep_index, torch.arange(k, device=device).expand(b, -1))
     slot = slot.scatter(1, unmerged, torch.arange(k, k + n_unm, device=device).expand(b, -1))
-    slot = slot.scatter(1, b_index, torch.arange(k + n_unm, k + n_unm + n_b, device=device).expand(b, -1))
+    slot = slot.scatter(1, b_index, b_slot)
     sources = a_index.gather(1, src_idx)
-    slot = slot.scatter(1, sources, torch.full_like(sources, -1) if drop_sources else k + n_unm + dst_idx)
-    index = torch.cat([keep_index, unmerged, b_index], dim=1)
+    slot = slot.scatter(1, sources, torch.full_like(sources, -1) if drop_sources else b_slot.gather(1, dst_idx))
+    index = torch.cat([keep_index, unmerged, b_index.gather(1, b_stay)], dim=1)
     if drop_sources:
         return Selection(slot, index, gather_only=True)
-    return Selection(slot, index, None if size is None else size[..., 0], mean=True)
+    return Selection(slot, index, weight, mean=True)
+
+
+def alternate_merge(
+    scores: Tensor,
+    r: int,
+    num_prefix: int = 0,
+    weight: Tensor | None = None,
+    *,
+    drop_sources: bool = False,
+    bidirectional: bool = False,
+) -> Selection:
+    """:func:`bipartite_merge` on ToMe's sets: the ``N`` tokens split by position parity (even -> A, odd
+    -> B), ``scores [B, ceil(N / 2), N // 2]`` between them; the ``num_prefix`` leading tokens (CLS,
+    distillation, registers) are never merged and stay in front, ``r <= (N - num_prefix) // 2``. With
+    prefix tokens the unmerged A tokens stay in position order, as in the references."""
+    b, n = scores.shape[0], scores.shape[1] + scores.shape[2]
+    limit = (n - num_prefix) // 2
+    if not 0 <= r <= limit:
+        raise ValueError(f"r must be in [0, {limit}] for {n} tokens with {num_prefix} prefix tokens, got {r}")
+    first_a = min(num_prefix + num_prefix % 2, n)  # the first even position after the prefix
+    first_b = min(num_prefix + 1 - num_prefix % 2, n)
+    device = scores.device
+    a_index = torch.arange(first_a, n, 2, device=device).expand(b, -1)
+    b_index = torch.arange(first_b, n, 2, device=device).expand(b, -1)
+    keep_index = torch.arange(num_prefix, device=device).expand(b, -1)
+    return bipartite_merge(
+        scores[:, first_a // 2 :, first_b // 2 :],
+        a_index,
+        b_index,
+        r,
+        n,
+        keep_index,
+        weight,
+        sort_unmerged=num_prefix > 0,
+        drop_sources=drop_sources,
+        bidirectional=bidirectional,
+    )
 
 
 def bipartite_soft_matching(
     metric: Tensor, r: int, num_prefix: int = 0, size: Tensor | None = None, *, drop_sources: bool = False
 ) -> Selection:
-    """Merge the ``r`` tokens of set A most similar to their best partner in set B.
+    """ToMe: merge the ``r`` tokens of set A most cosine-similar to their best partner in set B.
 
     Args:
         metric: ``[B, N, D]`` per-token features (ToMe: attention keys averaged over heads).
@@ -103,27 +160,34 @@ def bipartite_soft_matching(
         size: ``[B, N, 1]`` original tokens per token; merges are means weighted by it (``None``: plain means).
         drop_sources: prune the ``r`` sources instead (their partners unchanged), as :func:`bipartite_merge`.
 
-    The non-prefix tokens are split by position parity (even positions -> A, odd -> B, as the reference
-    splits the whole sequence and masks the prefix) and compared by cosine similarity. Outputs are
-    ordered ``[prefix tokens, unmerged A tokens, B tokens]``; a merged token takes the place of its B
-    token; with prefix tokens the unmerged A tokens stay in position order, as in the reference.
+    The sets and the output order are :func:`alternate_merge`'s: ``[prefix tokens, unmerged A tokens,
+    B tokens]``, a merged token in the place of its B token.
     """
-    b, n = metric.shape[:2]
-    limit = (n - num_prefix) // 2
-    if not 0 <= r <= limit:
-        raise ValueError(f"r must be in [0, {limit}] for {n} tokens with {num_prefix} prefix tokens, got {r}")
-    first_a = min(num_prefix + num_prefix % 2, n)  # the first even position after the prefix
-    first_b = min(num_prefix + 1 - num_prefix % 2, n)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(-1, -2)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    return alternate_merge(scores, r, num_prefix, None if size is None else size[..., 0], drop_sources=drop_sources)
+
+
+def merge_into_nearest(
+    metric: Tensor, keep_index: Tensor, merge_index: Tensor, num_tokens: int, skip: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Keep the tokens ``keep_index [B, K]`` as outputs ``0..K-1`` and send each token of ``merge_index
+    [B, M]`` to the kept token it is most cosine-similar to on ``metric [B, N, D]``; the first ``skip``
+    kept tokens (prefix tokens) never receive one. The rest of the ``num_tokens`` are dropped.
+
+    Returns ``(slot, similarity)``: ``slot [B, N]`` the output of every input (``-1`` dropped) and
+    ``similarity [B, M]`` (float32) each merged token's cosine to the kept token it went to."""
+    b, k = keep_index.shape
     device = metric.device
-    a_index = torch.arange(first_a, n, 2, device=device).expand(b, -1)
-    b_index = torch.arange(first_b, n, 2, device=device).expand(b, -1)
-    keep_index = torch.arange(num_prefix, device=device).expand(b, -1)
-    return bipartite_merge(
-        scores, a_index, b_index, r, n, keep_index, size, sort_unmerged=num_prefix > 0, drop_sources=drop_sources
-    )
+    metric = metric.detach().float()
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    dst = unit.gather(1, keep_index[:, skip:, None].expand(-1, -1, unit.shape[-1]))
+    src = unit.gather(1, merge_index[..., None].expand(-1, -1, unit.shape[-1]))
+    similarity, nearest = (src @ dst.transpose(-1, -2)).max(dim=-1)  # [B, M]
+    slot = torch.full((b, num_tokens), -1, dtype=torch.long, device=device)
+    slot = slot.scatter(1, keep_index, torch.arange(k, device=device).expand(b, -1))
+    return slot.scatter(1, merge_index, nearest + skip), similarity
 
 
 def redundant_half(metric: Tensor, importance: Tensor, r: int, num_prefix: int = 0) -> Tensor:

@@ -43,6 +43,8 @@ class Selection:
             (``None``: each input takes the outputs it feeds, weighted by its share in them).
         restores: the outputs are again the ``num_out`` original tokens (a reconstruction), so
             sizes and owners start afresh.
+        size_coeff: sparse form only, ``[B, N]`` float32 weight of each input's size in its output's
+            size (``None``: sizes add). DiffRate discounts a merged token's size by its similarity.
     """
 
     slot: Tensor
@@ -54,6 +56,7 @@ class Selection:
     size_matrix: Tensor | None = None
     inverse: Tensor | None = None
     restores: bool = False
+    size_coeff: Tensor | None = None
 
     @property
     def num_out(self) -> int:
@@ -85,6 +88,10 @@ class Selection:
         coeff = torch.ones_like(self.slot, dtype=torch.float32) if self.coeff is None else self.coeff.float()
         return torch.where(self.slot >= 0, coeff, 0.0)
 
+    def size_weights(self) -> Tensor:
+        """The weight of each input's size in its output's size ``[B, N]`` (float32; ones by default)."""
+        return torch.ones_like(self.slot, dtype=torch.float32) if self.size_coeff is None else self.size_coeff.float()
+
     def _scatter_sum(self, values: Tensor) -> Tensor:
         # One flat index_add over the batch; dropped inputs land in a spare slot that is cut off.
         b, n, c = values.shape
@@ -102,6 +109,8 @@ class Selection:
         if self.matrix is not None:
             weights = _share(self.matrix) if self.size_matrix is None else self.size_matrix.float()
             return torch.bmm(weights, size.float())
+        if self.size_coeff is not None:
+            return self._scatter_sum(size.float() * self.size_coeff[..., None].float())
         return self._scatter_sum(size.float())
 
     def owners(self, owner: Tensor) -> Tensor:
@@ -151,12 +160,18 @@ class Selection:
             fed = self.slot >= 0
             slot = torch.where(fed, later.slot.gather(1, self.slot.clamp(min=0)), -1)
             gather_only = self.gather_only and later.gather_only
-            coeff = None
+            coeff = size_coeff = None
             if not gather_only:
-                first, second = self.weights(), later.weights()
-                coeff = torch.where(slot >= 0, first * second.gather(1, self.slot.clamp(min=0)), 0.0)
-            return Selection(slot, index, coeff, gather_only)
+                coeff = self._compose(self.weights(), later.weights(), slot)
+            if self.size_coeff is not None or later.size_coeff is not None:
+                size_coeff = self._compose(self.size_weights(), later.size_weights(), slot)
+            return Selection(slot, index, coeff, gather_only, size_coeff=size_coeff)
         return mix(torch.bmm(later.dense(), self.dense()), index=index, restores=later.restores)
+
+    def _compose(self, first: Tensor, second: Tensor, slot: Tensor) -> Tensor:
+        """Per-input weights ``[B, N]`` of this selection followed by a later one (``slot`` the composed
+        one): ``first`` times the later weight ``second`` of the output each input feeds."""
+        return torch.where(slot >= 0, first * second.gather(1, self.slot.clamp(min=0)), 0.0)
 
 
 def _share(matrix: Tensor) -> Tensor:
@@ -209,7 +224,10 @@ def choose_rows(take_first: Tensor, first: Selection, second: Selection) -> Sele
     slot = torch.where(pick[:, None], first.slot, second.slot)
     if first.gather_only and second.gather_only:
         return Selection(slot, index, gather_only=True)
-    return Selection(slot, index, torch.where(pick[:, None], first.weights(), second.weights()))
+    size_coeff = None
+    if first.size_coeff is not None or second.size_coeff is not None:
+        size_coeff = torch.where(pick[:, None], first.size_weights(), second.size_weights())
+    return Selection(slot, index, torch.where(pick[:, None], first.weights(), second.weights()), size_coeff=size_coeff)
 
 
 def first_inputs(slot: Tensor, num_out: int) -> Tensor:

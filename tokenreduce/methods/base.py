@@ -68,6 +68,7 @@ class LayerContext:
     depth: int | None = None  # blocks in the encoder (``layer`` counts from 0 to ``depth - 1``)
     image: Tensor | None = None  # [B, C, H, W] the patch embedding's input, for methods with needs_image
     patch_size: tuple[int, int] | None = None  # (height, width) of a patch, with image
+    input_tokens: int = 0  # tokens entering the first block in this forward call (depth and this fix the schedule)
 
     def metric(self) -> Tensor:
         """Keys averaged over heads ``[B, N, D]``: the similarity metric of ToMe."""
@@ -177,6 +178,30 @@ class EncoderMethod(Method):
         return ctx.attention()
 
 
+def as_layers(layers: object, name: str = "layers") -> tuple[int, ...] | None:
+    """A method's ``layers`` option checked: ``None`` (its default placement) or a non-empty sequence of
+    block indices >= 0."""
+    if layers is None:
+        return None
+    layers = as_int_tuple(name, layers, 0)
+    if not layers:
+        raise ValueError(f"{name} must be a non-empty sequence of block indices >= 0, got an empty one")
+    return layers
+
+
+def layers_for_depth(
+    layers: tuple[int, ...] | None, depth: int, default: Sequence[int] = (3, 6, 9), name: str = "layers"
+) -> tuple[int, ...]:
+    """The sorted blocks a method acts at in a ``depth``-block model: ``layers`` (checked against the
+    depth), or ``default``, block indices of a 12-block model, scaled to the depth (``i * depth // 12``)."""
+    if layers is None:
+        return tuple(sorted({i * depth // 12 for i in default}))
+    bad = [i for i in layers if i >= depth]
+    if bad:
+        raise ValueError(f"{name} must be block indices in [0, {depth - 1}] for this model, got {bad}")
+    return tuple(sorted(set(layers)))
+
+
 @dataclass
 class PruneAtLayers(EncoderMethod):
     """Keep the ``keep_rate`` best-scored non-prefix tokens at a few layers; optionally fuse the rest.
@@ -195,18 +220,10 @@ class PruneAtLayers(EncoderMethod):
 
     def __post_init__(self) -> None:
         self.keep_rate = as_real("keep_rate", self.keep_rate, 0, 1, low_open=True)
-        if self.layers is not None:
-            self.layers = as_int_tuple("layers", self.layers, 0)
-            if not self.layers:
-                raise ValueError("layers must be a non-empty sequence of block indices >= 0, got an empty one")
+        self.layers = as_layers(self.layers)
 
     def reduction_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layers is None:
-            return tuple(sorted({i * depth // 12 for i in (3, 6, 9)}))
-        bad = [i for i in self.layers if i >= depth]
-        if bad:
-            raise ValueError(f"layers must be block indices in [0, {depth - 1}] for this model, got {bad}")
-        return tuple(sorted(set(self.layers)))
+        return layers_for_depth(self.layers, depth)
 
     def schedule(self, num_tokens: int, num_prefix: int, depth: int) -> list[int]:
         layers = set(self.reduction_layers(depth))

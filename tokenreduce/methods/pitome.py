@@ -104,4 +104,4 @@ class PiToMe(EncoderMethod):
                 a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]
                 keep_idx = torch.cat([prefix, order[:, 2 * r :] + p], dim=1)
             scores = sim.gather(1, a_idx[..., None].expand(-1, -1, t)).gather(2, b_idx[:, None].expand(-1, a_idx.shape[1], -1))
-        return bipartite_merge(scores, a_idx + p, b_idx + p, r, n, keep_idx, ctx.size)
+        return bipartite_merge(scores, a_idx + p, b_idx + p, r, n, keep_idx, None if ctx.size is None else ctx.size[..., 0])
