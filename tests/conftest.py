@@ -4,6 +4,7 @@ Hugging Face vision towers. Every one sees 64 patches of a 32 px image, plus its
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -100,6 +101,15 @@ def layout(model: nn.Module) -> tuple[int, int]:
 
 def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: dynamo's per-code-object recompile limit (8) counts across tests,
+    and every new model instance is a recompile of the same forward."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 @pytest.fixture(params=sorted(MODELS))

@@ -112,25 +112,26 @@ def test_each_hook_sees_the_tokens_at_its_point(hook):
             torch.testing.assert_close(model(x), reduced)
 
 
-def test_start_projection_gives_this_blocks_qkv_and_otherwise_the_previous_ones():
+def test_start_projection_gives_this_blocks_qkv_where_it_reduces_and_otherwise_the_previous_ones():
     model, x = build("qknorm_avg"), images()
-    with_qkv, without = spy(Hook.START, start_qkv=True, at=99), spy(Hook.START, at=99)
+    with_qkv, without = spy(Hook.START, start_qkv=True, at=2), spy(Hook.START, at=99)
     tokenreduce.apply(model, with_qkv)
     output(model, x)
     tokenreduce.apply(model, without)
     output(model, x)
-    assert without.seen[0][1].q is None
-    for layer in range(1, 4):
-        # this block's projection of its input, not the previous block's of its own
-        mine, previous = with_qkv.seen[layer][1], without.seen[layer][1]
-        assert mine.q.shape == previous.q.shape and not torch.allclose(mine.q, previous.q)
     spot = spy(Hook.ATTN, at=99)
     tokenreduce.apply(model, spot)
     output(model, x)
-    for layer in range(4):
-        torch.testing.assert_close(with_qkv.seen[layer][1].k, spot.seen[layer][1].k)  # no reduction yet: same tokens
-        if layer:
-            torch.testing.assert_close(without.seen[layer][1].v, spot.seen[layer - 1][1].v)
+    assert without.seen[0][1].q is None
+    # projected only in the block that reduces (block 2); elsewhere the previous block's attention's
+    for layer in (1, 3):
+        torch.testing.assert_close(with_qkv.seen[layer][1].k, spot.seen[layer - 1][1].k)
+    mine, previous = with_qkv.seen[2][1], without.seen[2][1]
+    assert mine.q.shape == previous.q.shape and not torch.allclose(mine.q, previous.q)
+    torch.testing.assert_close(mine.k, spot.seen[2][1].k)  # no reduction before block 2: the same tokens
+    torch.testing.assert_close(mine.v, spot.seen[2][1].v)
+    for layer in range(1, 4):
+        torch.testing.assert_close(without.seen[layer][1].v, spot.seen[layer - 1][1].v)
 
 
 def test_attention_probs_rows_match_cls_attention():

@@ -189,7 +189,9 @@ class ReducingBlock:
         hook, scale = patch.method.hook, layout.scale_of(getattr(self, layout.attention))
         state.block_input = x
         if hook is Hook.START:
-            qkv = layout.project_input(self, x, state.follow_tokens(tables)) if patch.method.start_qkv else None
+            # projected only where the block reduces: elsewhere the method has nothing to decide
+            project = patch.method.start_qkv and state.schedule[layer] != x.shape[1]
+            qkv = layout.project_input(self, x, state.follow_tokens(tables)) if project else None
             x = patch.reduce(state, layer, x, scale, patch.attn_bias(state, x.dtype), hook, qkv)
         tables = state.follow_tokens(tables)
         bias = patch.attn_bias(state, x.dtype)

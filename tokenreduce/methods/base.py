@@ -46,7 +46,7 @@ class LayerContext:
 
     ``q``/``k``/``v`` are ``[B, H, N, D]`` (queries and keys after any qk-norm and rotary embedding, as
     the softmax sees them), aligned with the tokens being reduced. At :attr:`Hook.START` they are this
-    block's, projected from its input, when the method sets ``start_qkv``; else those the previous
+    block's, projected from its input, when the method sets ``start_qkv`` and the block reduces; else those the previous
     block's attention used (``None`` at block 0).
     ``attn_bias`` is the additive mask that attention used (or will use, at the start). ``depth`` is the
     encoder's block count. For a method with ``needs_image``, ``image`` is the input of the model's patch
@@ -154,7 +154,7 @@ class EncoderMethod(Method):
     stage = Stage.ENCODER
     prop_attn: bool = False  # add log(size) to attention logits (proportional attention)
     hook: ClassVar[Hook] = Hook.ATTN
-    start_qkv: ClassVar[bool] = False  # at Hook.START, project this block's q/k/v from its input
+    start_qkv: ClassVar[bool] = False  # at Hook.START of a block that reduces, project its q/k/v from its input
     edits_attention: ClassVar[bool] = False  # every block's attention map comes from attend() (eager)
     needs_image: ClassVar[bool] = False  # the patch embedding's input reaches LayerContext.image
     budget: ClassVar[Budget | None] = None  # the knob the matched-FLOPs bench preset turns
