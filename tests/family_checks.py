@@ -153,7 +153,7 @@ def check_hook_points(model) -> None:
     edits the attention map (here: leaves it as it is) gives the model's own outputs, reduced or not."""
     x = images()
     expected = run(model, x)
-    start, attn = probe(Hook.START, start_qkv=True, at=99), probe(Hook.ATTN, at=99)
+    start, attn = probe(Hook.START, start_qkv=True, at=2), probe(Hook.ATTN, at=99)  # projected where it reduces
     for method in (start, attn):
         tokenreduce.apply(model, method)
         run(model, x)
