@@ -1,4 +1,5 @@
-"""Which tokens to keep by score (EViT, Top-K, random pruning), and seeded scores for random pruning."""
+"""Which tokens to keep by score (EViT, Top-K, random pruning), seeded scores for random pruning, and a
+stable descending order that exports."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Te
     # ascending order with a static shape (no nonzero()), and exports to ONNX (no sort on bool/uint8).
     drop = torch.where(kept, positions + n, positions).argsort(dim=1)[:, : n - keep.shape[1]]
     return keep, drop
+
+
+def descending_order(scores: Tensor) -> Tensor:
+    """Indices ``[B, N]`` listing ``scores [B, N]`` from the highest to the lowest, equal scores in position
+    order: a stable descending argsort, built from pairwise comparisons (``O(N^2)``) because ONNX has no
+    stable sort."""
+    n = scores.shape[-1]
+    positions = torch.arange(n, device=scores.device)
+    before = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (positions[None, :] < positions[:, None])
+    )
+    rank = before.sum(dim=-1)  # [B, N]: how many tokens come before each one
+    return torch.empty_like(rank).scatter_(1, rank, positions.expand_as(rank))
 
 
 def hash_scores(n: int, key: int, device: torch.device | str = "cpu") -> Tensor:
