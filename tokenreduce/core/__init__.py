@@ -11,9 +11,10 @@ from tokenreduce.core.attention import (
 from tokenreduce.core.clustering import density_peaks, nearest_target_merge, strided_targets
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.matching import bipartite_soft_matching
+from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
 from tokenreduce.core.pooling import grid_pool
 from tokenreduce.core.restore import restore_tokens
-from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop
+from tokenreduce.core.select import descending_order, hash_scores, keep_indices, split_keep_drop
 from tokenreduce.core.selection import Selection, choose_rows, keep, keep_and_cluster, keep_and_fuse, mix, weighted_mean_coeff
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "choose_rows",
     "cls_attention",
     "density_peaks",
+    "descending_order",
     "cosine_distance",
     "grid_pool",
     "max_min_subset",
@@ -40,5 +42,7 @@ __all__ = [
     "keep_indices",
     "size_bias",
     "split_keep_drop",
+    "transform_to_targets",
+    "vote_and_mix",
     "weighted_mean_coeff",
 ]
