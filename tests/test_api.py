@@ -24,6 +24,7 @@ def test_import_pulls_in_no_model_library():
 
 def test_methods_lists_registered_names():
     assert tokenreduce.list_methods() == [
+        "bat",
         "dart",
         "divprune",
         "evit",
@@ -33,16 +34,18 @@ def test_methods_lists_registered_names():
         "pool",
         "random",
         "sparsevlm",
+        "token_transforming",
         "tome",
         "topk",
         "visionzip",
+        "vomix",
     ]
 
 
 @pytest.mark.parametrize(
     "method,config,error,match",
     [
-        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['dart', 'divprune'"),
+        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['bat', 'dart', 'divprune'"),
         ("tome", dict(r=-1), ValueError, r"r must be an integer >= 0"),
         ("tome", dict(r=1.5), TypeError, r"r must be an integer >= 0, got 1.5 \(float\)"),
         ("tome", dict(r=(8, 2.0)), ValueError, r"r\[1\] \(inflection\) must be a number in \[-1, 1\], got 2.0"),
