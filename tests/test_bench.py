@@ -28,6 +28,9 @@ SCORING_ALLOWANCE: dict[str, float] = {
     "dpc_knn": 1.06,
     "kmedoids": 1.11,
     "token_pooling": 1.15,  # distances after every block, five rounds of medoid costs
+    # the dense [N', N] @ [N, C] mix in every block, and the similarities that build it
+    "vomix": 1.1,
+    "token_transforming": 1.12,
     # dct's dense mix, one [T', N] @ [N, C] product per block (N / 12C of a block: 10% at C = 48, 3.6% on DeiT-S),
     # and the [T', T'] @ [T', T] product that builds the matrix
     "dct": 1.15,

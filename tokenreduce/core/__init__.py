@@ -42,6 +42,7 @@ from tokenreduce.core.matching import (
     redundant_half,
     threshold_soft_matching,
 )
+from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
 from tokenreduce.core.patches import patchify
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
@@ -126,6 +127,8 @@ __all__ = [
     "take_per_token",
     "threshold_soft_matching",
     "top_k_positions",
+    "transform_to_targets",
+    "vote_and_mix",
     "weighted_kmeans",
     "weighted_mean_coeff",
     "weighted_pagerank",

@@ -1,4 +1,5 @@
-"""Which tokens to keep by score (EViT, Top-K, random pruning), and seeded scores for random pruning."""
+"""Which tokens to keep by score (EViT, Top-K, random pruning), seeded scores for random pruning, and a
+stable descending order that exports."""
 
 from __future__ import annotations
 

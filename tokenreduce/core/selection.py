@@ -260,18 +260,30 @@ def keep_and_fuse(keep_index: Tensor, fuse_index: Tensor, weight: Tensor, num_to
 
 
 def keep_and_cluster(
-    keep_index: Tensor, cluster_index: Tensor, assignment: Tensor, centres: Tensor, num_tokens: int
+    keep_index: Tensor,
+    cluster_index: Tensor,
+    assignment: Tensor,
+    centres: Tensor,
+    num_tokens: int,
+    weight: Tensor | None = None,
 ) -> Selection:
-    """One row: keep ``keep_index [K]`` in order, then one output per cluster: the mean of the tokens
-    ``cluster_index [M]`` assigned to it (``assignment [M]``), at the position of its centre
-    (``centres [C]``, indices into ``cluster_index``), as SparseVLM's recycled tokens."""
-    k = keep_index.shape[0]
-    slot = torch.full((num_tokens,), -1, dtype=torch.long, device=keep_index.device)
-    slot[keep_index] = torch.arange(k, device=keep_index.device)
-    slot[cluster_index] = k + assignment
-    num_out = k + centres.shape[0]
-    coeff = weighted_mean_coeff(slot[None], torch.ones(1, num_tokens, device=keep_index.device), num_out)
-    return Selection(slot[None], torch.cat([keep_index, cluster_index[centres]])[None], coeff)
+    """Keep ``keep_index [K]`` in order, then one output per cluster: the mean of the tokens
+    ``cluster_index [M]`` assigned to it (``assignment [M]``), weighted by ``weight [M]`` (``None``: a
+    plain mean, as SparseVLM's recycled tokens), at the position of its centre (``centres [C]``, indices
+    into ``cluster_index``). One row, or a batch with a leading dimension ``B`` on every argument."""
+    if keep_index.dim() == 1:
+        weight = None if weight is None else weight[None]
+        return keep_and_cluster(keep_index[None], cluster_index[None], assignment[None], centres[None], num_tokens, weight)
+    b, k = keep_index.shape
+    device = keep_index.device
+    slot = torch.full((b, num_tokens), -1, dtype=torch.long, device=device)
+    slot = slot.scatter(1, keep_index, torch.arange(k, device=device).expand(b, -1)).scatter(1, cluster_index, k + assignment)
+    mass = torch.ones(b, num_tokens, device=device)
+    if weight is not None:
+        mass = mass.scatter(1, cluster_index, weight.float())
+    num_out = k + centres.shape[1]
+    index = torch.cat([keep_index, cluster_index.gather(1, centres)], dim=1)
+    return Selection(slot, index, weighted_mean_coeff(slot, mass, num_out))
 
 
 def weighted_mean_coeff(slot: Tensor, weight: Tensor, num_out: int) -> Tensor:
