@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-import naive_g8
+import naive_families
 import tokenreduce
 from conftest import images, layout
 from test_contract import DATA_DEPENDENT_COUNTS, IDENTITY, REDUCING, traces
@@ -103,9 +103,9 @@ def check_macs(model, method: str, **config) -> None:
 
 
 def check_tome_matches(model, naive_forward, prop_attn: bool = True) -> None:
-    """ToMe (``r`` per block 5, 8, 3, 6) gives what ``naive_forward`` (see :mod:`naive_g8`) gives."""
+    """ToMe (``r`` per block 5, 8, 3, 6) gives what ``naive_forward`` (see :mod:`naive_families`) gives."""
     x, r, prefix = images(batch=3), [5, 8, 3, 6], layout(model)[1]
-    want = naive_forward(model, x, naive_g8.tome_step(r, prefix), prop_attn=prop_attn)
+    want = naive_forward(model, x, naive_families.tome_step(r, prefix), prop_attn=prop_attn)
     tokenreduce.apply(model, "tome", r=r, prop_attn=prop_attn)
     torch.testing.assert_close(run(model, x), want, rtol=1e-4, atol=1e-4)
 
@@ -114,7 +114,7 @@ def check_cls_pruning_matches(model, naive_forward, method: str) -> None:
     """EViT or Top-K (keep rate 0.55 at the default layers of a 6-block model: 1, 3, 4) gives what
     ``naive_forward`` gives."""
     x, prefix = images(batch=3), layout(model)[1]
-    want = naive_forward(model, x, naive_g8.evit_step((1, 3, 4), 0.55, prefix, fuse=method == "evit"), prop_attn=False)
+    want = naive_forward(model, x, naive_families.evit_step((1, 3, 4), 0.55, prefix, fuse=method == "evit"), prop_attn=False)
     tokenreduce.apply(model, method, keep_rate=0.55)
     torch.testing.assert_close(run(model, x), want, rtol=1e-4, atol=1e-4)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import naive_g8
+import naive_families
 import tokenreduce
 from conftest import images, randomize
 from family_checks import (
@@ -94,13 +94,13 @@ def test_other_variants(name):
     [("eva02", True), ("eva02", False), ("eva_mixed", True), ("eva_pe", True), ("eva_dinov3", True), ("eva_gqa", True)],
 )
 def test_tome_matches_naive_forward(name, prop_attn):
-    check_tome_matches(build(name), naive_g8.eva_forward, prop_attn)
+    check_tome_matches(build(name), naive_families.eva_forward, prop_attn)
 
 
 @pytest.mark.parametrize("method", ["evit", "topk"])
 @pytest.mark.parametrize("name", ["eva02", "eva_mixed"])
 def test_cls_attention_pruning_matches_naive_forward(name, method):
-    check_cls_pruning_matches(build(name, depth=6), naive_g8.eva_forward, method)
+    check_cls_pruning_matches(build(name, depth=6), naive_families.eva_forward, method)
 
 
 @pytest.mark.parametrize("name", ["eva02", "eva_mixed"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import naive_g8
+import naive_families
 import tokenreduce
 from conftest import images, randomize
 from family_checks import (
@@ -75,12 +75,12 @@ def test_timm_trunk_inside_open_clip_is_found():
 @pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_tome_matches_naive_forward(name, prop_attn):
-    check_tome_matches(build(name), naive_g8.openclip_forward, prop_attn)
+    check_tome_matches(build(name), naive_families.openclip_forward, prop_attn)
 
 
 @pytest.mark.parametrize("method", ["evit", "topk"])
 def test_cls_attention_pruning_matches_naive_forward(method):
-    check_cls_pruning_matches(build("openclip", layers=6), naive_g8.openclip_forward, method)
+    check_cls_pruning_matches(build("openclip", layers=6), naive_families.openclip_forward, method)
 
 
 @pytest.mark.parametrize("name", ["openclip", "openclip_custom"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import naive_g8
+import naive_families
 import tokenreduce
 from conftest import build, images
 from family_checks import METHODS, check_cls_pruning_matches, check_defaults_plan, check_method, check_tome_matches
@@ -32,11 +32,11 @@ def test_every_method_with_an_attention_pool(method):
 @pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("name", sorted(MAP))
 def test_tome_matches_naive_forward(name, prop_attn):
-    check_tome_matches(build_map(name), naive_g8.vit_map_forward, prop_attn)
+    check_tome_matches(build_map(name), naive_families.vit_map_forward, prop_attn)
 
 
 def test_evit_matches_naive_forward():
-    check_cls_pruning_matches(build_map("vit_map_cls", depth=6), naive_g8.vit_map_forward, "evit")
+    check_cls_pruning_matches(build_map("vit_map_cls", depth=6), naive_families.vit_map_forward, "evit")
 
 
 def test_pool_weights_by_size_only_under_proportional_attention():

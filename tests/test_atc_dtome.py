@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import math
 
-import naive_g5 as naive
 import pytest
 import torch
 
+import naive_atc_dtome as naive
 import reference
 import tokenreduce
 from conftest import build, images, layout, output, pooled, tiny_llava

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
-import naive_g3
 import pytest
 import torch
 
+import naive_gtp_zero_tprune
 import tokenreduce
 from conftest import build, images, output, use_eager_attention
 from tokenreduce.core import (
@@ -45,7 +45,7 @@ def deit_s_gmacs(entering: list[int], leaving: list[int], end_hook: bool = False
 def test_gtp_model_matches_naive(model_name, sparsity):
     model, x = build(model_name), images(batch=3)
     num_prop = [3, 5, 0, 4]
-    want = naive_g3.gtp_forward(model, x, num_prop, sparsity, 0.1)
+    want = naive_gtp_zero_tprune.gtp_forward(model, x, num_prop, sparsity, 0.1)
     use_eager_attention(model)
     tokenreduce.apply(model, "gtp", num_prop=num_prop, sparsity=sparsity)
     torch.testing.assert_close(output(model, x), want, rtol=1e-5, atol=1e-5)
@@ -65,7 +65,7 @@ def test_gtp_model_matches_naive(model_name, sparsity):
 def test_gtp_variants_match_naive(config):
     model, x = build("qknorm_avg"), images(batch=2)
     full = dict(sparsity=0.6, alpha=0.1, num_neighbours=8, token_scale=True, graph="mixed") | config
-    want = naive_g3.gtp_forward(
+    want = naive_gtp_zero_tprune.gtp_forward(
         model, x, [4] * 4, full["sparsity"], full["alpha"], full["num_neighbours"], full["token_scale"], full["graph"]
     )
     use_eager_attention(model)
@@ -76,7 +76,7 @@ def test_gtp_variants_match_naive(config):
 def test_gtp_on_a_non_square_grid():
     model, x = build("vit", dynamic_img_size=True), images(batch=2)[:, :, :, :24]  # 8 x 6 patches
     x = torch.cat([x, x.flip(-1)], dim=-1)[:, :, :, :48]  # 32 x 48 px: 8 x 12 patches
-    want = naive_g3.gtp_forward(model, x, [4] * 4, 0.6, 0.1, grid=(8, 12))
+    want = naive_gtp_zero_tprune.gtp_forward(model, x, [4] * 4, 0.6, 0.1, grid=(8, 12))
     use_eager_attention(model)
     tokenreduce.apply(model, "gtp", num_prop=4, grid=(8, 12))
     torch.testing.assert_close(output(model, x), want, rtol=1e-5, atol=1e-5)
@@ -165,7 +165,7 @@ def test_core_gtp_steps_match_naive():
     selection, sub = graph_propagation(rank, graph, 7, 0.2, 2)
     got, sizes = selection.apply(x), selection.sizes(torch.ones(2, 22, 1))
     for b in range(2):
-        naive_graph = naive_g3.gtp_graph(x[b, 2:], 4, 5, 3, "mixed")
+        naive_graph = naive_gtp_zero_tprune.gtp_graph(x[b, 2:], 4, 5, 3, "mixed")
         torch.testing.assert_close(graph[b], torch.tensor(naive_graph), rtol=1e-6, atol=1e-7)
         want, scales, want_graph = naive_propagate_by_rank(x[b], rank[b].tolist(), naive_graph, 7, 0.2, 2)
         torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-6)
@@ -174,13 +174,13 @@ def test_core_gtp_steps_match_naive():
 
 
 def naive_propagate_by_rank(t, rank, graph, num_prop, alpha, prefix):
-    """``naive_g3.gtp_propagate`` with a given rank: a map whose diagonal is the rank and columns sum to 1."""
+    """``naive_gtp_zero_tprune.gtp_propagate`` with a given rank: a map whose diagonal is the rank and columns sum to 1."""
     n = t.shape[0]
     probs = torch.zeros(1, n, n, dtype=torch.float64)
     for i in range(prefix, n):
         probs[0, i, i] = rank[i - prefix]
         probs[0, (i + 1) % n, i] = 1 - rank[i - prefix]
-    return naive_g3.gtp_propagate(t, [1.0] * n, graph, probs, num_prop, alpha, prefix)
+    return naive_gtp_zero_tprune.gtp_propagate(t, [1.0] * n, graph, probs, num_prop, alpha, prefix)
 
 
 def test_gtp_dense_restore_is_the_neighbour_average():
@@ -245,11 +245,11 @@ def zero_tprune_naive(model, x, method):
             return t
         kept = plan[layer] - p
         r = method.similarity_drops(t.shape[0] - p, kept)
-        return naive_g3.zero_tprune_step(
+        return naive_gtp_zero_tprune.zero_tprune_step(
             t, k, probs, p, kept, r, method.iterations_at(layer, depth), method.uniform_init, method.head_variance
         )
 
-    return naive_g3.vit_forward_end(model, x, step)
+    return naive_gtp_zero_tprune.vit_forward_end(model, x, step)
 
 
 @pytest.mark.parametrize("model_name", TIMM)
@@ -310,11 +310,11 @@ def test_core_zero_tprune_steps_match_naive():
         agg = head_rms(scores, alive, variance)
         for b in range(2):
             keep = [i for i in range(13) if alive[b, i]]
-            per_head = naive_g3.wpr(probs[b], keep, 9, cls_first=True)
+            per_head = naive_gtp_zero_tprune.wpr(probs[b], keep, 9, cls_first=True)
             for h, s in enumerate(per_head):
                 torch.testing.assert_close(scores[b, h, keep], torch.tensor([s[i] for i in keep]).float(), rtol=1e-4, atol=1e-7)
                 assert (scores[b, h, ~alive[b]] == 0).all()
-            want = naive_g3.aggregate(per_head, variance)
+            want = naive_gtp_zero_tprune.aggregate(per_head, variance)
             torch.testing.assert_close(agg[b, keep], torch.tensor([want[i] for i in keep]).float(), rtol=1e-4, atol=1e-7)
     importance = torch.rand(2, 12, generator=gen)
     dropped = redundant_half(keys.mean(1), importance, 4, num_prefix=1)

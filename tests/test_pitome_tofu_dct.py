@@ -1,15 +1,15 @@
-"""PiToMe, ToFu and DCT: naive oracles (tests/naive_g1.py) step by step and through whole models, the
+"""PiToMe, ToFu and DCT: naive oracles (tests/naive_pitome_tofu_dct.py) step by step and through whole models, the
 reference's token counts and costs, the reference quirks behind options, and config errors."""
 
 from __future__ import annotations
 
 import math
 
-import naive_g1
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import naive_pitome_tofu_dct
 import reference
 import tokenreduce
 from conftest import build, images, output, use_eager_attention
@@ -57,7 +57,9 @@ def test_pitome_step_matches_naive(prefix, layer, ratio):
     got_x, got_size, _ = run_select(method, x, metric, size, layer, depth, prefix, num_out)
     margin = 0.75 * (1 - layer / depth)
     for b in range(3):
-        want_x, want_size = naive_g1.pitome_step(x[b], metric[b], size[b, :, 0], ratio, margin, prefix, bipartite=layer < 3)
+        want_x, want_size = naive_pitome_tofu_dct.pitome_step(
+            x[b], metric[b], size[b, :, 0], ratio, margin, prefix, bipartite=layer < 3
+        )
         torch.testing.assert_close(got_x[b], want_x, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_size[b, :, 0], want_size)
 
@@ -71,7 +73,7 @@ def test_pitome_model_matches_naive(model_name, variant_order):
     def step(layer, t, k, probs, size):
         early = layer < math.ceil(depth / 2)
         bipartite = early if variant_order == "deit" else not early
-        return naive_g1.pitome_step(t, k.mean(0), size, ratio, 0.75 * (1 - layer / depth), prefix, bipartite)
+        return naive_pitome_tofu_dct.pitome_step(t, k.mean(0), size, ratio, 0.75 * (1 - layer / depth), prefix, bipartite)
 
     want = reference.vit_forward(model, x, step, prop_attn=False)
     tokenreduce.apply(model, "pitome", ratio=ratio, variant_order=variant_order)
@@ -82,7 +84,7 @@ def test_pitome_prop_attn_option_matches_naive():
     model, x = build("vit"), images(batch=3)
 
     def step(layer, t, k, probs, size):
-        return naive_g1.pitome_step(t, k.mean(0), size, 0.85, 0.6 * (1 - layer / 4), 1, layer < 2)
+        return naive_pitome_tofu_dct.pitome_step(t, k.mean(0), size, 0.85, 0.6 * (1 - layer / 4), 1, layer < 2)
 
     want = reference.vit_forward(model, x, step, prop_attn=True)
     tokenreduce.apply(model, "pitome", ratio=0.85, margin=0.6, prop_attn=True)
@@ -97,8 +99,8 @@ def test_on_hf_towers_matches_naive(method, model_name):
 
     def step(layer, t, k, probs, size):
         if method == "tofu":
-            return naive_g1.tofu_step(t, k.mean(0), size, 6, prefix, "prune" if layer < 2 else "mlerp")
-        return naive_g1.pitome_step(t, k.mean(0), size, 0.8, 0.75 * (1 - layer / 4), prefix, layer < 2)
+            return naive_pitome_tofu_dct.tofu_step(t, k.mean(0), size, 6, prefix, "prune" if layer < 2 else "mlerp")
+        return naive_pitome_tofu_dct.pitome_step(t, k.mean(0), size, 0.8, 0.75 * (1 - layer / 4), prefix, layer < 2)
 
     want = reference.hf_tower_forward(model, x, step, prop_attn=method == "tofu")
     tokenreduce.apply(model, method, **(dict(r=6) if method == "tofu" else dict(ratio=0.8)))
@@ -168,7 +170,7 @@ def test_tofu_step_matches_naive(prefix, mode):
     method = tokenreduce.make_method("tofu", r=r, merge="mlerp" if mode == "prune" else mode, prune_layers=prune_layers)
     got_x, got_size, _ = run_select(method, x, metric, size, 0, 4, prefix, n - r)
     for b in range(3):
-        want_x, want_size = naive_g1.tofu_step(x[b], metric[b], size[b, :, 0], r, prefix, mode)
+        want_x, want_size = naive_pitome_tofu_dct.tofu_step(x[b], metric[b], size[b, :, 0], r, prefix, mode)
         torch.testing.assert_close(got_x[b], want_x, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_size[b, :, 0], want_size)
 
@@ -187,7 +189,7 @@ def test_tofu_model_matches_naive(model_name, merge, prune_layers, prop_attn):
     prefix, r = model.num_prefix_tokens, [5, 8, 3, 6, 4]
 
     def step(layer, t, k, probs, size):
-        return naive_g1.tofu_step(t, k.mean(0), size, r[layer], prefix, tofu_modes(layer, 5, merge, prune_layers))
+        return naive_pitome_tofu_dct.tofu_step(t, k.mean(0), size, r[layer], prefix, tofu_modes(layer, 5, merge, prune_layers))
 
     want = reference.vit_forward(model, x, step, prop_attn=prop_attn)
     tokenreduce.apply(model, "tofu", r=r, merge=merge, prune_layers=prune_layers, prop_attn=prop_attn)
@@ -242,7 +244,7 @@ def test_dct_model_matches_naive(model_name):
     sizes = []
 
     def step(layer, t, k, probs, size):
-        t, size = naive_g1.dct_step(t, size, ratio, prefix)
+        t, size = naive_pitome_tofu_dct.dct_step(t, size, ratio, prefix)
         sizes.append(size)
         return t, size
 
@@ -259,7 +261,7 @@ def test_dct_restore_is_the_transpose():
         tokens = model.forward_features(x)
     rec = tokenreduce.record(model)
     assert rec.tokens_per_layer == (5 + 45,)
-    want = torch.stack([naive_g1.dct_restore(t, 69, 5) for t in tokens]).float()
+    want = torch.stack([naive_pitome_tofu_dct.dct_restore(t, 69, 5) for t in tokens]).float()
     torch.testing.assert_close(rec.restore(tokens), want, rtol=1e-5, atol=1e-5)
 
 
@@ -267,7 +269,7 @@ def test_dct_lowpass_matrix():
     d = dct_matrix(9).double()
     torch.testing.assert_close(d @ d.T, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-6)
     for i, k in [(0, 0), (3, 1), (8, 8)]:
-        assert d[k, i].item() == pytest.approx(naive_g1._dct_basis(9, k, i), abs=1e-7)
+        assert d[k, i].item() == pytest.approx(naive_pitome_tofu_dct._dct_basis(9, k, i), abs=1e-7)
     low = dct_lowpass(196, 180)
     torch.testing.assert_close(low @ low.T, torch.eye(180), rtol=0, atol=1e-5)  # rows orthonormal
     torch.testing.assert_close(low @ torch.ones(196), torch.full((180,), math.sqrt(196 / 180)), rtol=1e-5, atol=1e-5)

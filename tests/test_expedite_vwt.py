@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 
-import naive_g7 as naive
 import pytest
 import torch
 
+import naive_expedite_vwt as naive
 import reference
 import tokenreduce
 from conftest import build, images, output, use_eager_attention

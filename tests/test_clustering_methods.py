@@ -1,12 +1,12 @@
-"""K-Medoids, DPC-KNN and Token Pooling against the naive oracles of ``naive_g4``: the clustering steps on
+"""K-Medoids, DPC-KNN and Token Pooling against the naive oracles of ``naive_clustering_methods``: the clustering steps on
 random tokens, whole tiny timm models with eager attention, the reference token counts, and bad configs."""
 
 from __future__ import annotations
 
-import naive_g4 as naive
 import pytest
 import torch
 
+import naive_clustering_methods as naive
 import tokenreduce
 from conftest import build, images, use_eager_attention
 from tokenreduce.core import (

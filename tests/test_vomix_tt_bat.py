@@ -1,14 +1,14 @@
 """Vote&Mix (``vomix``), Token Transforming (``token_transforming``) and BAT (``bat``): their core steps and
-whole models against the naive implementations in ``naive_g6``, their DeiT-S schedules, and their configs."""
+whole models against the naive implementations in ``naive_vomix_tt_bat``, their DeiT-S schedules, and their configs."""
 
 from __future__ import annotations
 
 import math
 
-import naive_g6
 import pytest
 import torch
 
+import naive_vomix_tt_bat
 import reference
 import tokenreduce
 from conftest import build, images, output
@@ -37,7 +37,7 @@ def test_density_peaks_batch_equals_rows():
     for b in range(3):
         a, c = density_peaks(x[b], 4, 5)
         assert torch.equal(assignment[b], a) and torch.equal(centres[b], c)
-        want_a, want_c = naive_g6.density_peaks(x[b], 4, 5)
+        want_a, want_c = naive_vomix_tt_bat.density_peaks(x[b], 4, 5)
         assert assignment[b].tolist() == want_a and centres[b].tolist() == want_c
 
 
@@ -60,7 +60,7 @@ def test_vote_and_mix_matches_naive(prefix, temperature):
         sel = vote_and_mix(metric, remove, prefix, temperature)
         got_x, got_size = sel.apply(x), sel.sizes(size)
         for b in range(3):
-            want_x, want_size = naive_g6.vomix_step(x[b], metric[b], size[b, :, 0], remove, prefix, temperature)
+            want_x, want_size = naive_vomix_tt_bat.vomix_step(x[b], metric[b], size[b, :, 0], remove, prefix, temperature)
             torch.testing.assert_close(got_x[b], want_x.float(), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got_size[b, :, 0], want_size.float(), rtol=1e-5, atol=1e-5)
 
@@ -75,7 +75,7 @@ def test_transform_to_targets_matches_naive(prefix, spread, temperature):
         sel = transform_to_targets(metric, importance, targets, prefix, spread, temperature, size)
         got_x, got_size = sel.apply(x), sel.sizes(size)
         for b in range(3):
-            want_x, want_size = naive_g6.transform_step(
+            want_x, want_size = naive_vomix_tt_bat.transform_step(
                 x[b], metric[b], size[b, :, 0], importance[b].tolist(), prefix + targets, prefix, spread, temperature
             )
             torch.testing.assert_close(got_x[b], want_x.float(), rtol=1e-5, atol=1e-5)
@@ -115,7 +115,7 @@ def test_vomix_model_matches_naive(model_name, temperature):
 
     def step(layer, t, k, probs, size):
         remove = math.floor(r * (t.shape[0] - prefix))
-        return naive_g6.vomix_step(t, _keys(k), size, remove, prefix, temperature)
+        return naive_vomix_tt_bat.vomix_step(t, _keys(k), size, remove, prefix, temperature)
 
     want = reference.vit_forward(model, x, step, prop_attn=False)
     tokenreduce.apply(model, "vomix", r=r, temperature=temperature)
@@ -137,7 +137,7 @@ def test_token_transforming_model_matches_naive(model_name, prop_attn):
 
     def step(layer, t, k, probs, size):
         out = t.shape[0] - r
-        return naive_g6.transform_step(t, _keys(k), size, _importance(probs, prefix), out, prefix, 3, 0.1)
+        return naive_vomix_tt_bat.transform_step(t, _keys(k), size, _importance(probs, prefix), out, prefix, 3, 0.1)
 
     want = reference.vit_forward(model, x, step, prop_attn=prop_attn)
     tokenreduce.apply(model, "token_transforming", r=r, prop_attn=prop_attn)
@@ -154,8 +154,8 @@ def test_hf_towers_match_naive(method, model_name):
 
     def step(layer, t, k, probs, size):
         if method == "vomix":
-            return naive_g6.vomix_step(t, _keys(k), size, math.floor(0.25 * (t.shape[0] - prefix)), prefix)
-        return naive_g6.transform_step(t, _keys(k), size, _importance(probs, prefix), t.shape[0] - 7, prefix, 2, 0.5)
+            return naive_vomix_tt_bat.vomix_step(t, _keys(k), size, math.floor(0.25 * (t.shape[0] - prefix)), prefix)
+        return naive_vomix_tt_bat.transform_step(t, _keys(k), size, _importance(probs, prefix), t.shape[0] - 7, prefix, 2, 0.5)
 
     want = reference.hf_tower_forward(model, x, step, prop_attn=True)
     config = dict(r=0.25, prop_attn=True) if method == "vomix" else dict(r=7, spread=2, temperature=0.5)
@@ -172,7 +172,7 @@ def test_bat_model_matches_naive(model_name, keep_rate, cluster_rate):
     def step(layer, t, k, probs, size):
         if layer not in layers:
             return t, size
-        return naive_g6.bat_step(t, _keys(k), size, probs[:, 0].mean(0).tolist(), keep_rate, prefix, cluster_rate, 5)
+        return naive_vomix_tt_bat.bat_step(t, _keys(k), size, probs[:, 0].mean(0).tolist(), keep_rate, prefix, cluster_rate, 5)
 
     want = reference.vit_forward(model, x, step, prop_attn=False)
     tokenreduce.apply(model, "bat", keep_rate=keep_rate, cluster_rate=cluster_rate)
@@ -185,7 +185,7 @@ def test_bat_on_hf_clip_matches_naive():
     def step(layer, t, k, probs, size):
         if layer not in (1, 2):
             return t, size
-        return naive_g6.bat_step(t, _keys(k), size, probs[:, 0].mean(0).tolist(), 0.5, 1, 0.5, 3)
+        return naive_vomix_tt_bat.bat_step(t, _keys(k), size, probs[:, 0].mean(0).tolist(), 0.5, 1, 0.5, 3)
 
     want = reference.hf_tower_forward(model, x, step, prop_attn=False)
     tokenreduce.apply(model, "bat", keep_rate=0.5, layers=(1, 2), neighbours=3)

@@ -1,4 +1,4 @@
-"""MCTF, PPT and DiffRate: reference token counts and GMACs, naive oracles (``naive_g2``), identities,
+"""MCTF, PPT and DiffRate: reference token counts and GMACs, naive oracles (``naive_mctf_ppt_diffrate``), identities,
 config errors."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-import naive_g2 as naive
 import pytest
 import torch
 
+import naive_mctf_ppt_diffrate as naive
 import reference
 import tokenreduce
 from conftest import build, images, output
