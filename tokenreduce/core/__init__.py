@@ -31,6 +31,7 @@ from tokenreduce.core.clustering import (
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
+from tokenreduce.core.indices import span
 from tokenreduce.core.matching import (
     alternate_merge,
     batch_soft_matching,
@@ -121,6 +122,7 @@ __all__ = [
     "rows_attention",
     "size_bias",
     "size_weighted_mean",
+    "span",
     "split_keep_drop",
     "stable_order",
     "strided_targets",

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from tokenreduce.core.indices import span
 from tokenreduce.core.select import stable_order
 from tokenreduce.core.selection import Selection, weighted_mean_coeff
 
@@ -92,20 +93,24 @@ def bipartite_merge(
             b_src, b_stay = order[:, : r - r1], order[:, r - r1 :]
             b_dst = back_idx.gather(1, b_src)  # places in unm_idx
         else:
-            b_stay = torch.arange(n_b, device=device).expand(b, -1)
+            b_stay = span(n_b, device=device).expand(b, -1)
     k, n_unm, n_stay = keep_index.shape[1], n_a - r1, b_stay.shape[1]
     unmerged = a_index.gather(1, unm_idx)
-    b_slot = torch.empty(b, n_b, dtype=torch.long, device=device)
-    b_slot = b_slot.scatter(1, b_stay, torch.arange(k + n_unm, k + n_unm + n_stay, device=device).expand(b, -1))
+    stay_slot = span(k + n_unm, k + n_unm + n_stay, device=device).expand(b, -1)
     if bidirectional:
-        b_slot = b_slot.scatter(1, b_src, k + b_dst)
+        b_slot = torch.empty(b, n_b, dtype=torch.long, device=device).scatter_(1, b_stay, stay_slot)
+        b_slot = b_slot.scatter_(1, b_src, k + b_dst)
+        b_kept = b_index.gather(1, b_stay)
+    else:  # every B token stays, in order
+        b_slot, b_kept = stay_slot, b_index
+    # in place on a fresh tensor: each scatter would otherwise copy the whole row first
     slot = torch.full((b, num_tokens), -1, dtype=torch.long, device=device)
-    slot = slot.scatter(1, keep_index, torch.arange(k, device=device).expand(b, -1))
-    slot = slot.scatter(1, unmerged, torch.arange(k, k + n_unm, device=device).expand(b, -1))
-    slot = slot.scatter(1, b_index, b_slot)
+    slot.scatter_(1, keep_index, span(k, device=device).expand(b, -1))
+    slot.scatter_(1, unmerged, span(k, k + n_unm, device=device).expand(b, -1))
+    slot.scatter_(1, b_index, b_slot)
     sources = a_index.gather(1, src_idx)
-    slot = slot.scatter(1, sources, torch.full_like(sources, -1) if drop_sources else b_slot.gather(1, dst_idx))
-    index = torch.cat([keep_index, unmerged, b_index.gather(1, b_stay)], dim=1)
+    slot.scatter_(1, sources, torch.full_like(sources, -1) if drop_sources else b_slot.gather(1, dst_idx))
+    index = torch.cat([keep_index, unmerged, b_kept], dim=1)
     if drop_sources:
         return Selection(slot, index, gather_only=True)
     return Selection(slot, index, weight, mean=True)
@@ -131,9 +136,9 @@ def alternate_merge(
     first_a = min(num_prefix + num_prefix % 2, n)  # the first even position after the prefix
     first_b = min(num_prefix + 1 - num_prefix % 2, n)
     device = scores.device
-    a_index = torch.arange(first_a, n, 2, device=device).expand(b, -1)
-    b_index = torch.arange(first_b, n, 2, device=device).expand(b, -1)
-    keep_index = torch.arange(num_prefix, device=device).expand(b, -1)
+    a_index = span(first_a, n, 2, device=device).expand(b, -1)
+    b_index = span(first_b, n, 2, device=device).expand(b, -1)
+    keep_index = span(num_prefix, device=device).expand(b, -1)
     return bipartite_merge(
         scores[:, first_a // 2 :, first_b // 2 :],
         a_index,

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tokenreduce.core.indices import span
+
 
 def _rows(t: Tensor) -> Tensor:
-    return torch.arange(t.shape[0], device=t.device)[:, None]
+    return span(t.shape[0], device=t.device)[:, None]
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,14 @@ class Selection:
         return self._sums(x.to(acc)).to(x.dtype)
 
     def _sums(self, x: Tensor) -> Tensor:
-        """The ``coeff``-weighted sums of ``x`` per output (means when :attr:`mean`), from one scatter."""
+        """The ``coeff``-weighted sums of ``x`` per output (means when :attr:`mean`)."""
         weight = None if self.coeff is None else self.coeff[..., None].to(x.dtype)
-        values = x if weight is None else x * weight
+        out = self._scatter_sum(x if weight is None else x * weight)
         if not self.mean:
-            return self._scatter_sum(values)
-        both = self._scatter_sum(torch.cat([values, torch.ones_like(x[..., :1]) if weight is None else weight], dim=-1))
-        return both[..., :-1] / both[..., -1:].clamp(min=torch.finfo(both.dtype).tiny)
+            return out
+        # the normaliser from its own one-channel scatter: cheaper than concatenating it to the tokens
+        total = self._scatter_sum(torch.ones_like(x[..., :1]) if weight is None else weight)
+        return out / total.clamp(min=torch.finfo(total.dtype).tiny)
 
     def weights(self) -> Tensor:
         """The weight of each input in its output ``[B, N]`` (float32; 0 for dropped inputs)."""
@@ -92,12 +95,21 @@ class Selection:
         """The weight of each input's size in its output's size ``[B, N]`` (float32; ones by default)."""
         return torch.ones_like(self.slot, dtype=torch.float32) if self.size_coeff is None else self.size_coeff.float()
 
+    def _flat_slot(self) -> Tensor:
+        # Each input's output in one flat [B * (num_out + 1)] range; dropped inputs go to a spare output per
+        # row. Kept on the instance (the sums, the normaliser and the sizes all scatter by it).
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            m = self.num_out
+            flat = (torch.where(self.slot >= 0, self.slot, m) + _rows(self.slot) * (m + 1)).flatten()
+            object.__setattr__(self, "_flat", flat)
+        return flat
+
     def _scatter_sum(self, values: Tensor) -> Tensor:
-        # One flat index_add over the batch; dropped inputs land in a spare slot that is cut off.
+        # One flat index_add over the batch; the spare outputs are cut off.
         b, n, c = values.shape
         m = self.num_out
-        slot = torch.where(self.slot >= 0, self.slot, m) + _rows(self.slot) * (m + 1)
-        out = values.new_zeros(b * (m + 1), c).index_add_(0, slot.flatten(), values.reshape(b * n, c))
+        out = values.new_zeros(b * (m + 1), c).index_add_(0, self._flat_slot(), values.reshape(b * n, c))
         return out.view(b, m + 1, c)[:, :m]
 
     def sizes(self, size: Tensor) -> Tensor:
