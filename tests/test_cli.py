@@ -67,13 +67,13 @@ def test_cli_bench_writes_json(tmp_path, capsys):
 
 def test_cli_bench_preset_runs_every_method_at_matched_flops(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main([*BENCH, "--img-size", "224", "--preset", "matched-flops", "--flops-fraction", "0.6", "--json", str(out)]) == 0
+    assert main([*BENCH, "--img-size", "224", "--preset", "matched-flops", "--flops-fraction", "0.63", "--json", str(out)]) == 0
     rows = {r["method"].split(":")[0]: r for r in json.loads(out.read_text())["results"]}
-    encoders = [method_classes(n).get(Stage.ENCODER) for n in tokenreduce.list_methods()]
-    budgeted = [cls.name for cls in encoders if cls is not None and cls.budget is not None]
-    assert set(rows) == {"none", *budgeted}
-    for name in budgeted:
-        assert rows[name]["gflops"] / rows["none"]["gflops"] == pytest.approx(0.6, abs=0.05), name
+    encoders = [n for n in tokenreduce.list_methods() if Stage.ENCODER in method_classes(n)]
+    # every encoder method but dtome, whose counts are read from the images (no plan to match)
+    assert set(rows) == set(encoders) - {"dtome"}
+    for name in rows:
+        assert rows[name]["gflops"] / rows["none"]["gflops"] == pytest.approx(0.63, abs=0.05) or name == "none", name
     capsys.readouterr()
     assert main([*BENCH, "--img-size", "224", "--preset", "matched-flops", "--methods", "evit"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]

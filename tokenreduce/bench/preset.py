@@ -48,8 +48,9 @@ def match_flops(
     model: nn.Module, fraction: float = DEFAULT_FRACTION, img_size: int = 224, methods: Sequence[str] | None = None
 ) -> list[Matched]:
     """Every encoder method with a budget knob (or those named in ``methods``) at the config whose
-    planned MACs on ``model`` come closest to ``fraction`` of the unreduced ones. Methods whose knob
-    cannot reach the target within its range are skipped."""
+    planned MACs on ``model`` come closest to ``fraction`` of the unreduced ones, and the methods without
+    a knob (DiffRate's searched schedules) whose default plans within 0.05 of it. Methods that cannot
+    reach the target are skipped."""
     fraction = as_real("fraction", fraction, 0, 1, low_open=True)
     _, target, adapter = locate(model)
     n0 = input_tokens(model, img_size)
@@ -57,9 +58,9 @@ def match_flops(
     full = model_macs(adapter, target, n0, [n0] * depth)
     names = [n for n in method_names() if Stage.ENCODER in method_classes(n)] if methods is None else list(methods)
 
-    def share(cls: type[EncoderMethod], value: float) -> float | None:
+    def share(cls: type[EncoderMethod], value: float | None) -> float | None:
         try:
-            method = cls(**{cls.budget.param: value})
+            method = cls() if value is None else cls(**{cls.budget.param: value})
             adapter.validate(target, method)
             plan = method.schedule(n0, prefix, depth)
         except (ValueError, TypeError):
@@ -70,7 +71,10 @@ def match_flops(
     for name in names:
         cls = method_classes(name)[Stage.ENCODER]
         budget = cls.budget
-        if budget is None:
+        if budget is None:  # no knob (a searched schedule): in the comparison when its default lands there
+            got = share(cls, None)
+            if name != "none" and got is not None and abs(got - fraction) <= 0.05:
+                out.append(Matched(MethodSpec(name), got))
             continue
         lo, hi = budget.low, budget.high
         best: tuple[float, float] | None = None  # (distance to the goal, value)

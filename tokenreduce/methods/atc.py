@@ -8,7 +8,7 @@ from torch import Tensor
 
 from tokenreduce.core import Selection, agglomerative_clustering, cosine_distance, merge_clusters
 from tokenreduce.core.agglomerative import LINKAGES
-from tokenreduce.methods.base import EncoderMethod, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
 from tokenreduce.methods.rschedule import RSpec, check_r, per_layer_r
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool
@@ -57,6 +57,7 @@ class ATC(EncoderMethod):
     """
 
     name = "atc"
+    budget = Budget("keep_ratio", 0.0, 1.0)
     paper = "Haurum et al., Agglomerative Token Clustering, ECCV 2024"
 
     r: RSpec | None = None

@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from tokenreduce.core import Selection, cluster_selection, kmedoids, pairwise_distances, stable_order, weighted_kmeans
-from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, Hook, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_int_tuple, as_real
 
@@ -77,6 +77,7 @@ class TokenPooling(EncoderMethod):
     """
 
     name = "token_pooling"
+    budget = Budget("keep_rate", 0.0, 1.0)
     paper = "Marin et al., Token Pooling in Vision Transformers for Image Classification, WACV 2023"
 
     keep_rate: float = 0.92  # per-block fraction of patch tokens kept, for a 12-block model (scaled to depth)

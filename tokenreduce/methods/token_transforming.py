@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokenreduce.core import Selection, transform_to_targets
-from tokenreduce.methods.base import EncoderMethod, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_real
 
@@ -56,6 +56,7 @@ class TokenTransforming(EncoderMethod):
     """
 
     name = "token_transforming"
+    budget = Budget("keep_ratio", 0.0, 1.0)
     paper = (
         "Zeng et al., Token Transforming: A Unified and Training-Free Token Compression Framework "
         "for Vision Transformer Acceleration, arXiv 2506.05709, 2025"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokenreduce.core import Selection, vote_and_mix
-from tokenreduce.methods.base import EncoderMethod, LayerContext
+from tokenreduce.methods.base import Budget, EncoderMethod, LayerContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_real
 
@@ -61,6 +61,7 @@ class VoMix(EncoderMethod):
     """
 
     name = "vomix"
+    budget = Budget("r", 0.0, 0.99, increasing=False)
     paper = "Peng et al., Vote&Mix: Plug-and-Play Token Reduction for Efficient Vision Transformer, ICME 2025"
 
     r: float = 0.09  # fraction of the non-prefix tokens removed (and mixed) in each block
