@@ -121,6 +121,23 @@ def test_cli_eval_on_image_folders(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["none", "tome:keep_ratio=0.5"] and rows[0]["probe_share"] == 1.0
     assert (tmp_path / "eval.csv").read_text().startswith("model,method,config,img_size,tokens_out,top1")
     assert Image.open(tmp_path / "pareto.png").size[0] > 500
+    # the matched-FLOPs preset of the bench, on quality
+    argv = ["eval", "--model", "vit_tiny_patch16_224", "--img-size", "224", "--quiet", "--threads", "1"]
+    argv += ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--images", str(tmp_path / "test")]
+    argv += [
+        "--preset",
+        "matched-flops",
+        "--methods",
+        "tome,evit",
+        "--flops-fraction",
+        "0.7",
+        "--json",
+        str(tmp_path / "eval.json"),
+    ]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert sorted(r["method"].split(":")[0] for r in rows) == ["evit", "none", "tome"]
+    assert all(r["gflops"] / rows[0]["gflops"] == pytest.approx(0.7, abs=0.05) for r in rows[1:])
 
 
 def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():

