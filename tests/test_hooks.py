@@ -219,6 +219,7 @@ def test_edited_attention_runs_the_blocks_own_map_or_the_given_one(model_name):
     tokenreduce.apply(model, method)
     torch.testing.assert_close(output(model, x), want, rtol=1e-4, atol=1e-4)  # eager vs fused
     assert patch_of(model).latest().carry == 4  # the carried value went through every block
+    assert "attention runs eagerly in every block" in tokenreduce.describe(model)
     tokenreduce.apply(model, Uniform(at=3))
     edited = output(model, x)
     tokenreduce.remove(model)

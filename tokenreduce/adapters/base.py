@@ -102,9 +102,14 @@ class Adapter(ABC):
 
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         """Lines for :func:`tokenreduce.describe` saying what ``method`` will do to ``model``."""
-        n0 = self.default_num_tokens(model)
-        if n0 is None or not isinstance(method, EncoderMethod):
+        if not isinstance(method, EncoderMethod):
             return []
-        plan = method.schedule(n0, self.num_prefix_tokens(model), len(self.blocks(model)))
-        bound = " (at most: the counts depend on the image)" if method.variable_counts else ""
-        return [f"tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}{bound}"]
+        lines = []
+        if method.edits_attention:
+            lines.append("attention runs eagerly in every block: the method edits the attention map")
+        n0 = self.default_num_tokens(model)
+        if n0 is not None:
+            plan = method.schedule(n0, self.num_prefix_tokens(model), len(self.blocks(model)))
+            bound = " (at most: the counts depend on the image)" if method.variable_counts else ""
+            lines.insert(0, f"tokens per block at the native input size: {n0} -> {' '.join(map(str, plan))}{bound}")
+        return lines
