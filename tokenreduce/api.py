@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from tokenreduce.adapters import locate
+from tokenreduce.adapters.diffusers_denoisers import DenoiserRecord
 from tokenreduce.adapters.hf_vlm import VLMRecord
 from tokenreduce.methods.base import Method
 from tokenreduce.methods.stack import Stack
@@ -18,7 +19,7 @@ from tokenreduce.registry import method_classes, method_names
 from tokenreduce.stages import Stage
 from tokenreduce.state import Record
 
-ModelT = TypeVar("ModelT", bound=nn.Module)
+ModelT = TypeVar("ModelT")  # an nn.Module, or a diffusers pipeline (its denoiser is patched)
 
 
 def list_methods() -> list[str]:
@@ -104,7 +105,8 @@ def apply(model: ModelT, method: str | Method | Sequence, *, stage: str | Stage 
     pair or a :class:`Method`, stacks a pre-LLM method and an in-LLM one on a VLM:
     ``apply(vlm, [("visionzip", {"dominant": 162, "contextual": 30}), ("fastv", {"layer": 2})])``.
     A wrapper holding exactly one supported model (``torch.compile``, ``DataParallel``, your own module)
-    gets that model patched; :func:`describe` names it. Weights and ``state_dict()`` are untouched;
+    gets that model patched, and a diffusers pipeline its unet or transformer; :func:`describe` names
+    it. Weights and ``state_dict()`` are untouched;
     :func:`remove` restores the original model exactly.
     """
     _, target, adapter = locate(model)
@@ -128,11 +130,12 @@ def apply(model: ModelT, method: str | Method | Sequence, *, stage: str | Stage 
 
 def _find_patch(model: nn.Module) -> Patch | None:
     """The patch on ``model``, or on the one supported model a wrapper holds."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    patch = model.__dict__.get(ATTR)
-    if isinstance(patch, Patch):
-        return patch
+    if isinstance(model, nn.Module):
+        patch = model.__dict__.get(ATTR)
+        if isinstance(patch, Patch):
+            return patch
+    elif not isinstance(getattr(model, "components", None), dict):
+        raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
     try:
         _, target, _ = locate(model)
     except TypeError:
@@ -176,14 +179,16 @@ def patch_of(model: nn.Module) -> Patch:
     return patch
 
 
-def record(model: nn.Module) -> Record | VLMRecord:
+def record(model: nn.Module) -> Record | VLMRecord | DenoiserRecord:
     """What the calling thread's last forward of a patched model did. Each thread sees its own
     forwards, so concurrent callers never mix.
 
     For an encoder, a :class:`Record`: token counts per block, sizes and which original tokens each
     final token covers. For a VLM, a :class:`~tokenreduce.adapters.hf_vlm.VLMRecord` of its last prompt
     (a forward with images, or ``generate``'s prefill): what each image sent to the LLM and the
-    sequence lengths the LLM read."""
+    sequence lengths the LLM read. For a diffusion denoiser (or pipeline), a
+    :class:`~tokenreduce.adapters.diffusers_denoisers.DenoiserRecord` of its last call: the blocks that
+    reduced and their token counts."""
     patch = patch_of(model)
     rec = patch.adapter.record(patch)
     if rec is None:

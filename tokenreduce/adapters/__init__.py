@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokenreduce.adapters import hf_vision, hf_vlm, openclip_vit, timm_eva, timm_vit  # noqa: F401  (registration)
+from tokenreduce.adapters import (  # noqa: F401  (registration)
+    diffusers_denoisers,
+    hf_vision,
+    hf_vlm,
+    openclip_vit,
+    timm_eva,
+    timm_vit,
+)
 from tokenreduce.adapters.base import Adapter, BlockCost
 from tokenreduce.registry import adapters
 
@@ -23,14 +30,26 @@ def _unsupported(model: nn.Module) -> TypeError:
 def locate(model: object) -> tuple[str, nn.Module, Adapter]:
     """``(path, module, adapter)`` of the supported model to patch: ``model`` itself (path ``""``), or
     the one supported submodule of a wrapper (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
-    a user module holding a backbone). Several candidates, or none, raise a ``TypeError`` naming them."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    adapter = _match(model)
-    if adapter is not None:
-        return "", model, adapter
+    a user module holding a backbone), or the denoiser of a diffusers pipeline (path: its component name). Several candidates, or none, raise a ``TypeError`` naming them."""
     found: list[tuple[str, nn.Module, Adapter]] = []
-    for name, module in model.named_modules():  # parents come before their children
+    if not isinstance(model, nn.Module):
+        components = getattr(model, "components", None)
+        if not isinstance(components, dict):
+            raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
+        # a diffusers pipeline: its denoiser among its components
+        for name, module in components.items():
+            adapter = _match(module) if isinstance(module, nn.Module) else None
+            if adapter is not None:
+                found.append((name, module, adapter))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise _unsupported(model)
+    else:
+        adapter = _match(model)
+        if adapter is not None:
+            return "", model, adapter
+    for name, module in model.named_modules() if isinstance(model, nn.Module) else ():  # parents before children
         if not name or any(name.startswith(path + ".") for path, _, _ in found):
             continue
         adapter = _match(module)

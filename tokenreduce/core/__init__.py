@@ -13,6 +13,7 @@ from tokenreduce.core.attention import (
     weighted_pagerank,
     zero_smallest,
 )
+from tokenreduce.core.cells import cell_partition, random_cell_choice
 from tokenreduce.core.clustering import (
     cluster_argmin,
     cluster_selection,
@@ -76,6 +77,7 @@ __all__ = [
     "bipartite_merge",
     "bipartite_soft_matching",
     "choose_rows",
+    "cell_partition",
     "cls_attention",
     "cluster_argmin",
     "cluster_selection",
@@ -114,6 +116,7 @@ __all__ = [
     "pad_prefix",
     "pairwise_distances",
     "patchify",
+    "random_cell_choice",
     "received_attention",
     "redundant_half",
     "rescale_to_max_norm",

@@ -47,11 +47,12 @@ def split_keep_drop(scores: Tensor, k: int, num_prefix: int) -> tuple[Tensor, Te
     return keep, drop
 
 
-def hash_scores(n: int, key: int, device: torch.device | str = "cpu") -> Tensor:
+def hash_scores(n: int, key: int | Tensor, device: torch.device | str = "cpu") -> Tensor:
     """Pseudo-random, all-distinct int64 scores ``[n]`` that depend only on ``key`` and the position.
 
     An integer hash (multiply, xor-shift) instead of a ``torch.Generator``: identical on every
-    device and traceable by ``torch.compile``. Positions must be < 2**27.
+    device and traceable by ``torch.compile``. Positions must be < 2**27. ``key`` may be a 0-d int64
+    tensor (a key computed from a timestep without leaving the graph).
     """
     mask = 0xFFFFFFFF
     h = (torch.arange(n, device=device, dtype=torch.int64) * 2654435761 + (key & mask)) & mask

@@ -7,9 +7,21 @@ import importlib
 import pkgutil
 
 from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext, Method, PruneAtLayers
+from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["EncoderMethod", "Hook", "LayerContext", "Method", "PruneAtLayers", "VisualContext", "VisualMethod"]
+__all__ = [
+    "DenoiserContext",
+    "DenoiserMethod",
+    "EncoderMethod",
+    "Hook",
+    "LayerContext",
+    "Method",
+    "Part",
+    "PruneAtLayers",
+    "VisualContext",
+    "VisualMethod",
+]

@@ -1,0 +1,224 @@
+"""Tiny diffusers denoisers with random weights (the configs of the diffusion spec, section 5.1) and the
+inputs each one takes, so that every diffusion test builds its models one way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@dataclass
+class Denoiser:
+    """A tiny model and a builder of its keyword inputs for a batch (seeded, so calls repeat)."""
+
+    name: str
+    model: torch.nn.Module
+    inputs: Callable[..., dict]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def unet(full_res: bool = True, size: int = 32) -> Denoiser:
+    """SD1-like UNet; ``full_res`` puts its attention at the latent's resolution (1024 tokens at 32x32)."""
+    torch.manual_seed(0)
+    down = ("CrossAttnDownBlock2D", "DownBlock2D") if full_res else ("DownBlock2D", "CrossAttnDownBlock2D")
+    up = ("UpBlock2D", "CrossAttnUpBlock2D") if full_res else ("CrossAttnUpBlock2D", "UpBlock2D")
+    model = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1 if full_res else 2,
+        sample_size=size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ).eval()
+
+    def inputs(batch: int = 2, seed: int = 0, h: int = size, w: int = size, t: float = 500.0) -> dict:
+        g = _gen(seed)
+        return {
+            "sample": torch.randn(batch, 4, h, w, generator=g),
+            "timestep": torch.tensor(t),
+            "encoder_hidden_states": torch.randn(batch, 7, 32, generator=g),
+        }
+
+    return Denoiser("unet", model, inputs)
+
+
+def unet_sdxl() -> Denoiser:
+    """SDXL-like UNet: attention only at the 2x-downsampled level, text_time conditioning."""
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    ).eval()
+
+    def inputs(batch: int = 2, seed: int = 0, h: int = 32, w: int = 32, t: float = 500.0) -> dict:
+        g = _gen(seed)
+        return {
+            "sample": torch.randn(batch, 4, h, w, generator=g),
+            "timestep": torch.tensor(t),
+            "encoder_hidden_states": torch.randn(batch, 7, 64, generator=g),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, 32, generator=g),
+                "time_ids": torch.randn(batch, 6, generator=g),
+            },
+        }
+
+    return Denoiser("unet_sdxl", model, inputs)
+
+
+def dit(size: int = 16) -> Denoiser:
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=size,
+        patch_size=2,
+        norm_type="ada_norm_zero",
+        num_embeds_ada_norm=1000,
+    ).eval()
+
+    def inputs(batch: int = 2, seed: int = 0, h: int = size, w: int = size, t: float = 500.0) -> dict:
+        g = _gen(seed)
+        return {
+            "hidden_states": torch.randn(batch, 4, h, w, generator=g),
+            "timestep": torch.full((batch,), t),
+            "class_labels": torch.arange(batch) % 10,
+        }
+
+    return Denoiser("dit", model, inputs)
+
+
+def pixart(size: int = 16) -> Denoiser:
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        sample_size=size,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+
+    def inputs(batch: int = 2, seed: int = 0, h: int = size, w: int = size, t: float = 500.0) -> dict:
+        g = _gen(seed)
+        return {
+            "hidden_states": torch.randn(batch, 4, h, w, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
+            "timestep": torch.full((batch,), t),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+
+    return Denoiser("pixart", model, inputs)
+
+
+def sd3(dual: bool = False) -> Denoiser:
+    torch.manual_seed(0)
+    extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if dual else {}
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        **extra,
+    ).eval()
+
+    def inputs(batch: int = 2, seed: int = 0, h: int = 32, w: int = 32, t: float = 500.0) -> dict:
+        g = _gen(seed)
+        return {
+            "hidden_states": torch.randn(batch, 4, h, w, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
+            "pooled_projections": torch.randn(batch, 64, generator=g),
+            "timestep": torch.full((batch,), t),
+        }
+
+    return Denoiser("sd3_dual" if dual else "sd3", model, inputs)
+
+
+def flux() -> Denoiser:
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+    def inputs(batch: int = 1, seed: int = 0, h: int = 16, w: int = 16, t: float = 0.5) -> dict:
+        g = _gen(seed)
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None, :]
+        return {
+            "hidden_states": torch.randn(batch, h * w, 4, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
+            "pooled_projections": torch.randn(batch, 32, generator=g),
+            "timestep": torch.full((batch,), t),
+            "img_ids": ids.reshape(h * w, 3),
+            "txt_ids": torch.zeros(8, 3),
+        }
+
+    return Denoiser("flux", model, inputs)
+
+
+BUILDERS: dict[str, Callable[[], Denoiser]] = {
+    "unet": unet,
+    "unet_sdxl": unet_sdxl,
+    "dit": dit,
+    "pixart": pixart,
+    "sd3": sd3,
+    "sd3_dual": lambda: sd3(dual=True),
+    "flux": flux,
+}
+
+
+def output(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**kwargs, return_dict=False)
+    return out[0]

@@ -1,0 +1,39 @@
+"""Destinations on a token grid split into cells: one token per ``sy x sx`` cell is a destination, the
+others are sources (tomesd's 2D-strided partition, also used by SiTo and importance-based ToMe)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokenreduce.core.select import hash_scores
+
+
+def random_cell_choice(cells: tuple[int, int], cell_size: int, key: int | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """A pseudo-random position in ``[0, cell_size)`` for each of the ``cells = (rows, cols)`` cells
+    ``[rows, cols]``, a function of ``key`` alone (:func:`hash_scores`: no generator state, so cond and
+    uncond branches, split or batched, and compiled graphs all draw the same)."""
+    rows, cols = cells
+    return (hash_scores(rows * cols, key, device) % cell_size).view(rows, cols)
+
+
+def cell_partition(grid: tuple[int, int], sx: int, sy: int, choice: Tensor) -> tuple[Tensor, Tensor]:
+    """Split the tokens of a row-major ``grid = (h, w)`` into ``(sources [Na], destinations [Nb])``.
+
+    Each whole ``sy x sx`` cell contributes one destination, the token at ``choice[i, j]`` (row-major
+    within the cell, ``choice [h // sy, w // sx]``); every other token, the rows and columns of a ragged
+    border included, is a source. Both come back in row-major order of the grid."""
+    h, w = grid
+    rows, cols = h // sy, w // sx
+    if choice.shape != (rows, cols):
+        raise ValueError(
+            f"choice must have one entry per {sy}x{sx} cell of the {h}x{w} grid: shape {(rows, cols)}, got {tuple(choice.shape)}"
+        )
+    device = choice.device
+    cell_row = torch.arange(rows, device=device)[:, None] * sy + choice // sx
+    cell_col = torch.arange(cols, device=device)[None, :] * sx + choice % sx
+    is_dst = torch.zeros(h, w, dtype=torch.bool, device=device)
+    is_dst[cell_row, cell_col] = True
+    flat = is_dst.flatten()
+    position = torch.arange(h * w, device=device)
+    return position[~flat], position[flat]
