@@ -30,7 +30,8 @@ def _unsupported(model: nn.Module) -> TypeError:
 def locate(model: object) -> tuple[str, nn.Module, Adapter]:
     """``(path, module, adapter)`` of the supported model to patch: ``model`` itself (path ``""``), or
     the one supported submodule of a wrapper (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
-    a user module holding a backbone), or the denoiser of a diffusers pipeline (path: its component name). Several candidates, or none, raise a ``TypeError`` naming them."""
+    a user module holding a backbone), or the denoiser of a diffusers pipeline (path: its component
+    name). Several candidates, or none, raise a ``TypeError`` naming them."""
     found: list[tuple[str, nn.Module, Adapter]] = []
     if not isinstance(model, nn.Module):
         components = getattr(model, "components", None)
