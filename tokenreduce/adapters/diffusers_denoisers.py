@@ -300,7 +300,8 @@ class ReducingBlock:
             text = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
             run.text_len = text.shape[1]
         run.selection = selection
-        run.calls.append(BlockCall(index, level, x.shape[1], selection.num_out))
+        if not run.calls or run.calls[-1].block < index:  # gradient checkpointing reruns blocks in backward
+            run.calls.append(BlockCall(index, level, x.shape[1], selection.num_out))
         try:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         finally:

@@ -34,6 +34,7 @@ def cell_partition(grid: tuple[int, int], sx: int, sy: int, choice: Tensor) -> t
     cell_col = torch.arange(cols, device=device)[None, :] * sx + choice % sx
     is_dst = torch.zeros(h, w, dtype=torch.bool, device=device)
     is_dst[cell_row, cell_col] = True
-    flat = is_dst.flatten()
-    position = torch.arange(h * w, device=device)
-    return position[~flat], position[flat]
+    # a stable sort puts the sources first, each side in grid order, with shapes known in advance (a mask
+    # index would not be, and would break torch.compile's graph)
+    order = torch.sort(is_dst.flatten().to(torch.uint8), stable=True).indices
+    return order[: h * w - rows * cols], order[h * w - rows * cols :]
