@@ -450,3 +450,39 @@ def test_selection_row_split_matches_batch():
         one = _row(sel, b)
         assert isinstance(one, Selection)
         torch.testing.assert_close(one.apply(x[b : b + 1]), sel.apply(x)[b : b + 1])
+
+
+@pytest.mark.parametrize("cache", ["FirstBlockCacheConfig", "TaylorSeerCacheConfig"])
+def test_stacks_with_diffusers_caches_in_either_order(cache):
+    # diffusers' cache hooks replace forward on the instance and look classes up in registries: the
+    # reduction must run inside them whichever is applied first, and removal must restore both
+    hooks = pytest.importorskip("diffusers.hooks")
+    config = getattr(hooks, cache)(threshold=0.05) if cache == "FirstBlockCacheConfig" else None
+    if config is None:
+        config = hooks.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1)
+    f = flux()
+    steps = [f.inputs(t=t) for t in (0.9, 0.8, 0.7, 0.6)]
+
+    def generate():
+        outs = []
+        for kw in steps:
+            with f.model.cache_context("cond"):
+                outs.append(output(f.model, kw))
+        f.model._reset_stateful_cache()
+        return outs
+
+    f.model.enable_cache(config)
+    cached = generate()
+    tokenreduce.apply(f.model, "tomesd", ratio=0.5)
+    after = generate()
+    assert tokenreduce.record(f.model).reduced_blocks == 2
+    tokenreduce.remove(f.model)
+    assert all(torch.equal(a, b) for a, b in zip(generate(), cached))
+    f.model.disable_cache()
+    tokenreduce.apply(f.model, "tomesd", ratio=0.5)
+    f.model.enable_cache(config)
+    before = generate()
+    f.model.disable_cache()
+    tokenreduce.remove(f.model)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(after, cached))

@@ -23,8 +23,10 @@ tokens whose ``img_ids`` columns 1 and 2 hold each token's row and column.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -196,8 +198,36 @@ class DenoiserRun:
         return DenoiserRecord(self.grid, self.step, tuple(self.calls))
 
 
-def _patch(module: nn.Module) -> Patch:
-    return getattr(module, ATTR)
+def _patch(module: nn.Module) -> Patch | None:
+    return module.__dict__.get(ATTR)
+
+
+def _swap(patch: Patch, module: nn.Module, mixin: type, path: str) -> None:
+    """Swap ``module``'s class for one with ``mixin`` in front, inside any diffusers hooks on it.
+
+    diffusers hooks (``enable_cache``: FirstBlockCache, TaylorSeer, ...) replace ``module.forward`` on
+    the instance and call the forward they found then, so a class swap alone would be bypassed: the
+    innermost forward of their chain is pointed at the patched class too (and back on removal), which
+    keeps the reduction inside the cached module, so caches always see every token."""
+    base = type(module)
+    patch.swap_class(module, mixin)
+    _share_registrations(base, type(module))
+    own = module.__dict__.get("forward")
+    if own is None:
+        return
+    patched = types.MethodType(type(module).forward, module)
+    if getattr(own, "__self__", None) is module and getattr(own, "__func__", None) is base.forward:
+        patch.replace_attr(module, "forward", patched)  # what a removed diffusers hook leaves behind
+        return
+    registry = module.__dict__.get("_diffusers_hook")
+    refs = getattr(registry, "_fn_refs", None)
+    if not refs:
+        raise TypeError(
+            f"{path or type(module).__name__} has its forward replaced on the instance ({module.__dict__['forward']!r}), "
+            "which tokenreduce cannot run inside; apply tokenreduce before wrapping the model"
+        )
+    inner = "original_forward" if refs[0].original_forward is not None else "forward"
+    patch.replace_attr(refs[0], inner, patched)
 
 
 def _run(patch: Patch) -> DenoiserRun:
@@ -207,12 +237,33 @@ def _run(patch: Patch) -> DenoiserRun:
     return run
 
 
+def _share_registrations(base: type, patched: type) -> None:
+    """diffusers' hooks look blocks and attention modules up in registries keyed by exact class
+    (``TransformerBlockRegistry``, ``AttentionProcessorRegistry``): a patched class gets its base's
+    entry, so ``enable_cache`` still works on a patched model. The entry keeps the base class, whose
+    signature the hooks read."""
+    try:
+        helpers = importlib.import_module("diffusers.hooks._helpers")
+    except ImportError:
+        return
+    for name in ("TransformerBlockRegistry", "AttentionProcessorRegistry"):
+        registry = getattr(helpers, name, None)
+        table = getattr(registry, "_registry", None)
+        if table is None:
+            continue
+        registry._register()
+        if base in table:
+            table.setdefault(patched, table[base])
+
+
 @loadable
 class DenoisingModel:
     """Mixed in front of the denoiser: opens each call's state (grid, timestep, step) for its blocks."""
 
     def forward(self, *args, **kwargs):
         patch = _patch(self)
+        if patch is None:  # removed, but called through a wrapper that kept this forward
+            return type(self).forward(self, *args, **kwargs)
         run = _open_run(self, patch, args, kwargs)
         patch.local.run = run
         out = super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -283,6 +334,8 @@ class ReducingBlock:
 
     def forward(self, *args, **kwargs):
         patch = _patch(self)
+        if patch is None:
+            return type(self).forward(self, *args, **kwargs)
         run = _run(patch)
         index, level, kind = getattr(self, BLOCK_ATTR)
         x = args[0] if args else kwargs["hidden_states"]
@@ -313,8 +366,10 @@ class MergedModule:
     """Mixed in front of a wrapped sub-module: runs it on the selected tokens, spreads its output back."""
 
     def forward(self, *args, **kwargs):
-        run = _run(_patch(self))
-        selection = run.selection
+        patch = _patch(self)
+        if patch is None:
+            return type(self).forward(self, *args, **kwargs)
+        selection = _run(patch).selection
         if selection is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         role = getattr(self, ROLE_ATTR)
@@ -323,7 +378,7 @@ class MergedModule:
             return super().forward(x, *args, encoder_hidden_states=selection.apply(x), **kwargs)  # type: ignore[misc]
         if role is Role.TOKENS:
             return selection.unmerge(super().forward(selection.apply(x), *args, **kwargs))  # type: ignore[misc]
-        text_len = run.text_len if role is Role.PREFIX else _text_len(args, kwargs)
+        text_len = _run(patch).text_len if role is Role.PREFIX else _text_len(args, kwargs)
         rotary = kwargs.get("image_rotary_emb")
         if rotary is None or selection.index.shape[0] == 1:
             return self._tokenreduce_merged(selection, x, text_len, role, args, kwargs)
@@ -540,7 +595,7 @@ class DiffusersDenoiserAdapter(Adapter):
             len(blocks),
         )
         patch.set_attr(model, ARGS_ATTR, info)
-        patch.swap_class(model, DenoisingModel)
+        _swap(patch, model, DenoisingModel, "")
         for index, block in enumerate(blocks):
             if not method.acts_at(block.level):
                 continue
@@ -549,11 +604,11 @@ class DiffusersDenoiserAdapter(Adapter):
                 continue
             patch.set_attr(block.module, ATTR, patch)
             patch.set_attr(block.module, BLOCK_ATTR, (index, block.level, block.kind))
-            patch.swap_class(block.module, ReducingBlock)
+            _swap(patch, block.module, ReducingBlock, block.path)
             for module, role in wrapped:
                 patch.set_attr(module, ATTR, patch)
                 patch.set_attr(module, ROLE_ATTR, role)
-                patch.swap_class(module, MergedModule)
+                _swap(patch, module, MergedModule, block.path)
 
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         assert isinstance(method, DenoiserMethod)
