@@ -319,7 +319,11 @@ class MergedModule:
         role = getattr(self, ROLE_ATTR)
         args, kwargs, x = _take_hidden(args, kwargs)
         if role is Role.KV:
-            return super().forward(x, *args, encoder_hidden_states=selection.apply(x), **kwargs)  # type: ignore[misc]
+            # The block passes its self-attention encoder_hidden_states=None (by name, or next after the
+            # hidden states): the selected tokens take that place.
+            kv = selection.apply(x)
+            args, kwargs = ((kv, *args[1:]), kwargs) if args else (args, {**kwargs, "encoder_hidden_states": kv})
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         if role is Role.TOKENS:
             return selection.unmerge(super().forward(selection.apply(x), *args, **kwargs))  # type: ignore[misc]
         text_len = run.text_len if role is Role.PREFIX else _text_len(args, kwargs)
