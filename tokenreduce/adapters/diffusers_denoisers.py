@@ -516,15 +516,15 @@ class DiffusersDenoiserAdapter(Adapter):
                 f"method {method} reduces no block of {type(model).__name__}: its attention runs at downsampling levels "
                 f"{levels}; raise max_downsample to at least {levels[0]}"
             )
-        if not any(any(True for _ in _wrapped(b, method)) for b in acting):
-            raise TypeError(
-                f"method {method} wraps {sorted(map(str, method.parts()))}, which no block of {type(model).__name__} has"
-            )
         if method.kv_only and any(not any(True for _ in _wrapped(b, method)) for b in acting):
             kinds = sorted({b.kind.name for b in acting if not any(True for _ in _wrapped(b, method))})
             raise TypeError(
                 f"method {method.name!r} shrinks the keys and values of a plain self-attention; {', '.join(kinds)} "
                 "blocks have joint text-image attention, which it cannot shrink"
+            )
+        if not any(any(True for _ in _wrapped(b, method)) for b in acting):
+            raise TypeError(
+                f"method {method} wraps {sorted(map(str, method.parts()))}, which no block of {type(model).__name__} has"
             )
 
     def install(self, model: nn.Module, patch: Patch) -> None:
