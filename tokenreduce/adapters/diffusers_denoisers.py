@@ -375,7 +375,11 @@ class MergedModule:
         role = getattr(self, ROLE_ATTR)
         args, kwargs, x = _take_hidden(args, kwargs)
         if role is Role.KV:
-            return super().forward(x, *args, encoder_hidden_states=selection.apply(x), **kwargs)  # type: ignore[misc]
+            # The block passes its self-attention encoder_hidden_states=None (by name, or next after the
+            # hidden states): the selected tokens take that place.
+            kv = selection.apply(x)
+            args, kwargs = ((kv, *args[1:]), kwargs) if args else (args, {**kwargs, "encoder_hidden_states": kv})
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         if role is Role.TOKENS:
             return selection.unmerge(super().forward(selection.apply(x), *args, **kwargs))  # type: ignore[misc]
         text_len = _run(patch).text_len if role is Role.PREFIX else _text_len(args, kwargs)
@@ -568,15 +572,15 @@ class DiffusersDenoiserAdapter(Adapter):
                 f"method {method} reduces no block of {type(model).__name__}: its attention runs at downsampling levels "
                 f"{levels}; raise max_downsample to at least {levels[0]}"
             )
-        if not any(any(True for _ in _wrapped(b, method)) for b in acting):
-            raise TypeError(
-                f"method {method} wraps {sorted(map(str, method.parts()))}, which no block of {type(model).__name__} has"
-            )
         if method.kv_only and any(not any(True for _ in _wrapped(b, method)) for b in acting):
             kinds = sorted({b.kind.name for b in acting if not any(True for _ in _wrapped(b, method))})
             raise TypeError(
                 f"method {method.name!r} shrinks the keys and values of a plain self-attention; {', '.join(kinds)} "
                 "blocks have joint text-image attention, which it cannot shrink"
+            )
+        if not any(any(True for _ in _wrapped(b, method)) for b in acting):
+            raise TypeError(
+                f"method {method} wraps {sorted(map(str, method.parts()))}, which no block of {type(model).__name__} has"
             )
 
     def install(self, model: nn.Module, patch: Patch) -> None:

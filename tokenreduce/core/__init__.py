@@ -48,6 +48,7 @@ from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
 from tokenreduce.core.patches import patchify
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
+from tokenreduce.core.resize import RESIZE_MODES, grid_resize, resize_weights
 from tokenreduce.core.restore import knn_reconstruction_weights, restore_tokens
 from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop, stable_order, top_k_positions
 from tokenreduce.core.selection import (
@@ -65,6 +66,7 @@ from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.core.spectral import dct_lowpass, dct_matrix
 
 __all__ = [
+    "RESIZE_MODES",
     "Compaction",
     "Selection",
     "SpanKeep",
@@ -92,6 +94,7 @@ __all__ = [
     "grid_adjacency",
     "grid_cells",
     "grid_pool",
+    "grid_resize",
     "hash_scores",
     "head_rms",
     "image_spans",
@@ -120,6 +123,7 @@ __all__ = [
     "received_attention",
     "redundant_half",
     "rescale_to_max_norm",
+    "resize_weights",
     "restore_tokens",
     "row_attention",
     "rows_attention",
