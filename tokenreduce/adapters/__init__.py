@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokenreduce.adapters import hf_vision, hf_vlm, openclip_vit, timm_eva, timm_vit  # noqa: F401  (registration)
-from tokenreduce.adapters.base import Adapter, BlockCost
+from tokenreduce.adapters import hf_video, hf_vision, hf_vlm, openclip_vit, timm_eva, timm_vit  # noqa: F401  (registration)
+from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.registry import adapters
 
 __all__ = ["Adapter", "BlockCost", "locate"]
@@ -15,7 +15,20 @@ def _match(module: nn.Module) -> Adapter | None:
     return next((cls() for cls in adapters() if cls.matches(module)), None)
 
 
+def _refused(module: nn.Module, path: str = "") -> TypeError | None:
+    """The error for ``module`` (at ``path`` in the model) if an adapter names its class as refused."""
+    for name in class_names(module):
+        for adapter in adapters():
+            if name in adapter.refused:
+                where = f" (submodule {path!r})" if path else ""
+                return TypeError(f"tokenreduce cannot patch {type(module).__qualname__}{where}: {adapter.refused[name]}")
+    return None
+
+
 def _unsupported(model: nn.Module) -> TypeError:
+    refused = next(filter(None, (_refused(m, path) for path, m in model.named_modules())), None)
+    if refused is not None:
+        return refused
     families = "; ".join(a.family for a in adapters())
     return TypeError(f"no tokenreduce adapter for {type(model).__qualname__}; supported model families: {families}")
 
@@ -23,12 +36,16 @@ def _unsupported(model: nn.Module) -> TypeError:
 def locate(model: object) -> tuple[str, nn.Module, Adapter]:
     """``(path, module, adapter)`` of the supported model to patch: ``model`` itself (path ``""``), or
     the one supported submodule of a wrapper (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
-    a user module holding a backbone). Several candidates, or none, raise a ``TypeError`` naming them."""
+    a user module holding a backbone). Several candidates, or none, raise a ``TypeError`` naming them; a
+    model of a class an adapter refuses (or, when nothing else matches, holding one) raises its reason."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     adapter = _match(model)
     if adapter is not None:
         return "", model, adapter
+    refused = _refused(model)
+    if refused is not None:
+        raise refused
     found: list[tuple[str, nn.Module, Adapter]] = []
     for name, module in model.named_modules():  # parents come before their children
         if not name or any(name.startswith(path + ".") for path, _, _ in found):
