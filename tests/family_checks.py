@@ -1,8 +1,10 @@
-"""Checks shared by the model-family test files (open_clip, timm Eva, timm attention-pool heads): every
-registered encoder method on one tiny model of a family, and compile/export of one method."""
+"""Checks shared by the model-family test files (open_clip, timm Eva, timm attention-pool heads, Hugging Face
+video ViTs): every registered encoder method on one tiny model of a family, and compile/export of one method.
+``inputs(batch=, seed=)`` makes a family's inputs (default: images)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -20,8 +22,9 @@ METHODS = sorted(REDUCING)
 
 
 def first(out):
-    """The main output: open_clip returns ``(pooled, tokens)`` with ``output_tokens``."""
-    return out[0] if isinstance(out, tuple) else out
+    """The main output: open_clip returns ``(pooled, tokens)`` with ``output_tokens``; a Hugging Face model
+    output's first field (``logits``, ``last_hidden_state``)."""
+    return out[0] if isinstance(out, tuple) or hasattr(out, "to_tuple") else out
 
 
 def run(model, x: torch.Tensor) -> torch.Tensor:
@@ -29,22 +32,33 @@ def run(model, x: torch.Tensor) -> torch.Tensor:
         return first(model(x))
 
 
-def check_method(model, method: str, has_cls_token: bool = True, batch: int = 4) -> None:
-    """The contract's core on one model: the identity config equals the unpatched model; the reducing
-    config changes the output, leaves the schedule's token counts, gives each image of a batch what it
-    gives the image alone; removing restores the model bit for bit and leaves no trace."""
-    if tokenreduce.make_method(method, **REDUCING[method]).needs_cls_token and not has_cls_token:
+def check_method(
+    model,
+    method: str,
+    has_cls_token: bool = True,
+    batch: int = 4,
+    inputs: Callable = images,
+    identity: dict | None = None,
+    reducing: dict | None = None,
+) -> None:
+    """The contract's core on one model: the identity config equals the unpatched model; the reducing config
+    changes the output, leaves the schedule's token counts, gives each image of a batch what it gives the
+    image alone; removing restores the model bit for bit and leaves no trace. ``identity`` and ``reducing``
+    replace the contract's configs where a family's layout needs others."""
+    identity = IDENTITY[method] if identity is None else identity
+    reducing = REDUCING[method] if reducing is None else reducing
+    if tokenreduce.make_method(method, **reducing).needs_cls_token and not has_cls_token:
         pytest.skip(f"{method} needs a class token")
-    x = images(batch=batch)
+    x = inputs(batch=batch)
     expected, before = run(model, x), traces(model)
-    with tokenreduce.applied(model, method, **IDENTITY[method]):
+    with tokenreduce.applied(model, method, **identity):
         torch.testing.assert_close(run(model, x), expected, rtol=1e-5, atol=1e-5)
-    tokenreduce.apply(model, method, **REDUCING[method])
+    tokenreduce.apply(model, method, **reducing)
     batched = run(model, x)
     rec = tokenreduce.record(model)
     depth, prefix = layout(model)
     if method not in DATA_DEPENDENT_COUNTS:
-        plan = tokenreduce.make_method(method, **REDUCING[method]).schedule(rec.input_tokens, prefix, depth)
+        plan = tokenreduce.make_method(method, **reducing).schedule(rec.input_tokens, prefix, depth)
         assert list(rec.tokens_per_layer) == plan
     singles = torch.cat([run(model, x[i : i + 1]) for i in range(batch)])
     torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
@@ -55,11 +69,11 @@ def check_method(model, method: str, has_cls_token: bool = True, batch: int = 4)
         assert not torch.allclose(batched, expected, atol=1e-4), "the reducing config changed nothing"
 
 
-def check_compile_and_export(model, method: str = "tome", compile: bool = True) -> None:
+def check_compile_and_export(model, method: str = "tome", compile: bool = True, inputs: Callable = images) -> None:
     """``torch.export`` (dynamic batch) and, with ``compile``, ``torch.compile(fullgraph=True)`` reproduce the
     eager outputs, on other images than the exported example (about 15 s each on two cores)."""
     tokenreduce.apply(model, method, **REDUCING[method])
-    example, check = images(batch=2, seed=1), images(batch=3, seed=7)
+    example, check = inputs(batch=2, seed=1), inputs(batch=3, seed=7)
     eager = run(model, check)
     if compile:
         with torch.no_grad():
@@ -70,10 +84,11 @@ def check_compile_and_export(model, method: str = "tome", compile: bool = True) 
         torch.testing.assert_close(first(program.module()(check)), eager, rtol=1e-5, atol=1e-5)
 
 
-def check_defaults_plan(model) -> None:
+def check_defaults_plan(model, unplannable: tuple[str, ...] = ()) -> None:
     """A full-size model built on the meta device patches, and every encoder method's defaults (those that
     need a class token only where there is one) plan a schedule on it at its native input size (patched
-    once: checking a full-size block costs a second)."""
+    once: checking a full-size block costs a second), except that the defaults of the ``unplannable``
+    methods refuse it with a ``ValueError`` (they need a config for it)."""
     from tokenreduce.adapters import locate
     from tokenreduce.registry import method_classes
     from tokenreduce.stages import Stage
@@ -83,13 +98,16 @@ def check_defaults_plan(model) -> None:
     _, target, adapter = locate(model)
     for name in tokenreduce.list_methods():
         cls = method_classes(name).get(Stage.ENCODER)
-        if cls is not None and (adapter.has_cls_token(target) or not cls.needs_cls_token):
+        if name in unplannable:
+            with pytest.raises(ValueError):
+                adapter.validate(target, cls())
+        elif cls is not None and (adapter.has_cls_token(target) or not cls.needs_cls_token):
             adapter.validate(target, cls())  # plans the schedule; raises if it cannot
             assert adapter.plan(target, cls()), name
     tokenreduce.remove(model)
 
 
-def check_macs(model, method: str, **config) -> None:
+def check_macs(model, method: str, inputs: Callable = images, **config) -> None:
     """The analytic MAC count (``bench.model_macs`` from the adapter's block costs) agrees with torch's
     counter on one image (scoring and matching, in torch's count only, stay under 1.5%)."""
     from tokenreduce.adapters import locate
@@ -97,23 +115,23 @@ def check_macs(model, method: str, **config) -> None:
     from tokenreduce.bench.flops import counted_macs
 
     tokenreduce.apply(model, method, **config)
-    counted = counted_macs(lambda: run(model, images(batch=1)))
+    counted = counted_macs(lambda: run(model, inputs(batch=1)))
     rec = tokenreduce.record(model)
     assert counted == pytest.approx(model_macs(locate(model)[2], model, rec.input_tokens, rec.tokens_per_layer), rel=0.015)
 
 
-def check_tome_matches(model, naive_forward, prop_attn: bool = True) -> None:
+def check_tome_matches(model, naive_forward, prop_attn: bool = True, inputs: Callable = images) -> None:
     """ToMe (``r`` per block 5, 8, 3, 6) gives what ``naive_forward`` (see :mod:`naive_families`) gives."""
-    x, r, prefix = images(batch=3), [5, 8, 3, 6], layout(model)[1]
+    x, r, prefix = inputs(batch=3), [5, 8, 3, 6], layout(model)[1]
     want = naive_forward(model, x, naive_families.tome_step(r, prefix), prop_attn=prop_attn)
     tokenreduce.apply(model, "tome", r=r, prop_attn=prop_attn)
     torch.testing.assert_close(run(model, x), want, rtol=1e-4, atol=1e-4)
 
 
-def check_cls_pruning_matches(model, naive_forward, method: str) -> None:
+def check_cls_pruning_matches(model, naive_forward, method: str, inputs: Callable = images) -> None:
     """EViT or Top-K (keep rate 0.55 at the default layers of a 6-block model: 1, 3, 4) gives what
     ``naive_forward`` gives."""
-    x, prefix = images(batch=3), layout(model)[1]
+    x, prefix = inputs(batch=3), layout(model)[1]
     want = naive_forward(model, x, naive_families.evit_step((1, 3, 4), 0.55, prefix, fuse=method == "evit"), prop_attn=False)
     tokenreduce.apply(model, method, keep_rate=0.55)
     torch.testing.assert_close(run(model, x), want, rtol=1e-4, atol=1e-4)
@@ -147,11 +165,11 @@ def probe(hook: Hook, start_qkv: bool = False, edits_attention: bool = False, **
     return dataclass(type(f"Probe{hook}{start_qkv}{edits_attention}", (Probe,), namespace))(**config)
 
 
-def check_hook_points(model) -> None:
+def check_hook_points(model, inputs: Callable = images) -> None:
     """Where tokenreduce runs the attention itself: a method at the block start sees the q/k/v that block's
     attention uses; reducing at the start of block 1 equals reducing at the end of block 0; a method that
     edits the attention map (here: leaves it as it is) gives the model's own outputs, reduced or not."""
-    x = images()
+    x = inputs()
     expected = run(model, x)
     start, attn = probe(Hook.START, start_qkv=True, at=2), probe(Hook.ATTN, at=99)  # projected where it reduces
     for method in (start, attn):
@@ -172,10 +190,10 @@ def check_hook_points(model) -> None:
     tokenreduce.remove(model)
 
 
-def check_save_load_and_half(model, tmp_path) -> None:
+def check_save_load_and_half(model, tmp_path, inputs: Callable = images) -> None:
     """A patched model survives ``torch.save``/``load`` (tokenreduce's own classes and functions are all
     allowed for ``weights_only`` loading) and runs in float16 and bfloat16 close to float32."""
-    x = images()
+    x = inputs()
     tokenreduce.apply(model, "tome", r=5)
     reduced = run(model, x)
     torch.save(model, tmp_path / "model.pt")

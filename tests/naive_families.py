@@ -1,5 +1,6 @@
 """Naive, sample-by-sample forwards of the model families added for issue 9 (g8): open_clip's
-VisionTransformer, timm's Eva with rotary embeddings, and timm's attention-pool head (``global_pool='map'``).
+VisionTransformer, timm's Eva with rotary embeddings, and timm's attention-pool head (``global_pool='map'``);
+and of the Hugging Face video ViTs (issue 10): VideoMAE and ViViT over their tubelet tokens.
 
 Each is written from the library's documented computation, one image at a time, with a hand-written
 attention (and rotary embedding, and attention pool); none shares code with tokenreduce. After each block's
@@ -241,4 +242,46 @@ def vit_map_forward(model, images: Tensor, step, prop_attn: bool = True) -> Tens
                 t, size, pos = step(layer, t, k, probs, size, pos)
                 t = t + blk.ls2(blk.mlp(blk.norm2(t)))
             outs.append(_head(model, model.norm(t), size, prop_attn, pool_prefix=model.pool_include_prefix))
+    return torch.stack(outs)
+
+
+# -- Hugging Face video ViTs ----------------------------------------------------------------------
+
+
+def _video_attention(blk, h: Tensor, bias) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention of a ``VideoMAELayer`` (inner ``query``/``key``/``value``, ``output.dense``) or a
+    ``VivitLayer`` (``q_proj``/``k_proj``/``v_proj``, ``o_proj``) on one video's tokens ``h [N, C]``.
+    Returns (output, keys, probabilities)."""
+    if hasattr(blk, "intermediate"):  # VideoMAE
+        inner = blk.attention.attention
+        q, k, v = (_heads(p(h), inner.attention_head_size) for p in (inner.query, inner.key, inner.value))
+        out, probs = _softmax_attention(q, k, v, inner.attention_head_size**-0.5, bias)
+        return blk.attention.output.dense(out), k, probs
+    attn = blk.attention
+    q, k, v = (_heads(p(h), attn.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out, probs = _softmax_attention(q, k, v, attn.head_dim**-0.5, bias)
+    return attn.o_proj(out), k, probs
+
+
+def _video_mlp(blk, t: Tensor) -> Tensor:
+    h = blk.layernorm_after(t)
+    return blk.output.dense(blk.intermediate(h)) if hasattr(blk, "intermediate") else blk.mlp(h)
+
+
+def video_forward(model, videos: Tensor, step, prop_attn: bool = True) -> Tensor:
+    """``VideoMAEModel`` or ``VivitModel`` to its last hidden state, one video ``[T, C, H, W]`` at a time:
+    every tubelet token (and ViViT's class token) in one sequence, pre-norm layers written out."""
+    videomae = hasattr(model, "encoder")
+    layers = model.encoder.layer if videomae else model.layers
+    outs = []
+    with torch.no_grad():
+        for video in videos:
+            t = (model.embeddings(video[None], None) if videomae else model.embeddings(video[None]))[0]
+            size, pos = torch.ones(t.shape[0]), list(range(t.shape[0]))
+            for layer, blk in enumerate(layers):
+                out, k, probs = _video_attention(blk, blk.layernorm_before(t), size.log() if prop_attn else 0.0)
+                t = t + out
+                t, size, pos = step(layer, t, k, probs, size, pos)
+                t = t + _video_mlp(blk, t)
+            outs.append(t if model.layernorm is None else model.layernorm(t))
     return torch.stack(outs)

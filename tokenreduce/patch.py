@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.core import size_bias
+from tokenreduce.core import size_bias, tubelets_as_image
 from tokenreduce.methods.base import Hook, LayerContext, Method
 from tokenreduce.registry import loadable
 from tokenreduce.state import ForwardState
@@ -78,10 +78,12 @@ class CaptureOutput:
 @loadable
 class CaptureImage:
     """Mixed in front of a model's patch embedding (a convolution with stride equal to its kernel):
-    keeps its input image in the calling thread until the first block starts the forward's state."""
+    keeps its input image in the calling thread until the first block starts the forward's state; a
+    video's tubelets (``Conv3d``) as one tall image (:func:`~tokenreduce.core.tubelets_as_image`)."""
 
     def forward(self, x: Tensor, *args, **kwargs):
-        getattr(self, ATTR).local.image = x
+        image = x if x.dim() == 4 else tubelets_as_image(x, self.kernel_size[0], self.kernel_size[1:])
+        getattr(self, ATTR).local.image = image
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -159,13 +161,18 @@ class Patch:
         """Keep the input of the patch embedding ``conv`` (``[B, C, H, W]``) for the method
         (:attr:`LayerContext.image`), when the method has ``needs_image``. The patch embedding runs
         before the first block creates the forward's state, so the image waits in this thread's slot
-        and :meth:`begin` moves it into the state."""
-        if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size or conv.padding not in ((0, 0), "valid"):
+        and :meth:`begin` moves it into the state. A ``Conv3d`` embeds a video ``[B, C, T, H, W]`` in
+        tubelets, which the method sees as one tall image of their patches."""
+        if (
+            not isinstance(conv, (nn.Conv2d, nn.Conv3d))
+            or conv.stride != conv.kernel_size
+            or not (conv.padding == "valid" or not any(conv.padding))
+        ):
             raise TypeError(
-                f"method {self.method.name!r} reads the pixels of each patch; the patch embedding must be a Conv2d with "
-                f"stride equal to its kernel and no padding, got {conv!r}"
+                f"method {self.method.name!r} reads the pixels of each patch; the patch embedding must be a Conv2d (or "
+                f"a video's Conv3d) with stride equal to its kernel and no padding, got {conv!r}"
             )
-        self.patch_size = tuple(conv.kernel_size)  # type: ignore[assignment]
+        self.patch_size = tuple(conv.kernel_size[-2:])  # type: ignore[assignment]
         self.set_attr(conv, ATTR, self)
         self.swap_class(conv, CaptureImage)
 

@@ -6,13 +6,14 @@ from torch import nn
 
 from tokenreduce.adapters import (  # noqa: F401  (registration)
     diffusers_denoisers,
+    hf_video,
     hf_vision,
     hf_vlm,
     openclip_vit,
     timm_eva,
     timm_vit,
 )
-from tokenreduce.adapters.base import Adapter, BlockCost
+from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.registry import adapters
 
 __all__ = ["Adapter", "BlockCost", "locate"]
@@ -22,7 +23,20 @@ def _match(module: nn.Module) -> Adapter | None:
     return next((cls() for cls in adapters() if cls.matches(module)), None)
 
 
+def _refused(module: nn.Module, path: str = "") -> TypeError | None:
+    """The error for ``module`` (at ``path`` in the model) if an adapter names its class as refused."""
+    for name in class_names(module):
+        for adapter in adapters():
+            if name in adapter.refused:
+                where = f" (submodule {path!r})" if path else ""
+                return TypeError(f"tokenreduce cannot patch {type(module).__qualname__}{where}: {adapter.refused[name]}")
+    return None
+
+
 def _unsupported(model: nn.Module) -> TypeError:
+    refused = next(filter(None, (_refused(m, path) for path, m in model.named_modules())), None)
+    if refused is not None:
+        return refused
     families = "; ".join(a.family for a in adapters())
     return TypeError(f"no tokenreduce adapter for {type(model).__qualname__}; supported model families: {families}")
 
@@ -31,7 +45,8 @@ def locate(model: object) -> tuple[str, nn.Module, Adapter]:
     """``(path, module, adapter)`` of the supported model to patch: ``model`` itself (path ``""``), or
     the one supported submodule of a wrapper (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
     a user module holding a backbone), or the denoiser of a diffusers pipeline (path: its component
-    name). Several candidates, or none, raise a ``TypeError`` naming them."""
+    name). Several candidates, or none, raise a ``TypeError`` naming them; a model of a class an adapter
+    refuses (or, when nothing else matches, holding one) raises its reason."""
     found: list[tuple[str, nn.Module, Adapter]] = []
     if not isinstance(model, nn.Module):
         components = getattr(model, "components", None)
@@ -42,20 +57,24 @@ def locate(model: object) -> tuple[str, nn.Module, Adapter]:
             adapter = _match(module) if isinstance(module, nn.Module) else None
             if adapter is not None:
                 found.append((name, module, adapter))
-        if len(found) == 1:
-            return found[0]
         if not found:
-            raise _unsupported(model)
+            families = "; ".join(a.family for a in adapters())
+            raise TypeError(
+                f"{type(model).__qualname__} holds no model tokenreduce supports; supported model families: {families}"
+            )
     else:
         adapter = _match(model)
         if adapter is not None:
             return "", model, adapter
-    for name, module in model.named_modules() if isinstance(model, nn.Module) else ():  # parents before children
-        if not name or any(name.startswith(path + ".") for path, _, _ in found):
-            continue
-        adapter = _match(module)
-        if adapter is not None:
-            found.append((name, module, adapter))
+        refused = _refused(model)
+        if refused is not None:
+            raise refused
+        for name, module in model.named_modules():  # parents come before their children
+            if not name or any(name.startswith(path + ".") for path, _, _ in found):
+                continue
+            adapter = _match(module)
+            if adapter is not None:
+                found.append((name, module, adapter))
     if len(found) == 1:
         return found[0]
     if found:

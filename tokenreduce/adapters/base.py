@@ -51,6 +51,9 @@ class Adapter(ABC):
     name: ClassVar[str]
     family: ClassVar[str]  # human-readable list of supported classes, for error messages
     stages: ClassVar[tuple[Stage, ...]] = (Stage.ENCODER,)
+    # Classes of the family known not to fit (qualified name -> why): a model that is or holds one is
+    # refused with the reason, not with a bare "no adapter", and never patched through a submodule.
+    refused: ClassVar[dict[str, str]] = {}
 
     @classmethod
     @abstractmethod

@@ -28,14 +28,17 @@ class BlockLayout:
     """A residual block: each branch as names applied in order, and where its attention is.
 
     A branch name may also name a bare parameter (a layer scale kept as a tensor, EVA's ``gamma_1``),
-    which multiplies, or an attribute that is ``None``, which is skipped. ``attention`` (a name in
-    ``attn``) receives the mask under ``mask_kwarg`` and the block's other keyword arguments; a tuple
-    result (Hugging Face's ``(output, weights)``) is reduced to its first item. ``params`` names the
-    block forward's positional parameters after the tokens. ``query`` and ``key`` are the attention
-    submodules whose outputs are the queries and keys, ``[B, H, N, D]``, or ``[B, N, H * D]`` when
-    ``split_heads``; ``value`` is the submodule whose output holds the values, ``[B, N, H * D]``, as
-    chunk ``value_chunk = (i, n)`` of ``n`` along its last dimension when given (timm's fused ``qkv``);
-    ``scale`` (an attribute name, or a function of the attention) and ``heads`` are read on the
+    which multiplies, or an attribute that is ``None``, which is skipped; a dotted name reaches into a
+    submodule whose own forward does more than the branch (VideoMAE's ``output.dense``, where ``output``
+    also adds the residual). ``attention`` (a name in ``attn``) receives the mask under ``mask_kwarg``
+    (``None``: the block takes no mask, and tokenreduce runs its attention) and the block's other
+    keyword arguments; a tuple result (Hugging Face's ``(output, weights)``) is reduced to its first
+    item. ``params`` names the block forward's positional parameters after the tokens. ``query`` and
+    ``key`` are the attention submodules whose outputs are the queries and keys, ``[B, H, N, D]``, or
+    ``[B, N, H * D]`` when ``split_heads``; ``value`` is the submodule whose output holds the values,
+    ``[B, N, H * D]``, as chunk ``value_chunk = (i, n)`` of ``n`` along its last dimension when given
+    (timm's fused ``qkv``);
+    ``scale`` (an attribute path, or a function of the attention) and ``heads`` are read on the
     attention. ``project`` computes ``(q, k, v)`` ``[B, H, N, D]`` of the attention module from its
     input, as the attention itself does (for methods acting at the block input); ``attend`` finishes
     the attention from given softmax probabilities ``[B, H, N, N]`` and ``v`` (for methods that edit
@@ -45,7 +48,7 @@ class BlockLayout:
     parameters inside one call, as ``nn.MultiheadAttention`` does, or rotated by a rotary embedding
     after the last submodule, as EVA's) has ``query = key = value = None``: tokenreduce then runs that
     attention itself, as ``project``, scaled-dot-product attention (with the probability dropout
-    ``dropout``, an attribute holding a float or an ``nn.Dropout``) and ``finish``, which turns the
+    ``dropout``, an attribute path holding a float or an ``nn.Dropout``) and ``finish``, which turns the
     heads' outputs ``[B, H, N, D]`` into the module's output; the block's check when patching
     compares that against the block's own forward.
 
@@ -58,7 +61,7 @@ class BlockLayout:
     attn: tuple[str, ...]
     mlp: tuple[str, ...]
     attention: str
-    mask_kwarg: str
+    mask_kwarg: str | None
     params: tuple[str, ...]
     query: str | None
     key: str | None
@@ -76,6 +79,8 @@ class BlockLayout:
     def __post_init__(self) -> None:
         if self.finish is None and (self.attend is None or self.runs_attention):
             raise ValueError("a layout needs finish, or attend and the modules whose outputs are the queries and keys")
+        if self.mask_kwarg is None and not self.runs_attention:
+            raise ValueError("a block that takes no mask (mask_kwarg=None) needs tokenreduce to run its attention (query=None)")
 
     @property
     def runs_attention(self) -> bool:
@@ -83,7 +88,7 @@ class BlockLayout:
         return self.query is None
 
     def scale_of(self, attention: nn.Module) -> float:
-        return self.scale(attention) if callable(self.scale) else getattr(attention, self.scale)
+        return self.scale(attention) if callable(self.scale) else _attr(attention, self.scale)
 
     def project_input(self, block: nn.Module, x: Tensor, tables: dict | None = None) -> QKV:
         """``(q, k, v)`` that the block's attention would compute on the block input ``x`` (``tables``:
@@ -117,7 +122,7 @@ class BlockLayout:
         q, k, v = self.project(attention, x, **{k: kwargs[k] for k in self.token_kwargs if kwargs.get(k) is not None})
         if state is not None:
             state.q, state.k, state.v = q, k, v
-        dropout = getattr(attention, self.dropout)
+        dropout = _attr(attention, self.dropout)
         p = (dropout.p if isinstance(dropout, nn.Dropout) else float(dropout)) if attention.training else 0.0
         if getattr(attention, "fused_attn", True):
             # SDPA's default scale, 1 / sqrt(D), as the modules run here use; verify_layout checks it against
@@ -162,8 +167,15 @@ class BlockLayout:
         return x
 
 
+def _attr(module: nn.Module, path: str):
+    """The attribute at dotted ``path`` below ``module``."""
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
 def _step(block: nn.Module, name: str, x: Tensor) -> Tensor:
-    part = getattr(block, name)
+    part = _attr(block, name)
     if part is None:
         return x
     if isinstance(part, Tensor):  # a layer scale kept as a bare parameter
@@ -183,7 +195,7 @@ class ReducingBlock:
             # Hugging Face layers re-run forward in backward; the token state has moved on by then.
             raise TypeError("gradient checkpointing cannot be combined with token reduction; tokenreduce.remove(model) first")
         kwargs.update(zip(layout.params, args))
-        mask = kwargs.pop(layout.mask_kwarg, None)
+        mask = kwargs.pop(layout.mask_kwarg, None) if layout.mask_kwarg else None
         tables = {name: kwargs.pop(name) for name in layout.token_kwargs if kwargs.get(name) is not None}
         state = patch.begin(x, masked=mask is not None or bool(kwargs.get("is_causal"))) if layer == 0 else patch.current()
         hook, scale = patch.method.hook, layout.scale_of(getattr(self, layout.attention))
@@ -239,7 +251,8 @@ def verify_layout(block: nn.Module, layout: BlockLayout, width: int, example: Ca
     training = block.training
     block.eval()
     try:
-        expected = type(block).forward(block, x, **{layout.mask_kwarg: None}, **tables)
+        no_mask = {layout.mask_kwarg: None} if layout.mask_kwarg else {}
+        expected = type(block).forward(block, x, **no_mask, **tables)
         y = x + layout.run_attn(block, x, None, tables)
         got = y + layout.run_mlp(block, y)
         scale = layout.scale_of(getattr(block, layout.attention))
@@ -283,7 +296,7 @@ def install_blocks(
         patch.set_attr(block, "_tokenreduce_layer", i)
         patch.set_attr(block, "_tokenreduce_layout", layout)
         if not layout.runs_attention:
-            heads = int(getattr(getattr(block, layout.attention), layout.heads))
+            heads = int(_attr(getattr(block, layout.attention), layout.heads))
             patch.capture_qk(
                 block.get_submodule(layout.query), block.get_submodule(layout.key), heads if layout.split_heads else None
             )

@@ -12,6 +12,7 @@ as its additive ``attention_mask``, which eager and SDPA attention accept (flash
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -49,9 +50,17 @@ class Tower:
     layout: BlockLayout
     class_token: bool
     attention_pool: str | None = None  # the nn.MultiheadAttention of an attention-pooling head, if any
+    query: str | None = None  # the query projection in a layer, where the layout captures none (FLOP model)
 
 
 _CLIP_LIKE = _layout(("layer_norm1", "self_attn"), ("layer_norm2", "mlp"), "self_attn", "scale", "num_heads")
+VIT_LIKE = _layout(
+    ("layernorm_before", "attention", "dropout"),
+    ("layernorm_after", "mlp", "dropout"),
+    "attention",
+    "scaling",
+    "num_attention_heads",
+)
 TOWERS = {
     "transformers.models.clip.modeling_clip.CLIPVisionModel": Tower(
         "encoder.layers", "transformers.models.clip.modeling_clip.CLIPEncoderLayer", _CLIP_LIKE, True
@@ -72,16 +81,7 @@ TOWERS = {
         True,
     ),
     "transformers.models.vit.modeling_vit.ViTModel": Tower(
-        "layers",
-        "transformers.models.vit.modeling_vit.ViTLayer",
-        _layout(
-            ("layernorm_before", "attention", "dropout"),
-            ("layernorm_after", "mlp", "dropout"),
-            "attention",
-            "scaling",
-            "num_attention_heads",
-        ),
-        True,
+        "layers", "transformers.models.vit.modeling_vit.ViTLayer", VIT_LIKE, True
     ),
 }
 
@@ -99,21 +99,23 @@ class PaddingMaskedPool:
         return super().forward(query, key, value, key_padding_mask, *args, **kwargs)  # type: ignore[misc]
 
 
-def _tower(model: nn.Module) -> Tower | None:
-    return next((TOWERS[n] for n in class_names(model) if n in TOWERS), None)
-
-
 @register_adapter
 class HFVisionTower(Adapter):
     name = "hf-vision"
     family = "Hugging Face vision towers (CLIPVisionModel and CLIPModel's image tower, SiglipVisionModel, Dinov2Model, ViTModel)"
 
+    towers: ClassVar[dict[str, Tower]] = TOWERS
+
+    @classmethod
+    def _tower(cls, model: nn.Module) -> Tower | None:
+        return next((cls.towers[n] for n in class_names(model) if n in cls.towers), None)
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _tower(model) is not None
+        return cls._tower(model) is not None
 
     def _spec(self, model: nn.Module) -> Tower:
-        tower = _tower(model)
+        tower = self._tower(model)
         assert tower is not None
         return tower
 
@@ -146,7 +148,7 @@ class HFVisionTower(Adapter):
             if spec.layer not in class_names(block):
                 raise TypeError(f"layer {i} is a {type(block).__qualname__}; {type(model).__name__} layers must be {spec.layer}")
         if getattr(patch.method, "needs_image", False):
-            convs = [m for m in model.embeddings.modules() if isinstance(m, nn.Conv2d)]
+            convs = embedding_convs(model)
             if len(convs) != 1:
                 raise TypeError(f"{type(model).__name__}.embeddings has {len(convs)} convolutions; one patch embedding expected")
             patch.capture_image(convs[0])
@@ -157,30 +159,34 @@ class HFVisionTower(Adapter):
             patch.swap_class(pool, PaddingMaskedPool)
 
     def block_costs(self, model: nn.Module) -> list[BlockCost]:
-        layout = self._spec(model).layout
-        costs = []
-        for block in self.blocks(model):
-            attention = getattr(block, layout.attention)
-            costs.append(
-                BlockCost(
-                    attn_macs_per_token=linear_macs(attention),
-                    attn_dim=attention.q_proj.out_features,
-                    mlp_macs_per_token=linear_macs(block.mlp),
-                )
+        spec = self._spec(model)
+        layout = spec.layout
+        return [
+            BlockCost(
+                attn_macs_per_token=linear_macs(getattr(block, layout.attention)),
+                attn_dim=block.get_submodule(spec.query or layout.query).out_features,
+                mlp_macs_per_token=sum(linear_macs(block.get_submodule(name)) for name in layout.mlp),
             )
-        return costs
+            for block in self.blocks(model)
+        ]
 
     def stem_head_macs(self, model: nn.Module, num_tokens: int) -> int:
-        convs = [m for m in model.embeddings.modules() if isinstance(m, nn.Conv2d)]
-        return sum(c.weight.numel() for c in convs) * (num_tokens - self.num_prefix_tokens(model))
+        return sum(c.weight.numel() for c in embedding_convs(model)) * (num_tokens - self.num_prefix_tokens(model))
 
     def summary(self, model: nn.Module) -> str:
         blocks = self.blocks(model)
         kinds = sorted({original_class(b).__name__ for b in blocks})
+        layout = self._spec(model).layout
+        attention = "scaled-dot-product, run by tokenreduce" if layout.runs_attention else model.config._attn_implementation
         return (
             f"{original_class(model).__name__}: {len(blocks)} layers ({', '.join(kinds)}), "
-            f"{self.num_prefix_tokens(model)} prefix tokens, attention {model.config._attn_implementation}"
+            f"{self.num_prefix_tokens(model)} prefix tokens, attention {attention}"
         )
+
+
+def embedding_convs(model: nn.Module) -> list[nn.Module]:
+    """The convolutions of the model's embeddings: its patch (or a video's tubelet) embedding."""
+    return [m for m in model.embeddings.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

@@ -45,7 +45,7 @@ from tokenreduce.core.matching import (
     threshold_soft_matching,
 )
 from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
-from tokenreduce.core.patches import patchify
+from tokenreduce.core.patches import patchify, tubelets_as_image
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
 from tokenreduce.core.resize import RESIZE_MODES, grid_resize, resize_weights
@@ -137,6 +137,7 @@ __all__ = [
     "threshold_soft_matching",
     "top_k_positions",
     "transform_to_targets",
+    "tubelets_as_image",
     "vote_and_mix",
     "weighted_kmeans",
     "weighted_mean_coeff",

@@ -15,3 +15,16 @@ def patchify(image: Tensor, patch_size: tuple[int, int]) -> Tensor:
     rows, cols = h // ph, w // pw
     x = image[:, :, : rows * ph, : cols * pw].reshape(b, c, rows, ph, cols, pw)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * ph * pw)
+
+
+def tubelets_as_image(video: Tensor, frames: int, patch_size: tuple[int, int]) -> Tensor:
+    """``video [B, C, T, H, W] -> [B, C * frames, (T // frames) * rows * ph, cols * pw]``: a video embedded
+    in tubelets of ``frames x ph x pw`` pixels (a stride-equals-kernel ``Conv3d``) laid out as one tall
+    image whose ``(ph, pw)`` patches, in row-major order, are the tubelets in the order of the tokens
+    (time, row, column): the time slices stacked top to bottom, a tubelet's frames as channels, what the
+    convolution leaves out (trailing frames, rows, columns) left out."""
+    b, c, t, h, w = video.shape
+    (ph, pw), slices = patch_size, t // frames
+    rows, cols = h // ph, w // pw
+    x = video[:, :, : slices * frames, : rows * ph, : cols * pw].reshape(b, c, slices, frames, rows * ph, cols * pw)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, c * frames, slices * rows * ph, cols * pw)

@@ -50,8 +50,9 @@ class LayerContext:
     block's attention used (``None`` at block 0).
     ``attn_bias`` is the additive mask that attention used (or will use, at the start). ``depth`` is the
     encoder's block count. For a method with ``needs_image``, ``image`` is the input of the model's patch
-    embedding ``[B, C, H, W]`` (the normalised pixels, as the model sees them) and ``patch_size`` its
-    ``(height, width)``; ``None`` when the forward did not pass through the patch embedding."""
+    embedding ``[B, C, H, W]`` (the normalised pixels, as the model sees them; a video's tubelets as one
+    tall image, :func:`~tokenreduce.core.tubelets_as_image`) and ``patch_size`` its ``(height, width)``;
+    ``None`` when the forward did not pass through the patch embedding."""
 
     layer: int
     num_prefix: int
