@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from tokenreduce.core import (
+    bipartite_merge,
     bipartite_soft_matching,
+    cell_argmax,
+    cell_partition,
     cls_attention,
+    hash_normal,
     hash_scores,
     keep,
     keep_and_fuse,
@@ -132,6 +136,43 @@ def test_hash_scores_are_distinct_deterministic_and_keyed():
     # roughly uniform over [0, 2**32): each quarter holds about a quarter of the positions
     counts = torch.bincount(a // 2**30, minlength=4)
     assert ((counts > 1100) & (counts < 1400)).all()
+
+
+def test_hash_normal_is_standard_normal_deterministic_and_keyed():
+    z = hash_normal(20000, key=torch.tensor(7))
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert torch.equal(z, hash_normal(20000, key=7)) and not torch.equal(z, hash_normal(20000, key=8))
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1) < 0.03
+    assert abs(float((z < -1.96).float().mean()) - 0.025) < 0.005  # the lower tail too
+
+
+def test_cell_argmax_and_partition_per_image_with_ragged_borders():
+    # a 3x5 grid, 1x2 cells: one row of two cells in each row, the last column a ragged border
+    scores = torch.tensor([[5.0, 1, 1, 2, 9, 0, 3, 4, 4, 9, 1, 1, 2, 2, 9], [0.0] * 15])
+    choice = cell_argmax(scores, (3, 5), sx=2, sy=1)
+    assert choice.tolist() == [[[0, 1], [1, 0], [0, 0]], [[0, 0]] * 3]  # ties go to the first
+    src, dst = cell_partition((3, 5), 2, 1, choice)
+    assert dst.tolist() == [[0, 3, 6, 7, 10, 12], [0, 2, 5, 7, 10, 12]]
+    assert src.tolist() == [[1, 2, 4, 5, 8, 9, 11, 13, 14], [1, 3, 4, 6, 8, 9, 11, 13, 14]]
+    for b in range(2):  # one image's choice gives that image's row
+        one_src, one_dst = cell_partition((3, 5), 2, 1, choice[b])
+        assert torch.equal(one_src, src[b]) and torch.equal(one_dst, dst[b])
+    with pytest.raises(ValueError, match="one entry per 1x2 cell of the 3x5 grid"):
+        cell_partition((3, 5), 2, 1, choice[:, :2])
+
+
+def test_copy_back_pruning_gathers_and_copies_partners_back():
+    # sources 0, 1, 2 against destinations 3, 4: 0 -> 4 (0.9) and 2 -> 3 (0.8) are the strongest edges
+    scores = torch.tensor([[[0.1, 0.9], [0.3, 0.2], [0.8, 0.0]]])
+    sel = bipartite_merge(scores, torch.tensor([[0, 1, 2]]), torch.tensor([[3, 4]]), 2, 5, drop_sources=True, copy_back=True)
+    x = torch.arange(5.0)[None, :, None] * 10
+    assert sel.gather_only and sel.index.tolist() == [[1, 3, 4]] and sel.apply(x)[0, :, 0].tolist() == [10, 30, 40]
+    assert sel.unmerge(sel.apply(x) + 1)[0, :, 0].tolist() == [41, 11, 31, 31, 41]
+    assert sel.weights().tolist() == [[0, 1, 0, 1, 1]]  # pruned tokens feed nothing
+    torch.testing.assert_close(sel.dense() @ x, sel.apply(x))
+    assert sel.sizes(torch.ones(1, 5, 1))[0, :, 0].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="copy_back .* needs drop_sources=True"):
+        bipartite_merge(scores, torch.tensor([[0, 1, 2]]), torch.tensor([[3, 4]]), 2, 5, copy_back=True)
 
 
 def test_max_min_subset_matches_the_naive_reference():

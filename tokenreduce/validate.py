@@ -90,3 +90,17 @@ def as_int_tuple(name: str, value: object, low: int | None = None, high: int | N
     what = f"integers {_interval(low, high, False, False)}"
     items = as_sequence(name, value, what)
     return tuple(as_int(f"{name}[{i}]", v, low, high) for i, v in enumerate(items))
+
+
+def as_cell_ratio(name: str, value: object, sx: int, sy: int, clip: bool, verb: str) -> float:
+    """A share of tokens in ``[0, 1)`` that one kept destination per ``sy x sx`` cell allows: at most
+    ``1 - 1 / (sx * sy)`` unless ``clip`` (then the count saturates at the cells' sources). ``verb`` says
+    what happens to the tokens ("merge", "prune") in the error."""
+    value = as_real(name, value, 0, 1, high_open=True)
+    cap = 1 - 1 / (sx * sy)
+    if value > cap and not clip:
+        raise ValueError(
+            f"{name} must be in [0, {cap:g}] with sx={sx}, sy={sy} (one destination per cell caps the {verb}d share "
+            f"at 1 - 1/(sx*sy)), got {value}; pass clip=True to {verb} as many as the cells allow"
+        )
+    return value

@@ -13,7 +13,7 @@ from tokenreduce.core.attention import (
     weighted_pagerank,
     zero_smallest,
 )
-from tokenreduce.core.cells import cell_partition, random_cell_choice
+from tokenreduce.core.cells import cell_argmax, cell_partition, random_cell_choice
 from tokenreduce.core.clustering import (
     cluster_argmin,
     cluster_selection,
@@ -50,7 +50,7 @@ from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weigh
 from tokenreduce.core.positions import take_per_token
 from tokenreduce.core.resize import RESIZE_MODES, grid_resize, resize_weights
 from tokenreduce.core.restore import knn_reconstruction_weights, restore_tokens
-from tokenreduce.core.select import hash_scores, keep_indices, split_keep_drop, stable_order, top_k_positions
+from tokenreduce.core.select import hash_normal, hash_scores, keep_indices, split_keep_drop, stable_order, top_k_positions
 from tokenreduce.core.selection import (
     Selection,
     choose_rows,
@@ -79,6 +79,7 @@ __all__ = [
     "bipartite_merge",
     "bipartite_soft_matching",
     "choose_rows",
+    "cell_argmax",
     "cell_partition",
     "cls_attention",
     "cluster_argmin",
@@ -95,6 +96,7 @@ __all__ = [
     "grid_cells",
     "grid_pool",
     "grid_resize",
+    "hash_normal",
     "hash_scores",
     "head_rms",
     "image_spans",

@@ -44,6 +44,7 @@ def bipartite_merge(
     *,
     sort_unmerged: bool = False,
     drop_sources: bool = False,
+    copy_back: bool = False,
     bidirectional: bool = False,
 ) -> Selection:
     """Merge ``r`` tokens along the strongest edges between set A and set B.
@@ -59,6 +60,9 @@ def bipartite_merge(
         weight: ``[B, N]`` each token's weight in the mean it is merged into (sizes; ``None``: plain means).
         sort_unmerged: list the unmerged A tokens in ``a_index`` order (else by descending best edge).
         drop_sources: prune instead of merging: the ``r`` sources are dropped, their partners unchanged.
+        copy_back: with ``drop_sources``, each dropped source keeps its partner's output as its ``slot``
+            (copy-back pruning, see :class:`Selection`): :meth:`Selection.unmerge` gives it the
+            partner's output, while applying still gathers the kept tokens only (SiTo's recovery).
         bidirectional: MCTF's two-way matching: ``r // 2`` A tokens merge into their best B token, then
             the ``r - r // 2`` B tokens (merged ones included) whose best score to a still-unmerged A
             token is highest merge into it, on the same scores transposed; the B tokens that stay are
@@ -72,6 +76,8 @@ def bipartite_merge(
     n_b = b_index.shape[1]
     if not 0 <= r <= n_a:
         raise ValueError(f"r must be in [0, {n_a}] for {n_a} tokens in set A, got {r}")
+    if copy_back and (not drop_sources or bidirectional):
+        raise ValueError("copy_back keeps the partners of dropped sources: it needs drop_sources=True and bidirectional=False")
     device = scores.device
     if keep_index is None:
         keep_index = torch.zeros(b, 0, dtype=torch.long, device=device)
@@ -109,7 +115,8 @@ def bipartite_merge(
     slot.scatter_(1, unmerged, span(k, k + n_unm, device=device).expand(b, -1))
     slot.scatter_(1, b_index, b_slot)
     sources = a_index.gather(1, src_idx)
-    slot.scatter_(1, sources, torch.full_like(sources, -1) if drop_sources else b_slot.gather(1, dst_idx))
+    dropped = drop_sources and not copy_back
+    slot.scatter_(1, sources, torch.full_like(sources, -1) if dropped else b_slot.gather(1, dst_idx))
     index = torch.cat([keep_index, unmerged, b_kept], dim=1)
     if drop_sources:
         return Selection(slot, index, gather_only=True)

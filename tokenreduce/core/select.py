@@ -1,7 +1,9 @@
-"""Which tokens to keep by score (EViT, Top-K, random pruning), seeded scores for random pruning, and a
-stable descending order that exports."""
+"""Which tokens to keep by score (EViT, Top-K, random pruning), seeded scores and Gaussian noise for
+random choices, and a stable descending order that exports."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -59,6 +61,17 @@ def hash_scores(n: int, key: int | Tensor, device: torch.device | str = "cpu") -
     for _ in range(2):
         h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
     return h ^ (h >> 16)
+
+
+def hash_normal(n: int, key: int | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal deviates ``[n]`` (float32) that depend only on ``key`` and the position: Box-Muller
+    on two uniforms from :func:`hash_scores`, so, like it, free of generator state and traceable by
+    ``torch.compile``; the hashed integers are the same on every device (the float transform may differ
+    in the last bit). ``n < 2**26``."""
+    h = hash_scores(2 * n, key, device).to(torch.float32)
+    u1 = (h[:n] + 0.5) / 2**32  # in (0, 1]: the logarithm stays finite
+    u2 = h[n:] / 2**32
+    return (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
 
 
 def stable_order(scores: Tensor, descending: bool = True) -> Tensor:

@@ -34,8 +34,10 @@ class Selection:
         index: ``[B, num_out]`` long, one input of each output: the token whose position, mask
             entry or cache row the output inherits (the kept token; the destination of a merge).
         coeff: ``[B, N]`` float32 weight of each input in its output, ``None`` for all ones.
-        gather_only: every output is exactly one input with weight 1 (pure pruning), so applying
-            is a gather.
+        gather_only: every output is exactly one input, its ``index``, with weight 1 (pure pruning),
+            so applying is a gather. An input whose ``slot`` names an output of which it is not the
+            ``index`` is pruned with copy-back: it feeds nothing, and :meth:`unmerge` gives it that
+            output (SiTo's recovery from a similar kept token).
         mean: each output is the ``coeff``-weighted mean of its inputs (``coeff`` then holds the
             unnormalised weights, e.g. sizes): the sums and their normaliser come from one scatter.
         matrix: dense form only, ``[B, num_out, N]`` float32: ``out = matrix @ x``.
@@ -88,8 +90,11 @@ class Selection:
         if self.mean:
             ones = torch.ones_like(self.slot, dtype=torch.float32)
             return weighted_mean_coeff(self.slot, ones if self.coeff is None else self.coeff, self.num_out)
+        fed = self.slot >= 0
+        if self.gather_only:  # a copy-back input names an output it does not feed
+            fed &= self.index.gather(1, self.slot.clamp(min=0)) == span(self.slot.shape[1], device=self.slot.device)
         coeff = torch.ones_like(self.slot, dtype=torch.float32) if self.coeff is None else self.coeff.float()
-        return torch.where(self.slot >= 0, coeff, 0.0)
+        return torch.where(fed, coeff, 0.0)
 
     def size_weights(self) -> Tensor:
         """The weight of each input's size in its output's size ``[B, N]`` (float32; ones by default)."""

@@ -12,7 +12,7 @@ from torch import Tensor
 from tokenreduce.core import Selection, bipartite_merge, cell_partition, random_cell_choice
 from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_int, as_real
+from tokenreduce.validate import as_cell_ratio, as_int
 
 
 def timestep_key(seed: int, block: int, timestep: Tensor | None) -> int | Tensor:
@@ -61,13 +61,7 @@ class ToMeSD(DenoiserMethod):
     def __post_init__(self) -> None:
         self.sx = as_int("sx", self.sx, 1)
         self.sy = as_int("sy", self.sy, 1)
-        self.ratio = as_real("ratio", self.ratio, 0, 1, high_open=True)
-        cap = 1 - 1 / (self.sx * self.sy)
-        if self.ratio > cap and not self.clip:
-            raise ValueError(
-                f"ratio must be in [0, {cap:g}] with sx={self.sx}, sy={self.sy} (one destination per cell caps the "
-                f"merged share at 1 - 1/(sx*sy)), got {self.ratio}; pass clip=True to merge as many as the cells allow"
-            )
+        self.ratio = as_cell_ratio("ratio", self.ratio, self.sx, self.sy, self.clip, "merge")
         self.max_downsample = as_int("max_downsample", self.max_downsample, 1)
         self.seed = as_int("seed", self.seed, 0)
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
