@@ -50,11 +50,20 @@ from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weigh
 from tokenreduce.core.positions import take_per_token
 from tokenreduce.core.resize import RESIZE_MODES, grid_resize, resize_weights
 from tokenreduce.core.restore import knn_reconstruction_weights, restore_tokens
-from tokenreduce.core.select import hash_normal, hash_scores, keep_indices, split_keep_drop, stable_order, top_k_positions
+from tokenreduce.core.select import (
+    hash_normal,
+    hash_scores,
+    keep_indices,
+    pool_partition,
+    split_keep_drop,
+    stable_order,
+    top_k_positions,
+)
 from tokenreduce.core.selection import (
     Selection,
     choose_rows,
     first_inputs,
+    index_only,
     keep,
     keep_and_cluster,
     keep_and_fuse,
@@ -99,6 +108,7 @@ __all__ = [
     "hash_normal",
     "hash_scores",
     "head_rms",
+    "index_only",
     "image_spans",
     "keep",
     "keep_and_cluster",
@@ -121,6 +131,7 @@ __all__ = [
     "pad_prefix",
     "pairwise_distances",
     "patchify",
+    "pool_partition",
     "random_cell_choice",
     "received_attention",
     "redundant_half",

@@ -85,3 +85,29 @@ def stable_order(scores: Tensor, descending: bool = True) -> Tensor:
     ahead = ahead | ((b == a) & (position[None, None, :] < position[None, :, None]))
     rank = ahead.sum(dim=2)  # [B, M]: how many come before each token
     return torch.empty_like(rank).scatter_(1, rank, position.expand_as(rank))
+
+
+def pool_partition(scores: Tensor, pool: int, k: int, key: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Importance-based ToMe's destinations: ``k`` tokens drawn at random from the ``pool`` highest-scored
+    of each row of ``scores [B, N]``, every other token a source.
+
+    The pool is :func:`top_k_positions`' (equal scores: the lower position first); the draw is
+    :func:`hash_scores` of ``key`` over the pool's places, the same places for every row (so a row's
+    destinations do not depend on the rest of the batch). ``1 <= k <= pool <= N``.
+
+    Returns ``(sources [B, N - k], destinations [B, k], below [B, N - k])``: positions in ascending order,
+    and whether each source scores below the pool's lowest score (strictly: a source tied with it is not
+    below)."""
+    b, n = scores.shape
+    if not 1 <= k <= pool <= n:
+        raise ValueError(f"need 1 <= k <= pool <= N, got k={k}, pool={pool}, N={n}")
+    device = scores.device
+    members = top_k_positions(scores, pool)  # [B, pool], ascending
+    lowest = scores.gather(1, members).amin(dim=1, keepdim=True)
+    drawn = top_k_positions(hash_scores(pool, key, device).expand(b, -1), k)
+    dst = members.gather(1, drawn)  # ascending, as both are
+    positions = torch.arange(n, device=device).expand(b, -1)
+    is_dst = torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, dst, True)
+    # distinct keys (destinations pushed past n): the sources first, in ascending order, with a static shape
+    src = torch.where(is_dst, positions + n, positions).argsort(dim=1)[:, : n - k]
+    return src, dst, scores.gather(1, src) < lowest

@@ -264,6 +264,16 @@ def keep(index: Tensor, num_tokens: int) -> Selection:
     return Selection(slot, index, gather_only=True)
 
 
+def index_only(selection: Selection) -> Selection:
+    """``selection`` (sparse form) with each output its :attr:`~Selection.index` token alone: the other
+    inputs feeding it get weight 0 but keep their slot, so :meth:`Selection.unmerge` still copies the
+    output back to them (pruning with copy-back: importance-based ToMe's merge without averaging)."""
+    if selection.matrix is not None:
+        raise ValueError("index_only needs a sparse selection (each input feeding one output), got a dense one")
+    heads = torch.zeros(selection.slot.shape, device=selection.slot.device).scatter_(1, selection.index, 1.0)
+    return Selection(selection.slot, selection.index, heads)
+
+
 def keep_and_fuse(keep_index: Tensor, fuse_index: Tensor, weight: Tensor, num_tokens: int) -> Selection:
     """Keep ``keep_index [B, K]`` and add one last output ``sum(weight * x)`` over ``fuse_index [B, M]``
     (EViT's fused token; ``weight [B, M]`` is not normalised). The fused output inherits the position
