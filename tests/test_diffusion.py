@@ -72,6 +72,11 @@ def test_plan_matches_naive_merge(grid, ratio):
         assert sel.slot[b].tolist() == where
 
 
+def test_grid_without_a_whole_cell_is_left_alone():
+    x = torch.randn(2, 8, 4)
+    assert ToMeSD(ratio=0.5).plan(x, DenoiserContext(0, 1, 1, (1, 8), torch.tensor(1.0))) is None
+
+
 def test_constant_tokens_pass_through():
     x = torch.ones(1, 64, 8) * torch.randn(8)
     sel = ToMeSD(ratio=0.5).plan(x, DenoiserContext(0, 1, 1, (8, 8), torch.tensor(10.0)))

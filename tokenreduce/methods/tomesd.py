@@ -77,6 +77,8 @@ class ToMeSD(DenoiserMethod):
     def plan(self, x: Tensor, ctx: DenoiserContext) -> Selection | None:
         n = ctx.num_tokens
         cells = (ctx.grid[0] // self.sy, ctx.grid[1] // self.sx)
+        if cells[0] * cells[1] == 0:  # a grid smaller than one cell has no destination to merge into
+            return None
         if self.use_rand:
             choice = random_cell_choice(cells, self.sx * self.sy, timestep_key(self.seed, ctx.block, ctx.timestep), x.device)
         else:
