@@ -29,7 +29,10 @@ def _patched_class(mixin: type, base: type) -> type:
     key = (mixin, base)
     if key not in _subclasses:
         namespace = {"_tokenreduce_base": base, "_tokenreduce_mixin": mixin, "__reduce_ex__": _reduce_ex}
-        cls = type(f"TokenReduce{base.__name__}", (mixin, base), namespace)
+        # The base's name, so that lookups by class name (diffusers' compile_repeated_blocks, accelerate's
+        # no-split modules, a model's repr) still find the patched module; the qualified name tells them apart.
+        namespace["__qualname__"] = f"TokenReduce{base.__qualname__}"
+        cls = type(base.__name__, (mixin, base), namespace)
         # The weights-only unpickler only rebuilds instances of allowed classes; the name is unique
         # so that two bases sharing a class name do not shadow each other in its table.
         full = f"{__name__}.{mixin.__module__}.{mixin.__qualname__}+{base.__module__}.{base.__qualname__}"
