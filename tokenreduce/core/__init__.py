@@ -31,7 +31,14 @@ from tokenreduce.core.clustering import (
 )
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.fusion import rescale_to_max_norm
-from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
+from tokenreduce.core.graph import (
+    graph_propagation,
+    grid_adjacency,
+    grid_edges,
+    knn_adjacency,
+    label_adjacency,
+    normalized_adjacency,
+)
 from tokenreduce.core.indices import span
 from tokenreduce.core.matching import (
     alternate_merge,
@@ -45,7 +52,7 @@ from tokenreduce.core.matching import (
     threshold_soft_matching,
 )
 from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
-from tokenreduce.core.patches import patchify
+from tokenreduce.core.patches import patch_where, patchify
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
 from tokenreduce.core.restore import knn_reconstruction_weights, restore_tokens
@@ -91,6 +98,7 @@ __all__ = [
     "graph_propagation",
     "grid_adjacency",
     "grid_cells",
+    "grid_edges",
     "grid_pool",
     "hash_scores",
     "head_rms",
@@ -102,6 +110,7 @@ __all__ = [
     "kmedoids",
     "knn_adjacency",
     "knn_reconstruction_weights",
+    "label_adjacency",
     "local_soft_kmeans",
     "max_min_subset",
     "medoid_costs",
@@ -115,6 +124,7 @@ __all__ = [
     "normalized_adjacency",
     "pad_prefix",
     "pairwise_distances",
+    "patch_where",
     "patchify",
     "random_cell_choice",
     "received_attention",
