@@ -30,7 +30,7 @@ def test_methods_lists_registered_names():
         *("pdrop", "pool", "random", "sparsevlm", "token_pooling", "tome", "topk", "visionzip", "vwt", "zero_tprune"),
         *("pitome", "tofu", "dct", "mctf", "ppt", "diffrate"),
         *("vomix", "token_transforming", "bat"),
-        *("tomesd", "todo", "sito", "importance_tome"),
+        *("tomesd", "todo", "sito", "importance_tome", "cat_pruning"),
     }
 
 

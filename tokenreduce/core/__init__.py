@@ -31,7 +31,14 @@ from tokenreduce.core.clustering import (
 )
 from tokenreduce.core.diversity import cosine_distance, max_min_subset
 from tokenreduce.core.fusion import rescale_to_max_norm
-from tokenreduce.core.graph import graph_propagation, grid_adjacency, knn_adjacency, normalized_adjacency
+from tokenreduce.core.graph import (
+    graph_propagation,
+    grid_adjacency,
+    grid_edges,
+    knn_adjacency,
+    label_adjacency,
+    normalized_adjacency,
+)
 from tokenreduce.core.indices import span
 from tokenreduce.core.matching import (
     alternate_merge,
@@ -45,7 +52,7 @@ from tokenreduce.core.matching import (
     threshold_soft_matching,
 )
 from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
-from tokenreduce.core.patches import patchify, tubelets_as_image
+from tokenreduce.core.patches import patch_where, patchify, tubelets_as_image
 from tokenreduce.core.pooling import adaptive_pool_matrix, grid_pool, size_weighted_mean
 from tokenreduce.core.positions import take_per_token
 from tokenreduce.core.resize import RESIZE_MODES, grid_resize, resize_weights
@@ -103,6 +110,7 @@ __all__ = [
     "graph_propagation",
     "grid_adjacency",
     "grid_cells",
+    "grid_edges",
     "grid_pool",
     "grid_resize",
     "hash_normal",
@@ -117,6 +125,7 @@ __all__ = [
     "kmedoids",
     "knn_adjacency",
     "knn_reconstruction_weights",
+    "label_adjacency",
     "local_soft_kmeans",
     "max_min_subset",
     "medoid_costs",
@@ -130,6 +139,7 @@ __all__ = [
     "normalized_adjacency",
     "pad_prefix",
     "pairwise_distances",
+    "patch_where",
     "patchify",
     "pool_partition",
     "random_cell_choice",

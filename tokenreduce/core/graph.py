@@ -1,5 +1,6 @@
-"""Token graphs: grid and nearest-neighbour adjacency over patch tokens, its symmetric normalisation, and
-propagating dropped tokens into their graph neighbours (GTP-ViT, Xu et al., WACV 2024)."""
+"""Token graphs: grid and nearest-neighbour adjacency over patch tokens, its symmetric normalisation,
+propagating dropped tokens into their graph neighbours (GTP-ViT, Xu et al., WACV 2024), and the graph
+of clusters that touch on the grid (CAT Pruning)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,26 @@ def grid_adjacency(rows: int, cols: int, device: torch.device | str = "cpu") -> 
     r, c = index // cols, index % cols
     near = ((r[:, None] - r[None, :]).abs() <= 1) & ((c[:, None] - c[None, :]).abs() <= 1)
     return (near & (index[:, None] != index[None, :])).float()
+
+
+def grid_edges(rows: int, cols: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[2, E]`` long: every pair of 4-neighbours of a row-major ``rows x cols`` grid once (each token
+    with its right, then with its lower neighbour), ``E = rows * (cols - 1) + (rows - 1) * cols``."""
+    index = torch.arange(rows * cols, device=device).view(rows, cols)
+    right = torch.stack([index[:, :-1].flatten(), index[:, 1:].flatten()])
+    down = torch.stack([index[:-1].flatten(), index[1:].flatten()])
+    return torch.cat([right, down], dim=1)
+
+
+def label_adjacency(labels: Tensor, edges: Tensor, num_labels: int) -> Tensor:
+    """``[B, K, K]`` bool: labels ``a != b`` are adjacent when an edge of ``edges [2, E]`` joins a token
+    labelled ``a`` to one labelled ``b``; ``labels [B, N]`` in ``[0, K)``. Symmetric, no self loops: the
+    graph left by pooling the tokens of a graph by label (torch_geometric's ``pool_edge``)."""
+    b, k = labels.shape[0], num_labels
+    start, end = labels[:, edges[0]], labels[:, edges[1]]  # [B, E]
+    flat = torch.zeros(b, k * k, dtype=torch.bool, device=labels.device)
+    flat = flat.scatter(1, start * k + end, True).scatter(1, end * k + start, True)
+    return flat.view(b, k, k) & ~torch.eye(k, dtype=torch.bool, device=labels.device)
 
 
 def knn_adjacency(x: Tensor, neighbours: int) -> Tensor:

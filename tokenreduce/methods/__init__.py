@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext, Method, PruneAtLayers
-from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part
+from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part, Recompute
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 
 for _module in pkgutil.iter_modules(__path__):
@@ -22,6 +22,7 @@ __all__ = [
     "Method",
     "Part",
     "PruneAtLayers",
+    "Recompute",
     "VisualContext",
     "VisualMethod",
 ]

@@ -5,7 +5,7 @@ spread back over every token, so block input and output shapes never change."""
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -51,6 +51,26 @@ class DenoiserContext:
         return self.grid[0] * self.grid[1]
 
 
+@dataclass
+class Recompute:
+    """A block plan of a method with :attr:`DenoiserMethod.recomputes`: across steps, not within one call.
+
+    Every wrapped sub-module computes only the image tokens at ``index`` (``[B, n]`` positions, per
+    batch row of the call) and every other token takes that sub-module's output of the last call it
+    computed, kept in ``cache``; a self-attention (or the image side of a joint attention) computes
+    queries for those tokens only, against the keys and values of every image token (fresh ones for
+    the tokens at ``index``, the cached ones for the rest; text tokens are computed in full). With
+    ``index=None`` every token is computed as without the method, and the cache is filled.
+
+    ``cache`` belongs to the method (one per block and per batch of rows, e.g. per CFG branch of a split
+    call, kept in its generation memory); the engine fills it and reads it back, so its content is the
+    engine's: each wrapped sub-module's last image output and, for attention, its image keys and values.
+    """
+
+    index: Tensor | None
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
 class DenoiserMethod(Method):
     """Acts inside the blocks of a diffusion denoiser (UNet, DiT, MMDiT, FLUX).
 
@@ -59,11 +79,14 @@ class DenoiserMethod(Method):
     every :attr:`parts` sub-module and spreads the sub-module's output back over all tokens with
     :meth:`Selection.unmerge` (a merged token's output copied to each token merged into it), inside the
     residual branch. With :attr:`kv_only`, the selection builds the keys and values of the block's
-    self-attention only: queries stay full, so nothing is spread back (ToDo)."""
+    self-attention only: queries stay full, so nothing is spread back (ToDo). With :attr:`recomputes`,
+    :meth:`plan` may return a :class:`Recompute` instead: tokens are carried across steps (CAT Pruning)."""
 
     stage = Stage.DENOISER
     kv_only: ClassVar[bool] = False
     uses_steps: ClassVar[bool] = False  # DenoiserContext.step and memory are filled (the step is read on the host)
+    # plan may return a Recompute (requires uses_steps); the adapter checks at apply that it can run one
+    recomputes: ClassVar[bool] = False
 
     def parts(self) -> frozenset[Part]:
         """The sub-modules each selection wraps."""
@@ -74,13 +97,15 @@ class DenoiserMethod(Method):
         return True
 
     @abstractmethod
-    def plan(self, x: Tensor, ctx: DenoiserContext) -> Selection | None:
+    def plan(self, x: Tensor, ctx: DenoiserContext) -> Selection | Recompute | None:
         """How the block's image tokens ``x [B, N, C]`` (its input hidden states) become fewer."""
 
     def new_memory(self) -> Any:
         """The method's state for one generation (several denoiser calls); ``None`` when it keeps none."""
         return None
 
-    def observe(self, output: Tensor, ctx: DenoiserContext) -> None:
+    def observe(self, output: Tensor, ctx: DenoiserContext) -> Tensor | None:
         """See the denoiser's output of a call (``[B, C, H, W]`` or packed ``[B, N, C]``), e.g. to score
-        the next step; ``ctx.block`` is -1. Called only for methods with ``uses_steps``."""
+        the next step; ``ctx.block`` is -1. Called only for methods with ``uses_steps``. A tensor
+        returned replaces the call's output (a method reusing outputs across steps); ``None`` keeps it."""
+        return None
