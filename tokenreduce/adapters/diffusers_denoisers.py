@@ -400,17 +400,13 @@ class MergedModule:
     """Mixed in front of a wrapped sub-module: runs it on the selected tokens, spreads its output back."""
 
     def forward(self, *args, **kwargs):
-<<<<<<< HEAD
         patch = _patch(self)
         if patch is None:
             return type(self).forward(self, *args, **kwargs)
-        selection = _run(patch).selection
-=======
-        run = _run(_patch(self))
+        run = _run(patch)
         if run.recompute is not None:
             return _recomputed(self, super().forward, run.recompute, getattr(self, ROLE_ATTR), args, kwargs)  # type: ignore[misc]
         selection = run.selection
->>>>>>> diff-cat
         if selection is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         role = getattr(self, ROLE_ATTR)
@@ -423,7 +419,7 @@ class MergedModule:
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         if role is Role.TOKENS:
             return selection.unmerge(super().forward(selection.apply(x), *args, **kwargs))  # type: ignore[misc]
-        text_len = _run(patch).text_len if role is Role.PREFIX else _text_len(args, kwargs)
+        text_len = run.text_len if role is Role.PREFIX else _text_len(args, kwargs)
         rotary = kwargs.get("image_rotary_emb")
         if rotary is None or selection.index.shape[0] == 1:
             return self._tokenreduce_merged(selection, x, text_len, role, args, kwargs)
@@ -732,17 +728,10 @@ class DiffusersDenoiserAdapter(Adapter):
                 f"method {method} reduces no block of {type(model).__name__}: its attention runs at downsampling levels "
                 f"{levels}; raise max_downsample to at least {levels[0]}"
             )
-<<<<<<< HEAD
-=======
-        if not any(any(True for _ in _wrapped(b, method)) for b in acting):
-            raise TypeError(
-                f"method {method} wraps {sorted(map(str, method.parts()))}, which no block of {type(model).__name__} has"
-            )
         if method.recomputes:
             problem = _recompute_problem(model, acting, method)
             if problem is not None:
                 raise TypeError(f"method {method.name!r} recomputes chosen tokens and reuses the rest across steps: {problem}")
->>>>>>> diff-cat
         if method.kv_only and any(not any(True for _ in _wrapped(b, method)) for b in acting):
             kinds = sorted({b.kind.name for b in acting if not any(True for _ in _wrapped(b, method))})
             raise TypeError(
