@@ -222,3 +222,35 @@ def output(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**kwargs, return_dict=False)
     return out[0]
+
+
+def vae(flow: bool = False) -> torch.nn.Module:
+    """The tiny VAE of the spec (section 5.2); ``flow`` adds SD3/FLUX's shift and scale."""
+    torch.manual_seed(0)
+    extra = {"shift_factor": 0.0609, "scaling_factor": 1.5035} if flow else {}
+    return diffusers.AutoencoderKL(
+        block_out_channels=[32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        **extra,
+    ).eval()
+
+
+def sd_pipeline(model: torch.nn.Module | None = None):
+    """A StableDiffusionPipeline on the tiny full-resolution UNet (or ``model``) and VAE, no text encoder
+    (call it with ``prompt_embeds`` and ``negative_prompt_embeds`` of shape ``(1, 7, 32)``)."""
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=unet().model if model is None else model,
+        vae=vae(),
+        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusion_models import BUILDERS, diffusers, sd3  # noqa: F401  (diffusers: skips without it)
+from diffusion_models import vae as tiny_vae
 
 import tokenreduce
 from naive_cat_pruning import Simulation, choices, tokens
@@ -235,17 +236,7 @@ def test_batch_without_cfg_equals_singles_and_positional_calls():
 
 def sd3_pipeline():
     d = sd3()
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=[32, 32],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
+    vae = tiny_vae(flow=True)
     none = dict.fromkeys(["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"])
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
     pipe = diffusers.StableDiffusion3Pipeline(transformer=d.model, scheduler=scheduler, vae=vae, **none)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from diffusion_models import BUILDERS, dit, flux, output, pixart, unet, unet_sdxl
+from diffusion_models import BUILDERS, dit, flux, output, pixart, sd_pipeline, unet, unet_sdxl
 
 import tokenreduce
 from tokenreduce.core import Selection, cell_partition, random_cell_choice
@@ -377,27 +377,7 @@ def test_animatediff_spatial_blocks_only():
 
 
 def test_pipeline_is_patched_through_its_denoiser():
-    diffusers = pytest.importorskip("diffusers")
-    d = unet()
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=[32, 32],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=d.model,
-        vae=vae,
-        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd_pipeline()
     g = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
 

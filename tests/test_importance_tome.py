@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusion_models import BUILDERS, diffusers, output, unet
+from diffusion_models import BUILDERS, output, sd_pipeline, unet
 
 import naive_importance_tome as naive
 import tokenreduce
@@ -205,26 +205,7 @@ def test_unet_call_matches_naive_oracle():
 def sd():
     """A 4-step StableDiffusionPipeline on the tiny UNet and VAE (spec section 5.2), its embeddings and
     starting latents (32x32: 1024 tokens at the full-resolution blocks)."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=[32, 32],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=unet().model,
-        vae=vae,
-        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd_pipeline()
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
     return pipe, embeds, torch.randn(1, 4, 32, 32, generator=g)
