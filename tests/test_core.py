@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from tokenreduce.core import (
+    best_match,
+    bipartite_merge,
     bipartite_soft_matching,
     cls_attention,
     hash_scores,
     keep,
     keep_and_fuse,
     keep_indices,
+    row_max,
     split_keep_drop,
     weighted_mean_coeff,
 )
@@ -123,6 +126,42 @@ def test_cls_attention_equals_the_full_attention_row():
     bias = torch.randn(2, 1, 1, 9, generator=gen)
     full = ((q @ k.transpose(-1, -2)) * 0.5 + bias).softmax(-1)
     torch.testing.assert_close(cls_attention(q, k, 0.5, bias), full[:, :, 0].mean(1))
+
+
+@pytest.mark.parametrize("length", [7, 255, 256, 300, 1024, 1057])
+def test_row_max_equals_torch_max(length):
+    """Values and first-occurrence indices as torch.max gives them, through ties, -inf rows, NaN and a
+    short last block (lengths not a multiple of the 32-entry blocks)."""
+    g = torch.Generator().manual_seed(length)
+    scores = torch.randn(2, 5, 40, length, generator=g).round(decimals=1)  # rounding makes ties common
+    scores[0, 0, 0] = -torch.inf
+    scores[0, 0, 1, length // 2] = scores[0, 0, 1, length - 1] = 9.0  # a tie of maxima, the first wins
+    scores[1, 1, 2, length - 1] = 10.0  # the maximum in the short last block
+    scores[1, 2, 3, length // 3] = scores[1, 2, 3, length - 2] = torch.nan
+    values, indices = row_max(scores)
+    want_values, want_indices = scores.max(dim=-1)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0, equal_nan=True)
+    assert indices[0, 0, 1] == length // 2 and indices[1, 2, 3] == length // 3
+
+
+def test_best_match_in_chunks_feeds_bipartite_merge_as_the_scores_would(monkeypatch):
+    import tokenreduce.core.matching as matching
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 50, 8, generator=g), torch.randn(2, 20, 8, generator=g)
+    whole = best_match(a, b)
+    monkeypatch.setattr(matching, "_CHUNK_SCORES", 300)  # 7 chunks of 7 or 8 rows
+    chunked = best_match(a, b)
+    scores = a @ b.transpose(-1, -2)
+    for got in (whole, chunked):
+        assert all(torch.equal(x, y) for x, y in zip(got, scores.max(dim=-1)))
+    a_index, b_index = torch.arange(50).expand(2, -1), torch.arange(50, 70).expand(2, -1)
+    want = bipartite_merge(scores, a_index, b_index, 30, 70)
+    got = bipartite_merge(None, a_index, b_index, 30, 70, best=chunked)
+    assert torch.equal(got.slot, want.slot) and torch.equal(got.index, want.index)
+    with pytest.raises(ValueError, match="scores or best"):
+        bipartite_merge(None, a_index, b_index, 30, 70)
 
 
 def test_hash_scores_are_distinct_deterministic_and_keyed():

@@ -36,12 +36,14 @@ from tokenreduce.core.indices import span
 from tokenreduce.core.matching import (
     alternate_merge,
     batch_soft_matching,
+    best_match,
     best_partners,
     bipartite_merge,
     bipartite_soft_matching,
     merge_edges,
     merge_into_nearest,
     redundant_half,
+    row_max,
     threshold_soft_matching,
 )
 from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
@@ -73,6 +75,7 @@ __all__ = [
     "alternate_merge",
     "attention_probs",
     "batch_soft_matching",
+    "best_match",
     "best_partners",
     "bipartite_merge",
     "bipartite_soft_matching",
@@ -122,6 +125,7 @@ __all__ = [
     "rescale_to_max_norm",
     "restore_tokens",
     "row_attention",
+    "row_max",
     "rows_attention",
     "size_bias",
     "size_weighted_mean",
