@@ -9,11 +9,14 @@ from tokenreduce.core import (
     best_match,
     bipartite_merge,
     bipartite_soft_matching,
+    cell_partition,
     cls_attention,
+    corner_partition,
     hash_scores,
     keep,
     keep_and_fuse,
     keep_indices,
+    random_cell_choice,
     row_max,
     split_keep_drop,
     weighted_mean_coeff,
@@ -162,6 +165,20 @@ def test_best_match_in_chunks_feeds_bipartite_merge_as_the_scores_would(monkeypa
     assert torch.equal(got.slot, want.slot) and torch.equal(got.index, want.index)
     with pytest.raises(ValueError, match="scores or best"):
         bipartite_merge(None, a_index, b_index, 30, 70)
+
+
+@pytest.mark.parametrize("grid,sx,sy", [((8, 8), 2, 2), ((7, 9), 2, 3), ((5, 5), 1, 1), ((3, 4), 4, 2)])
+def test_cell_partition_takes_one_destination_per_whole_cell(grid, sx, sy):
+    rows, cols = grid[0] // sy, grid[1] // sx
+    choice = random_cell_choice((rows, cols), sx * sy, 7)
+    src, dst = cell_partition(grid, sx, sy, choice)
+    cells = [(i, j, int(choice[i, j])) for i in range(rows) for j in range(cols)]
+    want = [(i * sy + c // sx) * grid[1] + j * sx + c % sx for i, j, c in cells]
+    assert dst.tolist() == sorted(want)
+    assert src.tolist() == [p for p in range(grid[0] * grid[1]) if p not in want]  # the ragged border included
+    corner = corner_partition(grid, sx, sy)
+    assert corner is corner_partition(grid, sx, sy)  # made once, shared
+    assert [t.tolist() for t in corner] == [t.tolist() for t in cell_partition(grid, sx, sy, torch.zeros_like(choice))]
 
 
 def test_hash_scores_are_distinct_deterministic_and_keyed():

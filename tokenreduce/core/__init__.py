@@ -13,7 +13,7 @@ from tokenreduce.core.attention import (
     weighted_pagerank,
     zero_smallest,
 )
-from tokenreduce.core.cells import cell_partition, random_cell_choice
+from tokenreduce.core.cells import cell_partition, corner_partition, random_cell_choice
 from tokenreduce.core.clustering import (
     cluster_argmin,
     cluster_selection,
@@ -82,6 +82,7 @@ __all__ = [
     "choose_rows",
     "cell_partition",
     "cls_attention",
+    "corner_partition",
     "cluster_argmin",
     "cluster_selection",
     "compact",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.core.indices import made_once
 from tokenreduce.core.select import hash_scores
 
 
@@ -34,6 +35,19 @@ def cell_partition(grid: tuple[int, int], sx: int, sy: int, choice: Tensor) -> t
     cell_col = torch.arange(cols, device=device)[None, :] * sx + choice % sx
     is_dst = torch.zeros(h, w, dtype=torch.bool, device=device)
     is_dst[cell_row, cell_col] = True
-    flat = is_dst.flatten()
-    position = torch.arange(h * w, device=device)
-    return position[~flat], position[flat]
+    # a stable sort of the flags lists sources then destinations, each in grid order, in shapes known
+    # before the data (a boolean mask would need nonzero, which breaks torch.compile's graph)
+    order = torch.sort(is_dst.flatten().to(torch.int32), stable=True).indices
+    return order[: h * w - rows * cols], order[h * w - rows * cols :]
+
+
+def corner_partition(grid: tuple[int, int], sx: int, sy: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """:func:`cell_partition` with each cell's destination at its top-left (tomesd without randomness),
+    made once per arguments and shared (:func:`~tokenreduce.core.indices.made_once`: read-only)."""
+    device = torch.device(device)
+    rows, cols = grid[0] // sy, grid[1] // sx
+
+    def make() -> tuple[Tensor, Tensor]:
+        return cell_partition(grid, sx, sy, torch.zeros(rows, cols, dtype=torch.long, device=device))
+
+    return made_once(("corner_partition", tuple(grid), sx, sy, device), device, make)
