@@ -329,6 +329,7 @@ def run_diffusion_bench(
 
 
 def format_diffusion_table(results: Sequence[DiffusionBenchResult], pipeline: bool) -> str:
+    """The rows as a text table: milliseconds per denoiser call, or seconds per image of a pipeline."""
     head = ["method", "tokens", "GFLOPs", "s/image" if pipeline else "ms/call", "speedup", "FLOP-ideal", "of ideal",
             "peak MiB", "reduce %", "PSNR dB", "SSIM", "vs tomesd", "max|Δ| tomesd"]  # fmt: skip
 
