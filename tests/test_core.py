@@ -6,16 +6,20 @@ import pytest
 import torch
 
 from tokenreduce.core import (
+    best_match,
     bipartite_merge,
     bipartite_soft_matching,
     cell_argmax,
     cell_partition,
     cls_attention,
+    corner_partition,
     hash_normal,
     hash_scores,
     keep,
     keep_and_fuse,
     keep_indices,
+    random_cell_choice,
+    row_max,
     split_keep_drop,
     weighted_mean_coeff,
 )
@@ -127,6 +131,56 @@ def test_cls_attention_equals_the_full_attention_row():
     bias = torch.randn(2, 1, 1, 9, generator=gen)
     full = ((q @ k.transpose(-1, -2)) * 0.5 + bias).softmax(-1)
     torch.testing.assert_close(cls_attention(q, k, 0.5, bias), full[:, :, 0].mean(1))
+
+
+@pytest.mark.parametrize("length", [7, 255, 256, 300, 1024, 1057])
+def test_row_max_equals_torch_max(length):
+    """Values and first-occurrence indices as torch.max gives them, through ties, -inf rows, NaN and a
+    short last block (lengths not a multiple of the 32-entry blocks)."""
+    g = torch.Generator().manual_seed(length)
+    scores = torch.randn(2, 5, 40, length, generator=g).round(decimals=1)  # rounding makes ties common
+    scores[0, 0, 0] = -torch.inf
+    scores[0, 0, 1, length // 2] = scores[0, 0, 1, length - 1] = 9.0  # a tie of maxima, the first wins
+    scores[1, 1, 2, length - 1] = 10.0  # the maximum in the short last block
+    scores[1, 2, 3, length // 3] = scores[1, 2, 3, length - 2] = torch.nan
+    values, indices = row_max(scores)
+    want_values, want_indices = scores.max(dim=-1)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0, equal_nan=True)
+    assert indices[0, 0, 1] == length // 2 and indices[1, 2, 3] == length // 3
+
+
+def test_best_match_in_chunks_feeds_bipartite_merge_as_the_scores_would(monkeypatch):
+    import tokenreduce.core.matching as matching
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 50, 8, generator=g), torch.randn(2, 20, 8, generator=g)
+    whole = best_match(a, b)
+    monkeypatch.setattr(matching, "_CHUNK_SCORES", 300)  # 7 chunks of 7 or 8 rows
+    chunked = best_match(a, b)
+    scores = a @ b.transpose(-1, -2)
+    for got in (whole, chunked):
+        assert all(torch.equal(x, y) for x, y in zip(got, scores.max(dim=-1)))
+    a_index, b_index = torch.arange(50).expand(2, -1), torch.arange(50, 70).expand(2, -1)
+    want = bipartite_merge(scores, a_index, b_index, 30, 70)
+    got = bipartite_merge(None, a_index, b_index, 30, 70, best=chunked)
+    assert torch.equal(got.slot, want.slot) and torch.equal(got.index, want.index)
+    with pytest.raises(ValueError, match="scores or best"):
+        bipartite_merge(None, a_index, b_index, 30, 70)
+
+
+@pytest.mark.parametrize("grid,sx,sy", [((8, 8), 2, 2), ((7, 9), 2, 3), ((5, 5), 1, 1), ((3, 4), 4, 2)])
+def test_cell_partition_takes_one_destination_per_whole_cell(grid, sx, sy):
+    rows, cols = grid[0] // sy, grid[1] // sx
+    choice = random_cell_choice((rows, cols), sx * sy, 7)
+    src, dst = cell_partition(grid, sx, sy, choice)
+    cells = [(i, j, int(choice[i, j])) for i in range(rows) for j in range(cols)]
+    want = [(i * sy + c // sx) * grid[1] + j * sx + c % sx for i, j, c in cells]
+    assert dst.tolist() == sorted(want)
+    assert src.tolist() == [p for p in range(grid[0] * grid[1]) if p not in want]  # the ragged border included
+    corner = corner_partition(grid, sx, sy)
+    assert corner is corner_partition(grid, sx, sy)  # made once, shared
+    assert [t.tolist() for t in corner] == [t.tolist() for t in cell_partition(grid, sx, sy, torch.zeros_like(choice))]
 
 
 def test_hash_scores_are_distinct_deterministic_and_keyed():

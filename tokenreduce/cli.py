@@ -29,6 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The VLM bench's default: 64 visual tokens of 576 for the selection methods (VisionZip's 54+10 setting).
 DEFAULT_VIZ_METHODS = "tome:r=16:clip=True,evit:keep_rate=0.7"
 DEFAULT_VIZ_VLM_METHODS = "visionzip,divprune:keep_tokens=64,pool:stride=3"
+# The diffusion bench's default: tomesd's ratios with fixed destinations, so the package's outputs match ours.
+DEFAULT_DIFFUSION_METHODS = "none,tomesd:ratio=0.3:use_rand=False,tomesd:ratio=0.5:use_rand=False,tomesd:ratio=0.7:use_rand=False"
 DEFAULT_VLM_METHODS = (
     "none,visionzip:dominant=54:contextual=10,divprune:keep_tokens=64,random:keep_tokens=64,pool:stride=3,"
     "fastv:layer=2:keep_ratio=0.25,pdrop,dart,sparsevlm:retain=64"
@@ -116,8 +118,9 @@ def check_bench_args(args: argparse.Namespace, *sizes: tuple[str, int, int]) -> 
     if args.threads is not None:
         check_positive(args.threads, "--threads")
     device = check_device(args.device)
-    if args.json:
-        check_writable(args.json, "--json")
+    for path, flag in ((args.json, "--json"), (getattr(args, "csv", None), "--csv")):
+        if path:
+            check_writable(path, flag)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return device
@@ -126,6 +129,10 @@ def check_bench_args(args: argparse.Namespace, *sizes: tuple[str, int, int]) -> 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.vlm and args.diffusion:
+        raise CommandError("--vlm and --diffusion are two different benches; pass one")
+    if args.diffusion:
+        return cmd_bench_diffusion(args)
     if args.vlm:
         args.batch_size = 1 if args.batch_size is None else args.batch_size
         return cmd_bench_vlm(args)
@@ -155,7 +162,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     header = f"{args.model} | batch {args.batch_size} | {args.img_size}px"
-    return report(args, device, results, format_table(results), header, load_before, img_size=args.img_size, model=args.model)
+    return report(
+        args,
+        device,
+        results,
+        format_table(results),
+        header,
+        load_before,
+        img_size=args.img_size,
+        model=args.model,
+        csv_path=args.csv,
+    )
 
 
 def preset_specs(args: argparse.Namespace, model: torch.nn.Module):
@@ -225,7 +242,77 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
         )
     header = f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + image"
     extra = dict(model=model_name, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
-    return report(args, device, results, format_vlm_table(results), header, load_before, img_size=None, **extra)
+    return report(args, device, results, format_vlm_table(results), header, load_before, args.csv, img_size=None, **extra)
+
+
+def cmd_bench_diffusion(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tokenreduce.bench import denoisers
+    from tokenreduce.bench.diffusion import (
+        diffusion_steps,
+        format_diffusion_table,
+        run_diffusion_bench,
+        tomesd_version,
+        variants,
+    )
+
+    if args.preset is not None:
+        raise CommandError("--preset applies to the encoder bench, not --diffusion")
+    name = denoisers.DEFAULT_MODEL if args.model == DEFAULT_MODEL else args.model
+    if args.checkpoint is None and name not in denoisers.MODELS:
+        raise CommandError(f"--model must be one of {', '.join(denoisers.MODELS)} with --diffusion (or pass --checkpoint DIR)")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        raise CommandError(f"--checkpoint {args.checkpoint}: with --diffusion, a diffusers folder written by save_pretrained")
+    if args.pretrained:
+        raise CommandError("--diffusion builds its models from configs with random weights; pass --checkpoint DIR for real ones")
+    specs = check_specs(args.methods or DEFAULT_DIFFUSION_METHODS)
+    for flag, value in (("--latent-size", args.latent_size), ("--steps", args.steps)):
+        if value is not None:
+            check_positive(value, flag)
+    if args.batch_size is not None:
+        check_positive(args.batch_size, "--batch-size")
+    if args.checkpoint is not None:
+        model, name = denoisers.load_checkpoint(args.checkpoint), str(args.checkpoint)
+        size = denoisers.denoiser_of(model).config.get("sample_size") or 32
+        latent = size if isinstance(size, int) else size[0]
+        default_batch = 1 if denoisers.is_pipeline(model) else 2
+    else:
+        model = denoisers.build_named(name, args.latent_size)
+        latent, default_batch = denoisers.MODELS[name].latent, denoisers.MODELS[name].batch
+    args.latent_size = latent if args.latent_size is None else args.latent_size
+    args.batch_size = default_batch if args.batch_size is None else args.batch_size
+    device = check_bench_args(args, ("--latent-size", args.latent_size, 1))
+    rows, _ = variants(model, specs)
+    pipeline = denoisers.is_pipeline(model)
+    total = diffusion_steps(len(rows), sum(r.implementation != "unreduced" for r in rows), args.repeats, args.warmup)
+    load_before = os.getloadavg()
+    with tqdm(total=total, desc=f"bench {name}", unit="call", disable=args.quiet, file=sys.stderr) as bar:
+        results, notes = run_diffusion_bench(
+            model,
+            specs,
+            batch_size=args.batch_size,
+            latent_size=args.latent_size,
+            steps=args.steps,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=device,
+            dtype=DTYPES[args.dtype],
+            progress=bar.update,
+        )
+    unit = f"{args.batch_size} image(s), {args.steps} steps" if pipeline else f"batch {args.batch_size}"
+    header = f"{name} | {unit} | {args.latent_size}x{args.latent_size} latent"
+    for note in notes:
+        print(f"note: {note}")
+    import diffusers
+
+    extra = dict(model=name, pipeline=pipeline, latent_size=args.latent_size, diffusers=diffusers.__version__,
+                 tomesd=tomesd_version(), notes=notes)  # fmt: skip
+    if pipeline:
+        extra["steps"] = args.steps
+    return report(
+        args, device, results, format_diffusion_table(results, pipeline), header, load_before, csv_path=args.csv, **extra
+    )
 
 
 def patch_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -318,9 +405,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return report(args, device, results, format_eval_table(results), header, load_before, model=args.model, **sizes)
 
 
-def report(args: argparse.Namespace, device: torch.device, results, table: str, header: str, load_before, **extra) -> int:
-    """Print a bench's table under its environment, warn when the machine was busy, and write the JSON."""
-    from tokenreduce.bench.runner import environment, load_warning, to_json, usable_cores
+def report(
+    args: argparse.Namespace, device: torch.device, results, table: str, header: str, load_before, csv_path=None, **extra
+) -> int:
+    """Print a bench's table under its environment, warn when the machine was busy, and write the JSON
+    (and ``csv_path``, when given)."""
+    from tokenreduce.bench.runner import environment, load_warning, to_json, usable_cores, write_csv
 
     load_after = os.getloadavg()
     warning = load_warning(load_before, load_after, torch.get_num_threads(), usable_cores())
@@ -334,6 +424,7 @@ def report(args: argparse.Namespace, device: torch.device, results, table: str, 
         load_avg_before=list(load_before),
         load_avg_after=list(load_after),
         warnings=[warning] if warning else [],
+        command=" ".join(["tokenreduce", *args.argv]),
         **extra,
     )
     print(f"{header} | {env['dtype']} | {env['machine']} | {env['threads']} threads | median of {args.repeats}")
@@ -344,6 +435,9 @@ def report(args: argparse.Namespace, device: torch.device, results, table: str, 
         with open(args.json, "w") as f:
             json.dump(to_json(results, env), f, indent=2)
         print(f"wrote {args.json}")
+    if csv_path:
+        write_csv(results, csv_path)
+        print(f"wrote {csv_path}")
     return 0
 
 
@@ -528,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated name[:key=value...] specs (default {DEFAULT_METHODS}); with --preset, names only",
     )
     add_preset_options(bench)
-    bench.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32; 1 prompt with --vlm)")
+    bench.add_argument(
+        "--batch-size", type=int, default=None, help="images per batch (default 32; 1 prompt with --vlm; see --diffusion)"
+    )
     bench.add_argument("--img-size", type=int, default=224)
     bench.add_argument("--repeats", type=int, default=5, help="timed forwards per method; the median is reported")
     bench.add_argument("--warmup", type=int, default=1, help="untimed forwards per method before timing")
@@ -546,6 +642,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--prompt-tokens", type=int, default=64, help="VLM bench: text tokens per prompt besides the image")
     bench.add_argument("--new-tokens", type=int, default=16, help="VLM bench: tokens generated to time decoding")
+    bench.add_argument(
+        "--diffusion",
+        action="store_true",
+        help="benchmark a diffusion denoiser or pipeline instead, beside the tomesd package when installed (--model: "
+        "sd-unet, dit, pixart, sd3, flux or sd-pipeline, random weights; or --checkpoint, a diffusers save_pretrained "
+        "folder of a pipeline or a denoiser); --batch-size is the denoiser's batch (default 2, a CFG pair; 1 for flux) "
+        f"or a pipeline's images (default 1); default methods {DEFAULT_DIFFUSION_METHODS}",
+    )
+    bench.add_argument("--latent-size", type=int, default=None, help="diffusion bench: latent side (default: the model's)")
+    bench.add_argument("--steps", type=int, default=4, help="diffusion bench: denoising steps of a pipeline's generation")
+    bench.add_argument("--csv", help="write the results as CSV too")
     bench.set_defaults(fn=cmd_bench)
 
     viz = sub.add_parser("viz", help="draw which patches each method kept and merged on your images")
@@ -608,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for the JSON
     if args.command is None:
         parser.print_help()
         return 2

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import copy
+import csv
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,10 +98,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, str]], device: torch.device) -> float:
+def reduction_share(
+    call: Callable[[], object],
+    targets: Sequence[tuple[object, str]],
+    device: torch.device,
+    wrap: Callable[[Callable, Callable], Callable] | None = None,
+) -> float:
     """Share of one instrumented ``call()`` spent inside the methods ``(object, name)`` of ``targets``
     (the reduction's hook points: scoring, selecting, applying). A target called from inside another
-    counts once."""
+    counts once. ``wrap(timer, original)`` makes each target's stand-in from ``timer`` (which turns a
+    function into a timed one): by default ``timer(original)``; a target that returns the merge and
+    unmerge functions can have those timed too."""
     spent, depth = 0.0, 0
 
     def timer(original):
@@ -119,8 +129,9 @@ def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, 
         return timed
 
     own = [vars(obj).get(name) for obj, name in targets]  # a module's functions, or instance attributes
+    wrap = wrap or (lambda timed, original: timed(original))
     for obj, name in targets:  # instance attributes shadow the class methods for this pass only
-        setattr(obj, name, timer(getattr(obj, name)))
+        setattr(obj, name, wrap(timer, getattr(obj, name)))
     try:
         _sync(device)
         start = time.perf_counter()
@@ -137,21 +148,28 @@ def reduction_share(call: Callable[[], object], targets: Sequence[tuple[object, 
 
 
 def interleaved_times(
-    calls: Sequence[Sequence[Callable[[], object]]], repeats: int, device: torch.device, tick: Callable[[int], None]
+    calls: Sequence[Sequence[Callable[[], object]]],
+    repeats: int,
+    device: torch.device,
+    tick: Callable[[int], None],
+    around: Sequence[Callable[[], AbstractContextManager]] | None = None,
 ) -> list[list[list[float]]]:
     """Wall times ``[model][call][repeat]`` of ``calls[model]``, run ``repeats`` times with the models
-    taking turns, their order rotated every repeat so that drift spreads over all of them."""
+    taking turns, their order rotated every repeat so that drift spreads over all of them. With
+    ``around``, each model's turn runs inside ``around[model]()``, untimed (e.g. patching one shared
+    model for the turn)."""
     times = [[[] for _ in row] for row in calls]
     for rep in range(repeats):
         order = list(range(len(calls)))
         for i in order[rep % len(order) :] + order[: rep % len(order)]:
-            for j, call in enumerate(calls[i]):
-                _sync(device)
-                start = time.perf_counter()
-                call()
-                _sync(device)
-                times[i][j].append(time.perf_counter() - start)
-                tick(1)
+            with around[i]() if around is not None else nullcontext():
+                for j, call in enumerate(calls[i]):
+                    _sync(device)
+                    start = time.perf_counter()
+                    call()
+                    _sync(device)
+                    times[i][j].append(time.perf_counter() - start)
+                    tick(1)
     return times
 
 
@@ -335,3 +353,13 @@ def to_json(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, An
             row["efficiency"] = r.efficiency
         rows.append(row)
     return {"environment": env, "results": rows}
+
+
+def write_csv(results: Sequence[Any], path: str) -> None:
+    """One row per result, its fields as columns (lists and dicts as JSON)."""
+    rows = to_json(results, {})["results"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})

@@ -13,7 +13,7 @@ from tokenreduce.core.attention import (
     weighted_pagerank,
     zero_smallest,
 )
-from tokenreduce.core.cells import cell_argmax, cell_partition, random_cell_choice
+from tokenreduce.core.cells import cell_argmax, cell_partition, corner_partition, random_cell_choice
 from tokenreduce.core.clustering import (
     cluster_argmin,
     cluster_selection,
@@ -43,12 +43,14 @@ from tokenreduce.core.indices import span
 from tokenreduce.core.matching import (
     alternate_merge,
     batch_soft_matching,
+    best_match,
     best_partners,
     bipartite_merge,
     bipartite_soft_matching,
     merge_edges,
     merge_into_nearest,
     redundant_half,
+    row_max,
     threshold_soft_matching,
 )
 from tokenreduce.core.mixing import transform_to_targets, vote_and_mix
@@ -91,6 +93,7 @@ __all__ = [
     "alternate_merge",
     "attention_probs",
     "batch_soft_matching",
+    "best_match",
     "best_partners",
     "bipartite_merge",
     "bipartite_soft_matching",
@@ -98,6 +101,7 @@ __all__ = [
     "cell_argmax",
     "cell_partition",
     "cls_attention",
+    "corner_partition",
     "cluster_argmin",
     "cluster_selection",
     "compact",
@@ -149,6 +153,7 @@ __all__ = [
     "resize_weights",
     "restore_tokens",
     "row_attention",
+    "row_max",
     "rows_attention",
     "size_bias",
     "size_weighted_mean",

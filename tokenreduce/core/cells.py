@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokenreduce.core.indices import made_once
 from tokenreduce.core.select import hash_scores
 
 
@@ -52,3 +53,15 @@ def cell_partition(grid: tuple[int, int], sx: int, sy: int, choice: Tensor) -> t
     # distinct keys, destinations pushed past n: sources first, each part in position order
     order = torch.where(is_dst, position + n, position).argsort(dim=-1)
     return order[..., : n - dst.shape[-1]], order[..., n - dst.shape[-1] :]
+
+
+def corner_partition(grid: tuple[int, int], sx: int, sy: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """:func:`cell_partition` with each cell's destination at its top-left (tomesd without randomness),
+    made once per arguments and shared (:func:`~tokenreduce.core.indices.made_once`: read-only)."""
+    device = torch.device(device)
+    rows, cols = grid[0] // sy, grid[1] // sx
+
+    def make() -> tuple[Tensor, Tensor]:
+        return cell_partition(grid, sx, sy, torch.zeros(rows, cols, dtype=torch.long, device=device))
+
+    return made_once(("corner_partition", tuple(grid), sx, sy, device), device, make)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, bipartite_merge, cell_partition, random_cell_choice
+from tokenreduce.core import Selection, best_match, bipartite_merge, cell_partition, corner_partition, random_cell_choice
 from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_cell_ratio, as_int
@@ -81,13 +81,13 @@ class ToMeSD(DenoiserMethod):
             return None
         if self.use_rand:
             choice = random_cell_choice(cells, self.sx * self.sy, timestep_key(self.seed, ctx.block, ctx.timestep), x.device)
-        else:
-            choice = torch.zeros(cells, dtype=torch.long, device=x.device)
-        src, dst = cell_partition(ctx.grid, self.sx, self.sy, choice)
+            src, dst = cell_partition(ctx.grid, self.sx, self.sy, choice)
+        else:  # the same partition for every call at this grid
+            src, dst = corner_partition(ctx.grid, self.sx, self.sy, x.device)
         r = min(int(n * self.ratio), src.numel())
         if r == 0:
             return None
         unit = x / x.norm(dim=-1, keepdim=True)
-        scores = unit[:, src] @ unit[:, dst].transpose(-1, -2)
+        best = best_match(unit.index_select(1, src), unit.index_select(1, dst))
         b = x.shape[0]
-        return bipartite_merge(scores, src.expand(b, -1), dst.expand(b, -1), r, n)
+        return bipartite_merge(None, src.expand(b, -1), dst.expand(b, -1), r, n, best=best)
