@@ -91,7 +91,7 @@ class LLMRun:
         """The layer whose attention kernel reads the next stage's scores (``"own"`` scores are computed
         by :func:`_own_attention` instead)."""
         stage = len(self.stages)
-        if stage == len(self.layers) or self.method.scores_from == "own":
+        if stage == len(self.layers) or self.method.scores_from == "own" or self.method.scores == "none":
             return None
         return self.layers[stage] - 1
 
@@ -175,7 +175,7 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     register_kernel()
     layers = list(text.layers)
     prune = method.prune_layers(len(layers))
-    scoring = {p - 1 for p in prune} if method.scores_from == "previous" else set()
+    scoring = {p - 1 for p in prune} if method.scores_from == "previous" and method.scores != "none" else set()
     for i, layer in enumerate(layers):
         patch.set_attr(layer, ATTR, patch)
         patch.set_attr(layer, "_tokenreduce_index", i)
@@ -262,7 +262,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     """Reduce visual tokens before layer ``index``: the method selects per image (kept tokens, possibly
     merged ones after them), every row keeps its text, re-padded to the longest row."""
     stage = len(run.stages)
-    if run.attention is None and run.keys is None and run.scores is None:
+    if run.method.scores != "none" and run.attention is None and run.keys is None and run.scores is None:
         raise RuntimeError(f"the scoring layer of pruning layer {index} did not run")
     keep = [min(span.length, run.method.kept(n, stage)) for span, n in zip(run.spans, run.inputs)]
     visual = torch.zeros_like(run.mask, dtype=torch.bool)
@@ -285,8 +285,8 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
             )
         else:
             run.projected_keys = None
-    run.spans = [
-        ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]), sel.num_out)
+    run.spans = [  # a span that kept nothing has no place left: it starts nowhere (0) and is empty
+        ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]) if sel.num_out else 0, sel.num_out)
         for sp, sel in zip(run.spans, selections)
     ]
     run.origin = [o[sel.index[0]] for o, sel in zip(run.origin, selections)]

@@ -60,7 +60,7 @@ class LLMMethod(Method):
 
     stage = Stage.LLM
     scores_from: ClassVar[str] = "previous"
-    scores: ClassVar[str] = "attention"  # or "keys", or "raters"
+    scores: ClassVar[str] = "attention"  # or "keys", or "raters", or "none" (no scoring layer: the rule needs no scores)
     positions: str
 
     def check_positions(self) -> None:
