@@ -29,7 +29,7 @@ from tokenreduce.core.clustering import (
     strided_targets,
     weighted_kmeans,
 )
-from tokenreduce.core.diversity import cosine_distance, max_min_subset
+from tokenreduce.core.diversity import cosine_distance, max_min_subset, max_sum_subset
 from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import (
     graph_propagation,
@@ -132,6 +132,7 @@ __all__ = [
     "label_adjacency",
     "local_soft_kmeans",
     "max_min_subset",
+    "max_sum_subset",
     "medoid_costs",
     "merge_attention",
     "merge_clusters",

@@ -33,3 +33,28 @@ def max_min_subset(x: Tensor, k: int) -> Tensor:
         picked.append(nxt)
         nearest = torch.minimum(nearest, dist[rows, nxt])
     return torch.stack(picked, dim=1)
+
+
+def max_sum_subset(x: Tensor, k: int) -> Tensor:
+    """Indices ``[B, k]`` of a greedy max-sum diverse subset of the tokens of ``x [B, N, D]`` (cosine
+    distance), in the order they were picked.
+
+    The first pick is the token with the largest summed distance to all tokens; each next pick is the
+    token not yet picked whose summed distance to the picked ones is largest. Ties go to the lowest index.
+    """
+    b, n = x.shape[:2]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for {n} tokens, got {k}")
+    dist = cosine_distance(x)
+    rows = torch.arange(b, device=x.device)
+    first = dist.sum(dim=1).argmax(dim=1)
+    picked = [first]
+    taken = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    taken[rows, first] = True
+    total = dist[rows, first]  # [B, N] summed distance of every token to the picked set
+    for _ in range(k - 1):
+        nxt = torch.where(taken, -torch.inf, total).argmax(dim=1)
+        picked.append(nxt)
+        taken[rows, nxt] = True
+        total = total + dist[rows, nxt]
+    return torch.stack(picked, dim=1)
