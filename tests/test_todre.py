@@ -89,3 +89,8 @@ def test_the_pre_llm_part_keeping_everything_equals_the_unpatched_model(algorith
 def test_bad_config_raises_with_range(config, error, match):
     with pytest.raises(error, match=match):
         tokenreduce.apply(tiny_llava(), "todre", **config)
+
+
+def test_the_parts_are_not_config():
+    with pytest.raises(TypeError, match=r"method 'todre' at stage llm got unknown config \['inside'\]"):
+        tokenreduce.apply(tiny_llava(), "todre", inside="fastv")

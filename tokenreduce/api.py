@@ -32,7 +32,7 @@ STAGE_PREFERENCE = (Stage.PRE_LLM, Stage.LLM, Stage.ENCODER)
 
 
 def _fields(cls: type[Method]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
 
 
 def _method_class(name: str, stage: str | Stage | None, config: dict, available: tuple[Stage, ...] | None) -> type[Method]:
