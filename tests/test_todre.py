@@ -94,3 +94,12 @@ def test_bad_config_raises_with_range(config, error, match):
 def test_the_parts_are_not_config():
     with pytest.raises(TypeError, match=r"method 'todre' at stage llm got unknown config \['inside'\]"):
         tokenreduce.apply(tiny_llava(), "todre", inside="fastv")
+
+
+def test_the_diverse_subset_stacks_with_another_in_llm_method():
+    kw = llava_inputs()
+    model = tokenreduce.apply(tiny_llava(), [ToDREDiversity(keep_tokens=8), ("fastv", {"layer": 2, "keep_ratio": 0.5})])
+    vlm_generate(model, kw)
+    rec = tokenreduce.record(model)
+    assert [im.kept for im in rec.images] == [4, 4]
+    assert "todre_diversity(keep_ratio=None, keep_tokens=8" in tokenreduce.describe(model)
