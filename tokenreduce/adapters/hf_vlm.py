@@ -97,6 +97,7 @@ class VisualState:
     grids: list[tuple[int, int] | None]  # per image, its visual tokens' grid when the inputs say it
     reindex: bool  # tokens kept before the LLM get consecutive position ids
     llm_reindex: bool  # tokens kept inside the LLM get consecutive position ids
+    text: Tensor | None = None  # [B, L] True on the prompt's text tokens, for methods that read them
     active: bool = True
 
     def prompt_mask(self, embeds: Tensor) -> Tensor:
@@ -233,6 +234,28 @@ def _records_from_owner(owner: Tensor, kept: int, grid: tuple[int, int] | None) 
     return [ImageRecord(n, kept, o, f, grid) for o, f in zip(owner, first_inputs(owner, kept))]
 
 
+def _text_tokens(config, input_ids: Tensor, placeholder: Tensor, mask: Tensor | None) -> Tensor:
+    """``[B, L]`` True on a prompt's text: neither image nor video placeholders nor padding."""
+    text = ~placeholder
+    if mask is not None:
+        text &= mask.bool()
+    video = getattr(config, "video_token_id", None)
+    if isinstance(video, int):
+        text &= input_ids != video
+    return text
+
+
+def _packed_text(embeds: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's text embeddings packed to the front: ``embeds [B, L, D]`` at ``text [B, L]`` ->
+    ``([B, T, D] with zeros after a row's own text, [B, T] mask)``, ``T`` the most text of a row."""
+    counts = text.sum(1)
+    width = int(counts.max()) if text.numel() else 0
+    order = (~text).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # text positions first, in order
+    valid = torch.arange(width, device=embeds.device) < counts[:, None]
+    packed = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+    return packed * valid[..., None].to(packed.dtype), valid
+
+
 def _front(kept: Tensor, length: int) -> Tensor:
     """``[M, k, D]`` kept tokens at the front of ``length``-token spans (zeros after)."""
     return torch.cat([kept, kept.new_zeros(kept.shape[0], length - kept.shape[1], kept.shape[2])], dim=1)
@@ -258,6 +281,8 @@ class VLMModel:
         grids = adapter.grids(self, kwargs.get("image_grid_thw"))
         before, inside = parts(patch.method)
         state = VisualState(placeholder, mask, grids, adapter.reindex(self, before), adapter.reindex(self, inside))
+        if images and getattr(before, "needs_text", False):  # the prompt, not a decode step
+            state.text = _text_tokens(self.config, input_ids, placeholder, mask)
         _thread(patch).state = state
         try:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -572,6 +597,8 @@ class HFVLM(Adapter):
             self.feature_layer(model, vision)
             return
         assert isinstance(method, VisualMethod)
+        if method.needs_text and method.space != "projected":
+            raise TypeError(f"{method.name!r} reads the prompt's text, which tokenreduce gives only to projected-space methods")
         if method.positions == "reindex" and self.spec(model).mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
@@ -836,6 +863,9 @@ class HFVLM(Adapter):
         ``tensors`` (aligned per-token inputs such as Qwen3's deepstack features follow the same
         selection). Returns each image's record, in span order."""
         records: list[ImageRecord | None] = [None] * len(spans)
+        text = text_mask = None
+        if method.needs_text:  # the text tokens are never written below: read them once, before
+            text, text_mask = _packed_text(tensors[0], state.text)
         groups: dict[tuple, list[int]] = {}
         for i, (_, _, n) in enumerate(spans):
             groups.setdefault((n, _grid(state, i, n, tile)), []).append(i)
@@ -845,7 +875,9 @@ class HFVLM(Adapter):
             for tensor in tensors:
                 features = torch.stack([tensor[spans[i][0], spans[i][1] : spans[i][1] + n] for i in members])
                 if selection is None:
-                    selection = method.select(VisualContext(features, keep, 0, grid))
+                    rows = [spans[i][0] for i in members]
+                    prompt = {} if text is None else dict(text=text[rows], text_mask=text_mask[rows])
+                    selection = method.select(VisualContext(features, keep, 0, grid, **prompt))
                 kept = selection.apply(features)
                 for j, i in enumerate(members):
                     row, start, _ = spans[i]
