@@ -1,0 +1,166 @@
+"""Pre-LLM methods that read the prompt's text (tiny random LLaVA-1.5 shapes, one Qwen2-VL check): the
+text each image sees, padding, several images per prompt, generate(), keep-all, remove(), and naive
+oracles of the methods' choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import naive_text_methods as naive
+import tokenreduce
+from conftest import IMAGE_TOKEN, batch, pixels, prompt, reduce_batch_and_singles, tiny_llava
+from tokenreduce.methods.visual import VisualContext, VisualMethod
+from tokenreduce.registry import method_classes
+from tokenreduce.stages import Stage
+
+pytest.importorskip("transformers")
+
+REDUCING = {"simignore": dict(keep_tokens=5)}
+KEEP_ALL = {"simignore": dict(keep_ratio=1.0)}
+GEN = dict(max_new_tokens=4, do_sample=False)
+PROMPTS = [prompt([1, 5]), prompt([2, 3, 4, 6, 8, 9]), prompt([7], images=2), prompt([4, 4, 4])]
+IMAGES = [1, 1, 2, 1]
+
+
+def logits(model, **kw):
+    with torch.no_grad():
+        return model(**kw).logits
+
+
+def generate(model, **kw):
+    with torch.no_grad():
+        return model.generate(**kw, **GEN)[:, -GEN["max_new_tokens"] :]
+
+
+def padded(side: str = "left") -> dict:
+    ids, mask = batch(PROMPTS, side)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(sum(IMAGES)))
+
+
+def naive_inputs(model, kw) -> list[tuple[list[list[float]], list[list[float]]]]:
+    """Per image, in prompt order: (its projected features, its own prompt's text embeddings), as lists."""
+    with torch.no_grad():
+        feats = list(model.model.get_image_features(pixel_values=kw["pixel_values"]).pooler_output)
+        table = model.get_input_embeddings().weight
+    out = []
+    for ids, mask in zip(kw["input_ids"].tolist(), kw["attention_mask"].tolist()):
+        text = [table[t].double().tolist() for t, m in zip(ids, mask) if m and t != IMAGE_TOKEN]
+        for _ in range(sum(1 for t, m in zip(ids, mask) if m and t == IMAGE_TOKEN) // 16):
+            out.append((feats.pop(0).double().tolist(), text))
+    return out
+
+
+def test_text_methods_are_registered_pre_llm_and_ask_for_text():
+    for name in REDUCING:
+        (cls,) = [c for c in method_classes(name).values()]
+        assert cls.stage == Stage.PRE_LLM and issubclass(cls, VisualMethod) and cls.needs_text
+
+
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_a_call_without_text_is_refused(method):
+    (cls,) = method_classes(method).values()
+    ctx = VisualContext(torch.randn(2, 16, 64), 4, 0, (4, 4))
+    with pytest.raises(ValueError, match=rf"method '{method}' reads the prompt's text, and this call has none"):
+        cls(**REDUCING[method]).select(ctx)
+
+
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_different_text_keeps_different_tokens_of_the_same_image(method):
+    model = tokenreduce.apply(tiny_llava(), method, **REDUCING[method])
+    kept = []
+    for before, after in (([1, 5], (7, 8)), ([30, 41], (52, 63))):  # no text token in common
+        logits(model, input_ids=torch.tensor([prompt(before, text_after=after)]), pixel_values=pixels(1))
+        kept.append(tokenreduce.record(model).images[0].position.tolist())
+    assert kept[0] != kept[1]
+
+
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_remove_is_bit_identical(method):
+    model, kw = tiny_llava(), padded()
+    before, gen_before = logits(model, **kw), generate(model, **kw)
+    tokenreduce.apply(model, method, **REDUCING[method])
+    assert logits(model, **kw).shape[1] < before.shape[1]
+    tokenreduce.remove(model)
+    assert torch.equal(logits(model, **kw), before) and torch.equal(generate(model, **kw), gen_before)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method", sorted(KEEP_ALL))
+def test_keep_all_equals_the_unpatched_model(method, side):
+    model, kw = tiny_llava(), padded(side)
+    want = logits(model, **kw)
+    want_gen = generate(model, **kw) if side == "left" else None
+    tokenreduce.apply(model, method, **KEEP_ALL[method])
+    assert torch.equal(logits(model, **kw), want)
+    if want_gen is not None:
+        assert torch.equal(generate(model, **kw), want_gen)
+
+
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_padded_batch_with_several_images_equals_singles(method):
+    model = tokenreduce.apply(tiny_llava(), method, **REDUCING[method])
+    kw = padded()
+    batched, last = generate(model, **kw), logits(model, **kw)[:, -1]
+    kept = [im.position.tolist() for im in tokenreduce.record(model).images]
+    start, single_kept = 0, []
+    for i, p in enumerate(PROMPTS):
+        one = dict(input_ids=torch.tensor([p]), pixel_values=kw["pixel_values"][start : start + IMAGES[i]])
+        start += IMAGES[i]
+        assert torch.equal(generate(model, **one), batched[i : i + 1]), f"prompt {i}"
+        torch.testing.assert_close(logits(model, **one)[:, -1], last[i : i + 1], rtol=1e-4, atol=1e-4)
+        single_kept += [im.position.tolist() for im in tokenreduce.record(model).images]
+    assert kept == single_kept
+
+
+def test_simignore_keeps_the_naive_walks_tokens():
+    model, kw = tiny_llava(), padded("right")
+    want = [naive.simignore_keep(f, t, 6) for f, t in naive_inputs(model, kw)]
+    tokenreduce.apply(model, "simignore", keep_tokens=6)
+    logits(model, **kw)
+    assert [im.position.tolist() for im in tokenreduce.record(model).images] == want
+
+
+def test_simignore_default_is_the_references_k2():
+    (cls,) = method_classes("simignore").values()
+    assert cls().num_kept(576, (24, 24)) == 452 and cls().positions == "keep"
+
+
+def test_simignore_generate_equals_the_reference_mask():
+    """The reference keeps every image token in the prompt and sets the ignored ones' attention mask to
+    0, positions unchanged: the unpatched model run that way, greedily, gives the same tokens."""
+    base, kw = tiny_llava(), padded()
+    model = tokenreduce.apply(tiny_llava(), "simignore", keep_tokens=5)
+    got, got_logits = generate(model, **kw), logits(model, **kw)[:, -1]
+    record = tokenreduce.record(model)
+    assert record.positions == "keep"
+    mask, images = kw["attention_mask"].clone(), iter(record.images)
+    for row in range(mask.shape[0]):
+        where = (kw["input_ids"][row] == IMAGE_TOKEN).nonzero().flatten().tolist()
+        for start in where[::16]:
+            kept = {start + p for p in next(images).position.tolist()}
+            for i in range(start, start + 16):
+                mask[row, i] = int(i in kept)
+    positions = (kw["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = base(**{**kw, "attention_mask": mask}, position_ids=positions, use_cache=True)
+        torch.testing.assert_close(out.logits[:, -1], got_logits, rtol=1e-4, atol=1e-4)
+        cache, step, steps, next_pos = out.cache, out.logits[:, -1].argmax(-1), [], positions[:, -1:] + 1
+        for _ in range(GEN["max_new_tokens"]):
+            steps.append(step)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            o = base(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
+            cache, step, next_pos = o.cache, o.logits[:, -1].argmax(-1), next_pos + 1
+    assert torch.equal(got, torch.stack(steps, dim=1))
+
+
+def test_simignore_on_qwen2_vl_batch_equals_singles():
+    rec = reduce_batch_and_singles("qwen2_vl", "simignore", keep_tokens=2)
+    assert all(im.kept == 2 for im in rec.images) and rec.positions == "keep"
+
+
+def test_text_methods_refuse_bad_budgets():
+    with pytest.raises(ValueError, match=r"keep_ratio must be a number in \(0, 1\], got 0.0"):
+        tokenreduce.apply(tiny_llava(), "simignore", keep_ratio=0.0)
+    with pytest.raises(ValueError, match=r"keep_tokens must be in \[1, 16\]"):
+        tokenreduce.apply(tiny_llava(), "simignore", keep_tokens=17)
