@@ -36,7 +36,7 @@ from tokenreduce.adapters import hf_llm
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.adapters.hf_llm import LLMRun, LLMStep
 from tokenreduce.adapters.hf_vision import TOWERS, HFVisionTower
-from tokenreduce.core import Selection
+from tokenreduce.core import Selection, cls_attention
 from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
@@ -377,7 +377,8 @@ class CompactingLLM:
             before, inside = parts(patch.method)
             compaction = None
             if before is not None:
-                compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile)
+                scale = getattr(self, "_tokenreduce_scale", None)  # of the vision layer, for class-token attention
+                compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile, scale)
             if inside is not None:
                 out = adapter.pruned_prefill(
                     self, patch, state, compaction, kwargs, lambda: super(CompactingLLM, self).forward(**kwargs)
@@ -599,6 +600,8 @@ class HFVLM(Adapter):
         assert isinstance(method, VisualMethod)
         if method.needs_text and method.space != "projected":
             raise TypeError(f"{method.name!r} reads the prompt's text, which tokenreduce gives only to projected-space methods")
+        if method.needs_cls_attention:
+            self._validate_cls_attention(model, method)
         if method.positions == "reindex" and self.spec(model).mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
@@ -613,6 +616,17 @@ class HFVLM(Adapter):
         tile = self.tile_tokens(model)
         if tile is not None:
             method.num_kept(tile, _square(tile))
+
+    def _validate_cls_attention(self, model: nn.Module, method: VisualMethod) -> None:
+        """A projected-space method reading the class token's attention needs a tower with one whose
+        images each fill one span of the prompt (LLaVA's token-wise projector)."""
+        vision = self.vision(model, f"{method.name!r}, which reads the vision encoder's class-token attention,")
+        if method.space != "projected" or self.spec(model).tile != "tower" or not self.tower.has_cls_token(vision):
+            raise TypeError(
+                f"{method.name!r} reads the class token's attention of the vision layer {type(model).__name__} reads: "
+                "it needs a vision tower with a class token and one prompt span per image (LLaVA)"
+            )
+        self.feature_layer(model, vision)
 
     def _validate_llm(self, model: nn.Module, method: LLMMethod) -> None:
         spec, text = self.spec(model), getattr(model, self.spec(model).text)
@@ -666,6 +680,9 @@ class HFVLM(Adapter):
             patch.set_attr(attention, ATTR, patch)
             patch.swap_class(attention, CaptureAttentionInput)
             patch.swap_class(model, MergingVLMModel)
+        elif isinstance(method, VisualMethod) and method.needs_cls_attention:
+            vision = self.vision(model, method.name)
+            self._capture_qk(vision, self.feature_layer(model, vision), patch, getattr(model, spec.text))
         elif isinstance(method, EncoderMethod) or vision_space:
             vision = self.vision(model, method.name)
             projector = getattr(model, spec.projector)
@@ -674,14 +691,8 @@ class HFVLM(Adapter):
                 patch.set_attr(vision, ATTR, patch)
                 self.tower.install(vision, patch)
             else:
-                layer = self.tower.blocks(vision)[layer_index]
-                layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
-                attention = getattr(layer, layout.attention)
-                heads = int(getattr(attention, layout.heads))
-                patch.capture(layer, "hidden", mixin=CaptureVision)
-                patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
-                patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
-                patch.set_attr(projector, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
+                patch.capture(self.tower.blocks(vision)[layer_index], "hidden", mixin=CaptureVision)
+                self._capture_qk(vision, layer_index, patch, projector)
             patch.set_attr(projector, ATTR, patch)
             patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
             patch.set_attr(projector, "_tokenreduce_layer", layer_index)
@@ -698,6 +709,17 @@ class HFVLM(Adapter):
         patch.swap_class(text, CompactingLLM)
         if not isinstance(model, VLMModel):
             patch.swap_class(model, VLMModel)
+
+    def _capture_qk(self, vision: nn.Module, layer_index: int, patch: Patch, holder: nn.Module) -> None:
+        """Store the queries and keys of vision layer ``layer_index`` in the thread on every vision
+        forward; ``holder`` gets the layer's attention scale (``_tokenreduce_scale``)."""
+        layer = self.tower.blocks(vision)[layer_index]
+        layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
+        attention = getattr(layer, layout.attention)
+        heads = int(getattr(attention, layout.heads))
+        patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
+        patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
+        patch.set_attr(holder, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
 
     # -- running ------------------------------------------------------------------------------
     def reindex(self, model: nn.Module, method: Method | None) -> bool:
@@ -856,12 +878,19 @@ class HFVLM(Adapter):
         return spans, torch.tensor(lengths, dtype=torch.long, device=reduced.kept.device)
 
     def _select_spans(
-        self, method: VisualMethod, state: VisualState, spans: list, tile: int | None, tensors: list[Tensor]
+        self,
+        method: VisualMethod,
+        state: VisualState,
+        spans: list,
+        tile: int | None,
+        tensors: list[Tensor],
+        cls: Tensor | None = None,
     ) -> list[ImageRecord]:
         """Run a pre-LLM method on every image span of ``tensors[0]`` (the prompt's embeddings), images
         of equal size and grid together, writing each span's kept tokens to its front in every tensor of
         ``tensors`` (aligned per-token inputs such as Qwen3's deepstack features follow the same
-        selection). Returns each image's record, in span order."""
+        selection). ``cls [spans, N0]``: each image's class-token attention, for methods that read it.
+        Returns each image's record, in span order."""
         records: list[ImageRecord | None] = [None] * len(spans)
         text = text_mask = None
         if method.needs_text:  # the text tokens are never written below: read them once, before
@@ -877,6 +906,8 @@ class HFVLM(Adapter):
                 if selection is None:
                     rows = [spans[i][0] for i in members]
                     prompt = {} if text is None else dict(text=text[rows], text_mask=text_mask[rows])
+                    if cls is not None:
+                        prompt["cls_attention"] = cls[members, cls.shape[1] - n :]  # without the class token's own
                     selection = method.select(VisualContext(features, keep, 0, grid, **prompt))
                 kept = selection.apply(features)
                 for j, i in enumerate(members):
@@ -886,18 +917,35 @@ class HFVLM(Adapter):
                 records[j] = record
         return records  # type: ignore[return-value]
 
-    def compact_prompt(self, patch: Patch, state: VisualState, kwargs: dict, chunk: int | None, tile: int | None) -> Compaction:
+    def _cls_attention(self, patch: Patch, images: int, scale: float) -> Tensor:
+        """``[images, N0]``: the class token's attention at the vision layer the VLM reads, for the
+        images of the prompt (the thread's last vision forward), in prompt order."""
+        thread = _thread(patch)
+        q, k = thread.q, thread.k
+        thread.q = thread.k = None
+        if q is None or k is None or q.shape[0] != images:
+            raise RuntimeError(
+                f"{patch.method.name!r} needs the vision encoder's attention for the {images} images of this prompt: "
+                "compute their features with the patched model, in the thread that runs the prompt"
+            )
+        return cls_attention(q, k, scale)
+
+    def compact_prompt(
+        self, patch: Patch, state: VisualState, kwargs: dict, chunk: int | None, tile: int | None, scale: float | None = None
+    ) -> Compaction:
         """Reduce the prompt's images and shorten the LLM's arguments ``kwargs`` to the kept visual
         tokens (embeddings, masks, position ids, per-visual-token inputs); record what was done. Image
         spans are runs of image tokens, cut in ``chunk``-token pieces when every image has that many;
-        a span of ``tile`` tokens is a square grid."""
+        a span of ``tile`` tokens is a square grid; ``scale``: the attention scale of the vision layer
+        whose class-token attention the method reads, when it reads it."""
         embeds = kwargs["inputs_embeds"]
         method, thread = parts(patch.method)[0], _thread(patch)
         spans = image_spans(state.placeholder, chunk)
         if isinstance(method, VisualMethod) and method.space == "projected":
             embeds = embeds.clone()
             deepstack = _deepstack(kwargs, embeds)
-            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack])
+            cls = self._cls_attention(patch, len(spans), scale) if method.needs_cls_attention else None
+            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack], cls)
             encoder = None
         else:
             spans_flat = embeds[state.placeholder]

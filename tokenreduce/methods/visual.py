@@ -31,6 +31,10 @@ class VisualContext:
     placeholders and padding, in prompt order, packed to the front; ``text_mask [M, T]`` is True on
     them and False on the zero rows that pad prompts of fewer text tokens (``T`` is the longest). Both
     are ``None`` where no prompt is known (features computed alone, vision-space methods).
+
+    ``cls_attention [M, N]`` holds, for a method with :attr:`VisualMethod.needs_cls_attention`, the
+    class token's softmax attention (averaged over heads) to each of the ``N`` tokens at the vision
+    layer the VLM reads, the tokens aligned with ``features``.
     """
 
     features: Tensor  # [M, N, D]
@@ -43,6 +47,7 @@ class VisualContext:
     group: int = 1  # consecutive q/k rows per token: Qwen's patch merger joins 2x2 patches into one
     text: Tensor | None = None  # [M, T, D']
     text_mask: Tensor | None = None  # [M, T] bool
+    cls_attention: Tensor | None = None  # [M, N]
 
     def prompt_text(self, method: str) -> tuple[Tensor, Tensor]:
         """``(text [M, T, D'], text_mask [M, T])``; raises when this call has no prompt (``method``
@@ -86,6 +91,7 @@ class VisualMethod(Method):
     space: ClassVar[str] = "projected"  # or "vision": the encoder's hidden states before the projector
     needs_attention: ClassVar[bool] = False  # wants q/k of the vision layer the VLM reads
     needs_text: ClassVar[bool] = False  # wants each image's prompt text (VisualContext.text); projected space only
+    needs_cls_attention: ClassVar[bool] = False  # wants VisualContext.cls_attention; projected space only
     default_keep_ratio: ClassVar[float | None] = 0.25
 
     keep_ratio: float | None = None
