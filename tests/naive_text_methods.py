@@ -32,3 +32,28 @@ def simignore_keep(image: list[list[float]], text: list[list[float]], k2: int) -
             collected.append(row)
         index += 1
     return sorted(collected)
+
+
+def recoverable_keep(
+    cls: list[float], image: list[list[float]], text: list[list[float]], keep: int, recover: float
+) -> dict[int, list[int]]:
+    """Recoverable Compression as tokenreduce's docstring states it: the ``keep - round(recover * keep)``
+    tokens of highest class-token attention; of the others, the ``round(recover * keep)`` whose best
+    cosine to a text token is highest; every remaining token goes to its most cosine-similar kept
+    token. Returns each kept token (ascending) with the tokens it averages (itself first)."""
+    recovered = round(recover * keep)
+    visual = keep - recovered
+    img, txt = [_unit(v) for v in image], [_unit(v) for v in text]
+    by_cls = sorted(range(len(image)), key=lambda i: -cls[i])  # ties: the earlier token
+    picked, dropped = by_cls[:visual], by_cls[visual:]
+    relevance = {i: max(_dot(img[i], t) for t in txt) for i in dropped}
+    dropped = sorted(dropped, key=lambda i: -relevance[i])  # ties: higher class-token attention
+    groups = {p: [p] for p in sorted(picked + dropped[:recovered])}
+    for j in dropped[recovered:]:
+        best = max(groups, key=lambda p: _dot(img[j], img[p]))
+        groups[best].append(j)
+    return groups
+
+
+def mean(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(rows) for col in zip(*rows)]

@@ -16,8 +16,8 @@ from tokenreduce.stages import Stage
 
 pytest.importorskip("transformers")
 
-REDUCING = {"simignore": dict(keep_tokens=5)}
-KEEP_ALL = {"simignore": dict(keep_ratio=1.0)}
+REDUCING = {"simignore": dict(keep_tokens=5), "recoverable": dict(keep_tokens=5)}
+KEEP_ALL = {"simignore": dict(keep_ratio=1.0), "recoverable": dict(keep_ratio=1.0)}
 GEN = dict(max_new_tokens=4, do_sample=False)
 PROMPTS = [prompt([1, 5]), prompt([2, 3, 4, 6, 8, 9]), prompt([7], images=2), prompt([4, 4, 4])]
 IMAGES = [1, 1, 2, 1]
@@ -154,12 +154,74 @@ def test_simignore_generate_equals_the_reference_mask():
     assert torch.equal(got, torch.stack(steps, dim=1))
 
 
+def llm_prompt(model, kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings the patched model's LLM reads for the prompt ``kw`` (at its first layer), and
+    their 2-D mask, padded on the side ``kw``'s mask is."""
+    seen = []
+    layer = model.model.language_model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+    try:
+        logits(model, **kw)
+    finally:
+        handle.remove()
+    embeds, lengths = seen[0], tokenreduce.record(model).llm_lengths
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.long)
+    left = bool(kw["attention_mask"][:, 0].eq(0).any())
+    for row, n in enumerate(lengths):
+        mask[row, slice(embeds.shape[1] - n, None) if left else slice(0, n)] = 1
+    return embeds, mask
+
+
+def cls_rows(model, px) -> list[list[float]]:
+    """Per image, the class token's attention (mean over heads) to each patch at the layer the VLM reads,
+    from the tower's own eager attention weights."""
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = tower(pixel_values=px, output_attentions=True).attentions
+    layer = len(attentions) + model.config.vision_feature_layer
+    return attentions[layer][:, :, 0, 1:].mean(1).double().tolist()
+
+
+def test_recoverable_keeps_and_merges_as_the_naive_rule():
+    base, model = tiny_llava(), tokenreduce.apply(tiny_llava(), "recoverable", keep_tokens=6, recover=0.5)
+    ids, mask = batch([prompt([1, 5]), prompt([2, 3, 4, 6, 8, 9])], "right")
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+    cls = cls_rows(base, kw["pixel_values"])
+    embeds, _ = llm_prompt(model, kw)
+    for row, ((feats, text), before) in enumerate(zip(naive_inputs(base, kw), (2, 6))):
+        groups = naive.recoverable_keep(cls[row], feats, text, 6, 0.5)
+        assert tokenreduce.record(model).images[row].position.tolist() == list(groups)
+        want = torch.tensor([naive.mean([feats[i] for i in g]) for g in groups.values()], dtype=torch.float32)
+        torch.testing.assert_close(embeds[row, before : before + 6], want, rtol=1e-5, atol=1e-5)
+    assert any(len(g) > 1 for g in groups.values())
+
+
+def test_recoverable_generate_equals_the_unpatched_model_fed_the_reduced_prompt():
+    base, kw = tiny_llava(), padded()
+    model = tokenreduce.apply(tiny_llava(), "recoverable", keep_tokens=5)
+    got = generate(model, **kw)
+    embeds, mask = llm_prompt(model, kw)
+    # Reindexed positions are what generate counts from the reduced prompt's own mask.
+    assert torch.equal(got, generate(base, inputs_embeds=embeds, attention_mask=mask))
+
+
+def test_recoverable_needs_a_class_token_and_one_span_per_image():
+    from conftest import tiny_vlm
+
+    for model in (tiny_llava(tower="siglip"), tiny_vlm("qwen2_vl"), tiny_vlm("llava_next")):
+        with pytest.raises(TypeError, match="'recoverable'"):
+            tokenreduce.apply(model, "recoverable")
+
+
 def test_simignore_on_qwen2_vl_batch_equals_singles():
     rec = reduce_batch_and_singles("qwen2_vl", "simignore", keep_tokens=2)
     assert all(im.kept == 2 for im in rec.images) and rec.positions == "keep"
 
 
-def test_text_methods_refuse_bad_budgets():
+def test_text_methods_refuse_bad_configs():
+    with pytest.raises(ValueError, match=r"recover must be a number in \[0, 1\], got 1.5"):
+        tokenreduce.apply(tiny_llava(), "recoverable", recover=1.5)
     with pytest.raises(ValueError, match=r"keep_ratio must be a number in \(0, 1\], got 0.0"):
         tokenreduce.apply(tiny_llava(), "simignore", keep_ratio=0.0)
     with pytest.raises(ValueError, match=r"keep_tokens must be in \[1, 16\]"):
