@@ -247,9 +247,10 @@ def _text_tokens(config, input_ids: Tensor, placeholder: Tensor, mask: Tensor | 
 
 def _packed_text(embeds: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's text embeddings packed to the front: ``embeds [B, L, D]`` at ``text [B, L]`` ->
-    ``([B, T, D] with zeros after a row's own text, [B, T] mask)``, ``T`` the most text of a row."""
+    ``([B, T, D] with zeros after a row's own text, [B, T] mask)``, ``T`` the most text of a row, at
+    least 1 (a prompt of image tokens alone reads as one with all its text padded away)."""
     counts = text.sum(1)
-    width = int(counts.max()) if text.numel() else 0
+    width = max(1, int(counts.max()))
     order = (~text).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # text positions first, in order
     valid = torch.arange(width, device=embeds.device) < counts[:, None]
     packed = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))

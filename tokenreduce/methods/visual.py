@@ -29,8 +29,9 @@ class VisualContext:
     image's own prompt in the LLM's input-embedding space (the model's input embedding of its
     ``input_ids``, as the LLM reads them): every token of that prompt except image and video
     placeholders and padding, in prompt order, packed to the front; ``text_mask [M, T]`` is True on
-    them and False on the zero rows that pad prompts of fewer text tokens (``T`` is the longest). Both
-    are ``None`` where no prompt is known (features computed alone, vision-space methods).
+    them and False on the zero rows that pad prompts of fewer text tokens (``T`` is the longest, at
+    least 1: a prompt of image tokens alone has its one row masked). Both are ``None`` where no
+    prompt is known (features computed alone, vision-space methods).
 
     ``cls_attention [M, N]`` holds, for a method with :attr:`VisualMethod.needs_cls_attention`, the
     class token's softmax attention (averaged over heads) to each of the ``N`` tokens at the vision
