@@ -4,12 +4,16 @@ oracles of the methods' choices."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
 import naive_text_methods as naive
 import tokenreduce
 from conftest import IMAGE_TOKEN, batch, pixels, prompt, reduce_batch_and_singles, tiny_llava
+from tokenreduce.core import Selection, keep
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import method_classes
 from tokenreduce.stages import Stage
@@ -49,6 +53,46 @@ def naive_inputs(model, kw) -> list[tuple[list[list[float]], list[list[float]]]]
         for _ in range(sum(1 for t, m in zip(ids, mask) if m and t == IMAGE_TOKEN) // 16):
             out.append((feats.pop(0).double().tolist(), text))
     return out
+
+
+@dataclass
+class TextProbe(VisualMethod):
+    """Keeps each image's first tokens and records the contexts it was given."""
+
+    name = "text_probe"
+    paper = "none"
+    needs_text = True
+    seen: ClassVar[list[VisualContext]] = []
+
+    def select(self, ctx: VisualContext) -> Selection:
+        TextProbe.seen.append(ctx)
+        return keep(torch.arange(ctx.keep).expand(ctx.features.shape[0], -1), ctx.features.shape[1])
+
+
+def test_each_image_gets_its_own_prompts_text_without_placeholders_or_padding():
+    model, kw = tiny_llava(), padded()
+    TextProbe.seen.clear()
+    tokenreduce.apply(model, TextProbe(keep_tokens=3))
+    logits(model, **kw)
+    (ctx,) = TextProbe.seen  # the five images have one size: one call
+    table = model.get_input_embeddings().weight.detach()
+    rows = [p for p, n in zip(PROMPTS, IMAGES) for _ in range(n)]
+    assert ctx.text.shape[:2] == ctx.text_mask.shape == (5, max(sum(t != IMAGE_TOKEN for t in p) for p in PROMPTS))
+    for text, mask, p in zip(ctx.text, ctx.text_mask, rows):
+        ids = [t for t in p if t != IMAGE_TOKEN]
+        assert mask.tolist() == [True] * len(ids) + [False] * (mask.shape[0] - len(ids))
+        assert torch.equal(text[: len(ids)], table[ids]) and not text[len(ids) :].any()
+
+
+@pytest.mark.parametrize("method", sorted(REDUCING))
+def test_a_prompt_of_image_tokens_alone_keeps_the_same_tokens_in_a_batch(method):
+    model = tokenreduce.apply(tiny_llava(), method, **REDUCING[method])
+    alone = prompt([], text_after=())
+    logits(model, input_ids=torch.tensor([alone]), pixel_values=pixels(1))
+    want = tokenreduce.record(model).images[0].position.tolist()
+    ids, mask = batch([alone, prompt([1, 5])])
+    logits(model, input_ids=ids, attention_mask=mask, pixel_values=torch.cat([pixels(1), pixels(1, seed=4)]))
+    assert tokenreduce.record(model).images[0].position.tolist() == want
 
 
 def test_text_methods_are_registered_pre_llm_and_ask_for_text():
