@@ -36,7 +36,7 @@ from tokenreduce.adapters import hf_llm
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
 from tokenreduce.adapters.hf_llm import LLMRun, LLMStep
 from tokenreduce.adapters.hf_vision import TOWERS, HFVisionTower
-from tokenreduce.core import Selection
+from tokenreduce.core import Selection, cls_attention
 from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
@@ -97,6 +97,7 @@ class VisualState:
     grids: list[tuple[int, int] | None]  # per image, its visual tokens' grid when the inputs say it
     reindex: bool  # tokens kept before the LLM get consecutive position ids
     llm_reindex: bool  # tokens kept inside the LLM get consecutive position ids
+    text: Tensor | None = None  # [B, L] True on the prompt's text tokens, for methods that read them
     active: bool = True
 
     def prompt_mask(self, embeds: Tensor) -> Tensor:
@@ -233,6 +234,29 @@ def _records_from_owner(owner: Tensor, kept: int, grid: tuple[int, int] | None) 
     return [ImageRecord(n, kept, o, f, grid) for o, f in zip(owner, first_inputs(owner, kept))]
 
 
+def _text_tokens(config, input_ids: Tensor, placeholder: Tensor, mask: Tensor | None) -> Tensor:
+    """``[B, L]`` True on a prompt's text: neither image nor video placeholders nor padding."""
+    text = ~placeholder
+    if mask is not None:
+        text &= mask.bool()
+    video = getattr(config, "video_token_id", None)
+    if isinstance(video, int):
+        text &= input_ids != video
+    return text
+
+
+def _packed_text(embeds: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's text embeddings packed to the front: ``embeds [B, L, D]`` at ``text [B, L]`` ->
+    ``([B, T, D] with zeros after a row's own text, [B, T] mask)``, ``T`` the most text of a row, at
+    least 1 (a prompt of image tokens alone reads as one with all its text padded away)."""
+    counts = text.sum(1)
+    width = max(1, int(counts.max()))
+    order = (~text).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # text positions first, in order
+    valid = torch.arange(width, device=embeds.device) < counts[:, None]
+    packed = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+    return packed * valid[..., None].to(packed.dtype), valid
+
+
 def _front(kept: Tensor, length: int) -> Tensor:
     """``[M, k, D]`` kept tokens at the front of ``length``-token spans (zeros after)."""
     return torch.cat([kept, kept.new_zeros(kept.shape[0], length - kept.shape[1], kept.shape[2])], dim=1)
@@ -258,6 +282,8 @@ class VLMModel:
         grids = adapter.grids(self, kwargs.get("image_grid_thw"))
         before, inside = parts(patch.method)
         state = VisualState(placeholder, mask, grids, adapter.reindex(self, before), adapter.reindex(self, inside))
+        if images and getattr(before, "needs_text", False):  # the prompt, not a decode step
+            state.text = _text_tokens(self.config, input_ids, placeholder, mask)
         _thread(patch).state = state
         try:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -352,7 +378,8 @@ class CompactingLLM:
             before, inside = parts(patch.method)
             compaction = None
             if before is not None:
-                compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile)
+                scale = getattr(self, "_tokenreduce_scale", None)  # of the vision layer, for class-token attention
+                compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile, scale)
             if inside is not None:
                 out = adapter.pruned_prefill(
                     self, patch, state, compaction, kwargs, lambda: super(CompactingLLM, self).forward(**kwargs)
@@ -572,6 +599,10 @@ class HFVLM(Adapter):
             self.feature_layer(model, vision)
             return
         assert isinstance(method, VisualMethod)
+        if method.needs_text and method.space != "projected":
+            raise TypeError(f"{method.name!r} reads the prompt's text, which tokenreduce gives only to projected-space methods")
+        if method.needs_cls_attention:
+            self._validate_cls_attention(model, method)
         if method.positions == "reindex" and self.spec(model).mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
@@ -586,6 +617,17 @@ class HFVLM(Adapter):
         tile = self.tile_tokens(model)
         if tile is not None:
             method.num_kept(tile, _square(tile))
+
+    def _validate_cls_attention(self, model: nn.Module, method: VisualMethod) -> None:
+        """A projected-space method reading the class token's attention needs a tower with one whose
+        images each fill one span of the prompt (LLaVA's token-wise projector)."""
+        vision = self.vision(model, f"{method.name!r}, which reads the vision encoder's class-token attention,")
+        if method.space != "projected" or self.spec(model).tile != "tower" or not self.tower.has_cls_token(vision):
+            raise TypeError(
+                f"{method.name!r} reads the class token's attention of the vision layer {type(model).__name__} reads: "
+                "it needs a vision tower with a class token and one prompt span per image (LLaVA)"
+            )
+        self.feature_layer(model, vision)
 
     def _validate_llm(self, model: nn.Module, method: LLMMethod) -> None:
         spec, text = self.spec(model), getattr(model, self.spec(model).text)
@@ -639,6 +681,9 @@ class HFVLM(Adapter):
             patch.set_attr(attention, ATTR, patch)
             patch.swap_class(attention, CaptureAttentionInput)
             patch.swap_class(model, MergingVLMModel)
+        elif isinstance(method, VisualMethod) and method.needs_cls_attention:
+            vision = self.vision(model, method.name)
+            self._capture_qk(vision, self.feature_layer(model, vision), patch, getattr(model, spec.text))
         elif isinstance(method, EncoderMethod) or vision_space:
             vision = self.vision(model, method.name)
             projector = getattr(model, spec.projector)
@@ -647,14 +692,8 @@ class HFVLM(Adapter):
                 patch.set_attr(vision, ATTR, patch)
                 self.tower.install(vision, patch)
             else:
-                layer = self.tower.blocks(vision)[layer_index]
-                layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
-                attention = getattr(layer, layout.attention)
-                heads = int(getattr(attention, layout.heads))
-                patch.capture(layer, "hidden", mixin=CaptureVision)
-                patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
-                patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
-                patch.set_attr(projector, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
+                patch.capture(self.tower.blocks(vision)[layer_index], "hidden", mixin=CaptureVision)
+                self._capture_qk(vision, layer_index, patch, projector)
             patch.set_attr(projector, ATTR, patch)
             patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
             patch.set_attr(projector, "_tokenreduce_layer", layer_index)
@@ -671,6 +710,17 @@ class HFVLM(Adapter):
         patch.swap_class(text, CompactingLLM)
         if not isinstance(model, VLMModel):
             patch.swap_class(model, VLMModel)
+
+    def _capture_qk(self, vision: nn.Module, layer_index: int, patch: Patch, holder: nn.Module) -> None:
+        """Store the queries and keys of vision layer ``layer_index`` in the thread on every vision
+        forward; ``holder`` gets the layer's attention scale (``_tokenreduce_scale``)."""
+        layer = self.tower.blocks(vision)[layer_index]
+        layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
+        attention = getattr(layer, layout.attention)
+        heads = int(getattr(attention, layout.heads))
+        patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
+        patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
+        patch.set_attr(holder, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
 
     # -- running ------------------------------------------------------------------------------
     def reindex(self, model: nn.Module, method: Method | None) -> bool:
@@ -829,13 +879,23 @@ class HFVLM(Adapter):
         return spans, torch.tensor(lengths, dtype=torch.long, device=reduced.kept.device)
 
     def _select_spans(
-        self, method: VisualMethod, state: VisualState, spans: list, tile: int | None, tensors: list[Tensor]
+        self,
+        method: VisualMethod,
+        state: VisualState,
+        spans: list,
+        tile: int | None,
+        tensors: list[Tensor],
+        cls: Tensor | None = None,
     ) -> list[ImageRecord]:
         """Run a pre-LLM method on every image span of ``tensors[0]`` (the prompt's embeddings), images
         of equal size and grid together, writing each span's kept tokens to its front in every tensor of
         ``tensors`` (aligned per-token inputs such as Qwen3's deepstack features follow the same
-        selection). Returns each image's record, in span order."""
+        selection). ``cls [spans, N0]``: each image's class-token attention, for methods that read it.
+        Returns each image's record, in span order."""
         records: list[ImageRecord | None] = [None] * len(spans)
+        text = text_mask = None
+        if method.needs_text:  # the text tokens are never written below: read them once, before
+            text, text_mask = _packed_text(tensors[0], state.text)
         groups: dict[tuple, list[int]] = {}
         for i, (_, _, n) in enumerate(spans):
             groups.setdefault((n, _grid(state, i, n, tile)), []).append(i)
@@ -845,7 +905,11 @@ class HFVLM(Adapter):
             for tensor in tensors:
                 features = torch.stack([tensor[spans[i][0], spans[i][1] : spans[i][1] + n] for i in members])
                 if selection is None:
-                    selection = method.select(VisualContext(features, keep, 0, grid))
+                    rows = [spans[i][0] for i in members]
+                    prompt = {} if text is None else dict(text=text[rows], text_mask=text_mask[rows])
+                    if cls is not None:
+                        prompt["cls_attention"] = cls[members, cls.shape[1] - n :]  # without the class token's own
+                    selection = method.select(VisualContext(features, keep, 0, grid, **prompt))
                 kept = selection.apply(features)
                 for j, i in enumerate(members):
                     row, start, _ = spans[i]
@@ -854,18 +918,35 @@ class HFVLM(Adapter):
                 records[j] = record
         return records  # type: ignore[return-value]
 
-    def compact_prompt(self, patch: Patch, state: VisualState, kwargs: dict, chunk: int | None, tile: int | None) -> Compaction:
+    def _cls_attention(self, patch: Patch, images: int, scale: float) -> Tensor:
+        """``[images, N0]``: the class token's attention at the vision layer the VLM reads, for the
+        images of the prompt (the thread's last vision forward), in prompt order."""
+        thread = _thread(patch)
+        q, k = thread.q, thread.k
+        thread.q = thread.k = None
+        if q is None or k is None or q.shape[0] != images:
+            raise RuntimeError(
+                f"{patch.method.name!r} needs the vision encoder's attention for the {images} images of this prompt: "
+                "compute their features with the patched model, in the thread that runs the prompt"
+            )
+        return cls_attention(q, k, scale)
+
+    def compact_prompt(
+        self, patch: Patch, state: VisualState, kwargs: dict, chunk: int | None, tile: int | None, scale: float | None = None
+    ) -> Compaction:
         """Reduce the prompt's images and shorten the LLM's arguments ``kwargs`` to the kept visual
         tokens (embeddings, masks, position ids, per-visual-token inputs); record what was done. Image
         spans are runs of image tokens, cut in ``chunk``-token pieces when every image has that many;
-        a span of ``tile`` tokens is a square grid."""
+        a span of ``tile`` tokens is a square grid; ``scale``: the attention scale of the vision layer
+        whose class-token attention the method reads, when it reads it."""
         embeds = kwargs["inputs_embeds"]
         method, thread = parts(patch.method)[0], _thread(patch)
         spans = image_spans(state.placeholder, chunk)
         if isinstance(method, VisualMethod) and method.space == "projected":
             embeds = embeds.clone()
             deepstack = _deepstack(kwargs, embeds)
-            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack])
+            cls = self._cls_attention(patch, len(spans), scale) if method.needs_cls_attention else None
+            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack], cls)
             encoder = None
         else:
             spans_flat = embeds[state.placeholder]

@@ -24,6 +24,18 @@ class VisualContext:
     or the vision encoder's hidden states at the layer the VLM reads (then with the class token in front
     when the encoder has one: ``num_prefix`` is 1). ``q``/``k`` are that layer's queries and keys
     ``[M, H, N * group, D]`` when the method asks for attention, else ``None``.
+
+    ``text [M, T, D']`` holds, for a method with :attr:`VisualMethod.needs_text`, the text of each
+    image's own prompt in the LLM's input-embedding space (the model's input embedding of its
+    ``input_ids``, as the LLM reads them): every token of that prompt except image and video
+    placeholders and padding, in prompt order, packed to the front; ``text_mask [M, T]`` is True on
+    them and False on the zero rows that pad prompts of fewer text tokens (``T`` is the longest, at
+    least 1: a prompt of image tokens alone has its one row masked). Both are ``None`` where no
+    prompt is known (features computed alone, vision-space methods).
+
+    ``cls_attention [M, N]`` holds, for a method with :attr:`VisualMethod.needs_cls_attention`, the
+    class token's softmax attention (averaged over heads) to each of the ``N`` tokens at the vision
+    layer the VLM reads, the tokens aligned with ``features``.
     """
 
     features: Tensor  # [M, N, D]
@@ -34,6 +46,19 @@ class VisualContext:
     k: Tensor | None = None
     scale: float | None = None
     group: int = 1  # consecutive q/k rows per token: Qwen's patch merger joins 2x2 patches into one
+    text: Tensor | None = None  # [M, T, D']
+    text_mask: Tensor | None = None  # [M, T] bool
+    cls_attention: Tensor | None = None  # [M, N]
+
+    def prompt_text(self, method: str) -> tuple[Tensor, Tensor]:
+        """``(text [M, T, D'], text_mask [M, T])``; raises when this call has no prompt (``method``
+        names the method that needs one)."""
+        if self.text is None or self.text_mask is None:
+            raise ValueError(
+                f"method {method!r} reads the prompt's text, and this call has none: apply it to a whole VLM and "
+                "call the model (or generate) with input_ids, not to image features alone"
+            )
+        return self.text, self.text_mask
 
     def received(self) -> Tensor:
         """Softmax attention each token receives, averaged over heads, all queries and its group's
@@ -66,6 +91,8 @@ class VisualMethod(Method):
     stage = Stage.PRE_LLM
     space: ClassVar[str] = "projected"  # or "vision": the encoder's hidden states before the projector
     needs_attention: ClassVar[bool] = False  # wants q/k of the vision layer the VLM reads
+    needs_text: ClassVar[bool] = False  # wants each image's prompt text (VisualContext.text); projected space only
+    needs_cls_attention: ClassVar[bool] = False  # wants VisualContext.cls_attention; projected space only
     default_keep_ratio: ClassVar[float | None] = 0.25
 
     keep_ratio: float | None = None
