@@ -53,6 +53,8 @@ class STAR(LLMMethod):
         "Inference, arXiv 2505.12359, 2025"
     )
 
+    scores = "keys"  # the engine's cheapest score (no attention row); STAR reads the hidden states only
+
     layers: Sequence[int] | None = None
     ratios: Sequence[float] = (0.5, 0.25)
     positions: str = "keep"
