@@ -29,7 +29,7 @@ from tokenreduce.core.clustering import (
     strided_targets,
     weighted_kmeans,
 )
-from tokenreduce.core.diversity import cosine_distance, max_min_subset, max_sum_subset
+from tokenreduce.core.diversity import cosine_distance, max_min_subset, max_sum_subset, salient_dissimilar_subset
 from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import (
     graph_propagation,
@@ -156,6 +156,7 @@ __all__ = [
     "row_attention",
     "row_max",
     "rows_attention",
+    "salient_dissimilar_subset",
     "size_bias",
     "size_weighted_mean",
     "span",

@@ -49,12 +49,13 @@ def merge_attention(probs: Tensor, selection: Selection) -> Tensor:
 
 
 def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
-    """Softmax attention each token receives, averaged over heads and over all queries: ``[B, N]``.
+    """Softmax attention each of the ``N`` keys receives, averaged over heads and over all queries:
+    ``[B, N]`` for ``q [B, H, Q, D]`` and ``k [B, H, N, D]`` (``Q = N`` for self-attention).
 
     The saliency used in place of CLS attention by towers without a class token (SigLIP): the full
     ``N x N`` map of one layer, computed head by head in float32 beside the layer's own attention.
     """
-    total = q.new_zeros(q.shape[0], q.shape[2], dtype=torch.float32)
+    total = q.new_zeros(k.shape[0], k.shape[2], dtype=torch.float32)
     for h in range(q.shape[1]):
         logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
         if bias is not None:

@@ -58,3 +58,27 @@ def max_sum_subset(x: Tensor, k: int) -> Tensor:
         taken[rows, nxt] = True
         total = total + dist[rows, nxt]
     return torch.stack(picked, dim=1)
+
+
+def salient_dissimilar_subset(saliency: Tensor, x: Tensor, k: int, tau: float) -> Tensor:
+    """Indices ``[k]``, in pick order, of the greedy solution of "maximise the summed ``saliency [N]``
+    of ``k`` tokens of ``x [N, D]`` whose pairwise cosine similarity is at most ``tau``": tokens are
+    taken in decreasing saliency (ties: the earlier token), each only if it is within ``tau`` of
+    every token taken so far; if fewer than ``k`` pass, the most salient of the others fill up."""
+    n = saliency.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for {n} tokens, got {k}")
+    order = saliency.float().sort(descending=True, stable=True).indices
+    conflict = (1.0 - cosine_distance(x[None])[0]) > tau  # [N, N]
+    blocked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    picked: list[int] = []
+    for i in order.tolist():
+        if not blocked[i]:
+            picked.append(i)
+            if len(picked) == k:
+                break
+            blocked |= conflict[i]
+            blocked[i] = True
+    chosen = set(picked)
+    picked += [i for i in order.tolist() if i not in chosen][: k - len(picked)]
+    return torch.tensor(picked, device=x.device)
