@@ -236,7 +236,9 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
 def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) -> None:
     """Score with ``layer``'s own attention before it runs: its input norm, keys for every token and
     the query of each row's last prompt token only (per-head norms and rotary as the layer applies
-    them), without touching the cache."""
+    them), without touching the cache. Methods scoring by ``"visual"`` get instead, per image, the
+    attention its tokens receive from its own tokens' queries (causal softmax over the whole row,
+    mean over heads and those queries) and the layer's rotated keys."""
     if run.stages:
         kwargs = _prefill_arguments(run, kwargs, hidden, layer)
     attention = layer.self_attn
@@ -247,15 +249,27 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
     raw = attention.k_proj(x)
     run.projected_keys = raw  # cut to the kept tokens by _prune, reused by the layer (ReusedKeys)
     k = raw.view(b, length, -1, attention.head_dim)
-    q = attention.q_proj(x[torch.arange(b), rows][:, None]).view(b, 1, -1, attention.head_dim)
-    if hasattr(attention, "k_norm"):
-        k, q = attention.k_norm(k), attention.q_norm(q)
+    visual = run.method.scores == "visual"  # every image token's query: projecting all is cheaper than picking
     cos, sin = kwargs["position_embeddings"]
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-    pick = rows[:, None, None].expand(-1, 1, cos.shape[-1])
+    if visual:
+        x_q, cos_q, sin_q = x, cos, sin
+    else:
+        pick = rows[:, None, None].expand(-1, 1, cos.shape[-1])
+        x_q, cos_q, sin_q = x[torch.arange(b), rows][:, None], cos.gather(1, pick), sin.gather(1, pick)
+    q = attention.q_proj(x_q).view(b, x_q.shape[1], -1, attention.head_dim)
+    if hasattr(attention, "k_norm"):
+        k, q = attention.k_norm(k), attention.q_norm(q)
     _, k = rotate(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    q, _ = rotate(q.transpose(1, 2), q.transpose(1, 2), cos.gather(1, pick), sin.gather(1, pick))
-    run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
+    q, _ = rotate(q.transpose(1, 2), q.transpose(1, 2), cos_q, sin_q)
+    if not visual:
+        run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
+        return
+    run.keys, run.scores = k, []
+    for span in run.spans:
+        image = torch.arange(span.start, span.start + span.length, device=k.device)
+        row = rows_attention(q[span.row], k[span.row], image, run.mask[span.row], attention.scaling)
+        run.scores.append(row[image])
 
 
 def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:

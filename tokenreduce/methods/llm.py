@@ -45,7 +45,7 @@ class LLMContext:
     attention: Tensor | None
     mask: Tensor
     keys: Tensor | None = None  # [B, H_kv, L, D] the scoring layer's keys, rotary applied
-    scores: list[Tensor] | None = None  # per span, its tokens' scores from its text raters' attention
+    scores: list[Tensor] | None = None  # per span, its tokens' scores from its raters' (text or own) attention
     norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
     visual: Tensor | None = None  # [B, L] True on every image's tokens
 
@@ -60,7 +60,7 @@ class LLMMethod(Method):
 
     stage = Stage.LLM
     scores_from: ClassVar[str] = "previous"
-    scores: ClassVar[str] = "attention"  # or "keys", or "raters"
+    scores: ClassVar[str] = "attention"  # or "keys", "raters", or "visual" (the image's own queries; "own" only)
     positions: str
 
     def check_positions(self) -> None:
