@@ -82,6 +82,8 @@ class LLMRun:
     raters: list[Tensor] | None = None  # per image, its text raters' current positions
     attention: Tensor | None = None
     keys: Tensor | None = None
+    queries: Tensor | None = None
+    scale: float | None = None
     scores: list[Tensor] | None = None
     projected_keys: Tensor | None = None  # [B, L, D_kv] the scoring layer's key projection, before norms and rotary
     score_layer: int | None = None
@@ -106,6 +108,8 @@ def _scoring_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     if run is not None and run.score_layer == module.layer_idx:
         if run.method.scores == "keys":
             run.keys = key
+        elif run.method.scores == "queries":
+            run.queries, run.keys, run.scale = query, key, kwargs.get("scaling") or module.scaling
         elif run.method.scores == "raters":
             scale = kwargs.get("scaling") or module.scaling
             run.scores = []
@@ -284,6 +288,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
         visual[span.row, span.start : span.start + span.length] = True
     ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
+    ctx.queries, ctx.scale = run.queries, run.scale
     selections = run.method.select(ctx)
     hidden = hidden.clone()
     keeps = []
@@ -310,7 +315,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     run.steps.append(LLMStep(index, tuple(run.origin)))
     total = run.stages[-1].compaction.then(step) if run.stages else step
     run.stages.append(PruneStage(index, total))
-    run.mask, run.attention, run.keys, run.scores, run.substitutes = step.mask, None, None, None, {}
+    run.mask, run.attention, run.keys, run.queries, run.scores, run.substitutes = step.mask, None, None, None, None, {}
     run.score_layer = run.next_score_layer()
     return step.embeds(hidden)
 
