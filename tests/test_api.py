@@ -29,7 +29,7 @@ def test_methods_lists_registered_names():
     assert set(names) == {
         *("atc", "dart", "divprune", "dpc_knn", "dtome", "evit", "expedite", "fastv", "gtp", "kmedoids", "none"),
         *("pdrop", "pool", "random", "sparsevlm", "token_pooling", "tome", "topk", "visionzip", "vwt", "zero_tprune"),
-        *("visiondrop", "aim"),
+        *("visiondrop", "aim", "vscan"),
         *("pitome", "tofu", "dct", "mctf", "ppt", "diffrate"),
         *("vomix", "token_transforming", "bat"),
         *("tomesd", "todo", "sito", "importance_tome", "cat_pruning"),

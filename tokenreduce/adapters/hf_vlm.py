@@ -130,6 +130,8 @@ class VLMThread:
     hidden: Tensor | None = None
     q: Tensor | None = None
     k: Tensor | None = None
+    shallow_q: Tensor | None = None  # a second vision layer's queries and keys, for methods asking
+    shallow_k: Tensor | None = None
     reduced: ReducedImages | None = None
     attention: tuple | None = None  # Qwen's last vision block: (input, cos, sin)
     llm: LLMRun | None = None  # the prefill being pruned inside the LLM
@@ -654,6 +656,13 @@ class HFVLM(Adapter):
                 patch.capture(layer, "hidden", mixin=CaptureVision)
                 patch.capture(layer.get_submodule(layout.query), "q", heads, mixin=CaptureVision)
                 patch.capture(layer.get_submodule(layout.key), "k", heads, mixin=CaptureVision)
+                shallow = method.shallow_layer(len(self.tower.blocks(vision)))
+                separate = shallow is not None and shallow != layer_index
+                if separate:
+                    second = self.tower.blocks(vision)[shallow]
+                    patch.capture(second.get_submodule(layout.query), "shallow_q", heads, mixin=CaptureVision)
+                    patch.capture(second.get_submodule(layout.key), "shallow_k", heads, mixin=CaptureVision)
+                patch.set_attr(projector, "_tokenreduce_shallow", separate)
                 patch.set_attr(projector, "_tokenreduce_scale", float(getattr(attention, layout.scale)))
             patch.set_attr(projector, ATTR, patch)
             patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
@@ -701,8 +710,14 @@ class HFVLM(Adapter):
             if hidden is None or q is None or k is None:
                 raise RuntimeError("the vision layer the VLM reads did not run before its projector")
             ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, projector._tokenreduce_scale)
+            if projector._tokenreduce_shallow:
+                if thread.shallow_q is None or thread.shallow_k is None:
+                    raise RuntimeError("the second vision layer the method reads did not run before the projector")
+                ctx.shallow_q, ctx.shallow_k = thread.shallow_q, thread.shallow_k
+            else:  # the method reads one layer, or its second is the one the VLM reads
+                ctx.shallow_q, ctx.shallow_k = q, k
             selection = method.select(ctx)
-            thread.hidden = thread.q = thread.k = None
+            thread.hidden = thread.q = thread.k = thread.shallow_q = thread.shallow_k = None
             images, encoder_record = _records(selection, prefix, tokens, grid), None
             out = project(selection.apply(hidden))
             rank = torch.where(selection.index < prefix, CLASS_TOKEN, IN_PLACE)
