@@ -40,9 +40,10 @@ def test_the_llm_reads_the_naive_scans_and_merge(shallow):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_batch_equals_singles_and_remove_restores():
-    rec = reduce_batch_and_singles("llava", "vscan", **SMALL)
-    assert [s.layer for s in rec.steps] == [2] and all(len(k) == 4 for k in rec.steps[0].kept)
+@pytest.mark.parametrize("family, kept", [("llava", 4), ("llava_next", 20)])  # LLaVA-NeXT: 8 per crop, 5 crops, then half
+def test_batch_equals_singles_and_remove_restores(family, kept):
+    rec = reduce_batch_and_singles(family, "vscan", **SMALL)
+    assert [s.layer for s in rec.steps] == [2] and all(im.kept == kept for im in rec.images)
 
 
 def test_keeping_every_token_equals_the_unpatched_model():

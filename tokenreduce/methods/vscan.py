@@ -121,7 +121,9 @@ class VScan(Stack):
     is not linear, so the merged tokens differ by its non-linearity); ``shallow=None`` scales layer 5
     of 24 to the tower's depth; ``window`` is fixed at 6 as the reference's 24x24 grid (pass a size
     that fits other grids); the global scan sets the local picks' scores to ``-inf`` (the reference
-    zeroes them: the same picks, attention being positive). Only towers with a class token (CLIP); the
+    zeroes them: the same picks, attention being positive); the LLM stage keeps the share
+    ``llm_tokens / tokens`` of the tokens an image brings to the LLM (the same 32 when the scans keep 96;
+    per AnyRes crop budgets add up over the crops). Only towers with a class token (CLIP); the
     reference's Qwen2.5-VL scans are not ported (the spec notes what they use is unknown).
     """
 
