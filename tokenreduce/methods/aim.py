@@ -1,5 +1,5 @@
 """``aim``: AIM (Zhong et al., "AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and
-Pruning", ICCV 2025)."""
+Pruning", arXiv 2412.03248)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tokenreduce.validate import as_int, as_real, as_sequence
 REFERENCE_DEPTH = 28  # LLaVA-OneVision-7B's Qwen2, where pruning starts after layer 14
 REFERENCE_LAYER = 14
 ROUNDS = (0.5, 0.25)  # ToMe rounds before the LLM: r = N // 2, then N // 4 (25% kept)
+PAPER = "Zhong et al., AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning, arXiv 2412.03248"
 
 
 def _rounds(tokens: int, rounds: Sequence[float]) -> list[int]:
@@ -41,7 +42,7 @@ class AIMMerge(VisualMethod):
     of the image's ``N`` tokens (at most half of those left). Built by :class:`AIM`."""
 
     name = "aim_merge"
-    paper = "Zhong et al., AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning, ICCV 2025"
+    paper = PAPER
     default_keep_ratio = None
 
     rounds: Sequence[float] = ROUNDS
@@ -77,7 +78,7 @@ class AIMPrune(LLMMethod):
     after ``layer``), down to one token (see :class:`AIM`). Built by :class:`AIM`."""
 
     name = "aim_prune"
-    paper = "Zhong et al., AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning, ICCV 2025"
+    paper = PAPER
     scores = "queries"
 
     layer: int | None = None
@@ -150,7 +151,7 @@ class AIM(Stack):
     """
 
     name = "aim"
-    paper = "Zhong et al., AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning, ICCV 2025"
+    paper = PAPER
 
     before: AIMMerge = field(init=False, repr=False)
     inside: AIMPrune = field(init=False, repr=False)

@@ -1,5 +1,5 @@
-"""``visiondrop``: VisionDrop (Xu et al., "Rethinking Visual Token Reduction in LVLMs under Cross-modal
-Misalignment", AAAI 2026)."""
+"""``visiondrop``: VisionDrop ("Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment",
+AAAI 2026, arXiv 2506.22283)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tokenreduce.validate import as_int, as_int_tuple, as_sequence
 REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's Vicuna, where the reference's layers [8, 16, 24] sit
 REFERENCE_LAYERS = (8, 16, 24)
 STAGES = ((30, 5), (22, 4), (16, 3))  # (dominant, contextual) per LLM stage: the README's 32-token setting
+PAPER = "Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment, AAAI 2026 (arXiv 2506.22283)"
 
 
 @loadable
@@ -33,7 +34,7 @@ class VisionDropLLM(LLMMethod):
     with the layer's rotated keys averaged over heads as the metric. Built by :class:`VisionDrop`."""
 
     name = "visiondrop_llm"
-    paper = "Xu et al., Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment, AAAI 2026"
+    paper = PAPER
     scores_from = "own"
     scores = "visual"
 
@@ -113,7 +114,7 @@ class VisionDrop(Stack):
     """
 
     name = "visiondrop"
-    paper = "Xu et al., Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment, AAAI 2026"
+    paper = PAPER
 
     before: VisionZip = field(init=False, repr=False)
     inside: VisionDropLLM = field(init=False, repr=False)

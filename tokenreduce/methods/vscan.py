@@ -1,5 +1,5 @@
 """``vscan``: VScan (Zhang et al., "VScan: Rethinking Visual Token Reduction for Efficient Large
-Vision-Language Models", TMLR 2026)."""
+Vision-Language Models", arXiv 2505.22654, TMLR 2026)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tokenreduce.validate import as_int, as_real
 
 REFERENCE_DEPTH = 24  # CLIP ViT-L/14-336 of LLaVA-1.5, whose layer 5 the local scan reads
 REFERENCE_SHALLOW = 5
+PAPER = "Zhang et al., VScan: Rethinking Visual Token Reduction for Efficient Large Vision-Language Models, TMLR 2026"
 
 
 @loadable
@@ -34,7 +35,7 @@ class VScanScans(VisualMethod):
     patches stay in position order; the class token is not passed on."""
 
     name = "vscan_scans"
-    paper = "Zhang et al., VScan: Rethinking Visual Token Reduction for Efficient Large Vision-Language Models, TMLR 2026"
+    paper = PAPER
     space = "vision"
     needs_attention = True
     default_keep_ratio = None
@@ -128,7 +129,7 @@ class VScan(Stack):
     """
 
     name = "vscan"
-    paper = "Zhang et al., VScan: Rethinking Visual Token Reduction for Efficient Large Vision-Language Models, TMLR 2026"
+    paper = PAPER
 
     before: VScanScans = field(init=False, repr=False)
     inside: PyramidDrop = field(init=False, repr=False)
