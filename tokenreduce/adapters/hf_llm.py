@@ -82,6 +82,8 @@ class LLMRun:
     raters: list[Tensor] | None = None  # per image, its text raters' current positions
     attention: Tensor | None = None
     keys: Tensor | None = None
+    queries: Tensor | None = None
+    scale: float | None = None
     scores: list[Tensor] | None = None
     projected_keys: Tensor | None = None  # [B, L, D_kv] the scoring layer's key projection, before norms and rotary
     score_layer: int | None = None
@@ -106,6 +108,8 @@ def _scoring_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     if run is not None and run.score_layer == module.layer_idx:
         if run.method.scores == "keys":
             run.keys = key
+        elif run.method.scores == "queries":
+            run.queries, run.keys, run.scale = query, key, kwargs.get("scaling") or module.scaling
         elif run.method.scores == "raters":
             scale = kwargs.get("scaling") or module.scaling
             run.scores = []
@@ -236,7 +240,9 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
 def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) -> None:
     """Score with ``layer``'s own attention before it runs: its input norm, keys for every token and
     the query of each row's last prompt token only (per-head norms and rotary as the layer applies
-    them), without touching the cache."""
+    them), without touching the cache. Methods scoring by ``"visual"`` get instead, per image, the
+    attention its tokens receive from its own tokens' queries (causal softmax over the whole row,
+    mean over heads and those queries) and the layer's rotated keys."""
     if run.stages:
         kwargs = _prefill_arguments(run, kwargs, hidden, layer)
     attention = layer.self_attn
@@ -247,15 +253,27 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
     raw = attention.k_proj(x)
     run.projected_keys = raw  # cut to the kept tokens by _prune, reused by the layer (ReusedKeys)
     k = raw.view(b, length, -1, attention.head_dim)
-    q = attention.q_proj(x[torch.arange(b), rows][:, None]).view(b, 1, -1, attention.head_dim)
-    if hasattr(attention, "k_norm"):
-        k, q = attention.k_norm(k), attention.q_norm(q)
+    visual = run.method.scores == "visual"  # every image token's query: projecting all is cheaper than picking
     cos, sin = kwargs["position_embeddings"]
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-    pick = rows[:, None, None].expand(-1, 1, cos.shape[-1])
+    if visual:
+        x_q, cos_q, sin_q = x, cos, sin
+    else:
+        pick = rows[:, None, None].expand(-1, 1, cos.shape[-1])
+        x_q, cos_q, sin_q = x[torch.arange(b), rows][:, None], cos.gather(1, pick), sin.gather(1, pick)
+    q = attention.q_proj(x_q).view(b, x_q.shape[1], -1, attention.head_dim)
+    if hasattr(attention, "k_norm"):
+        k, q = attention.k_norm(k), attention.q_norm(q)
     _, k = rotate(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    q, _ = rotate(q.transpose(1, 2), q.transpose(1, 2), cos.gather(1, pick), sin.gather(1, pick))
-    run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
+    q, _ = rotate(q.transpose(1, 2), q.transpose(1, 2), cos_q, sin_q)
+    if not visual:
+        run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
+        return
+    run.keys, run.scores = k, []
+    for span in run.spans:
+        image = torch.arange(span.start, span.start + span.length, device=k.device)
+        row = rows_attention(q[span.row], k[span.row], image, run.mask[span.row], attention.scaling)
+        run.scores.append(row[image])
 
 
 def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
@@ -270,6 +288,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
         visual[span.row, span.start : span.start + span.length] = True
     ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
+    ctx.queries, ctx.scale = run.queries, run.scale
     selections = run.method.select(ctx)
     hidden = hidden.clone()
     keeps = []
@@ -296,7 +315,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     run.steps.append(LLMStep(index, tuple(run.origin)))
     total = run.stages[-1].compaction.then(step) if run.stages else step
     run.stages.append(PruneStage(index, total))
-    run.mask, run.attention, run.keys, run.scores, run.substitutes = step.mask, None, None, None, {}
+    run.mask, run.attention, run.keys, run.queries, run.scores, run.substitutes = step.mask, None, None, None, None, {}
     run.score_layer = run.next_score_layer()
     return step.embeds(hidden)
 

@@ -131,6 +131,8 @@ class VLMThread:
     hidden: Tensor | None = None
     q: Tensor | None = None
     k: Tensor | None = None
+    shallow_q: Tensor | None = None  # a second vision layer's queries and keys, for methods asking
+    shallow_k: Tensor | None = None
     reduced: ReducedImages | None = None
     attention: tuple | None = None  # Qwen's last vision block: (input, cos, sin)
     llm: LLMRun | None = None  # the prefill being pruned inside the LLM
@@ -694,6 +696,15 @@ class HFVLM(Adapter):
             else:
                 patch.capture(self.tower.blocks(vision)[layer_index], "hidden", mixin=CaptureVision)
                 self._capture_qk(vision, layer_index, patch, projector)
+                shallow = method.shallow_layer(len(self.tower.blocks(vision)))
+                separate = shallow is not None and shallow != layer_index
+                if separate:
+                    layout = TOWERS[next(n for n in class_names(vision) if n in TOWERS)].layout
+                    second = self.tower.blocks(vision)[shallow]
+                    heads = int(getattr(getattr(second, layout.attention), layout.heads))
+                    patch.capture(second.get_submodule(layout.query), "shallow_q", heads, mixin=CaptureVision)
+                    patch.capture(second.get_submodule(layout.key), "shallow_k", heads, mixin=CaptureVision)
+                patch.set_attr(projector, "_tokenreduce_shallow", separate)
             patch.set_attr(projector, ATTR, patch)
             patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
             patch.set_attr(projector, "_tokenreduce_layer", layer_index)
@@ -751,8 +762,14 @@ class HFVLM(Adapter):
             if hidden is None or q is None or k is None:
                 raise RuntimeError("the vision layer the VLM reads did not run before its projector")
             ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, projector._tokenreduce_scale)
+            if projector._tokenreduce_shallow:
+                if thread.shallow_q is None or thread.shallow_k is None:
+                    raise RuntimeError("the second vision layer the method reads did not run before the projector")
+                ctx.shallow_q, ctx.shallow_k = thread.shallow_q, thread.shallow_k
+            else:  # the method reads one layer, or its second is the one the VLM reads
+                ctx.shallow_q, ctx.shallow_k = q, k
             selection = method.select(ctx)
-            thread.hidden = thread.q = thread.k = None
+            thread.hidden = thread.q = thread.k = thread.shallow_q = thread.shallow_k = None
             images, encoder_record = _records(selection, prefix, tokens, grid), None
             out = project(selection.apply(hidden))
             rank = torch.where(selection.index < prefix, CLASS_TOKEN, IN_PLACE)

@@ -43,6 +43,31 @@ def nearest_target_merge(metric: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     return slot, coeff
 
 
+def dominant_contextual(picked: Tensor, metric: Tensor, contextual: int) -> Selection:
+    """Keep the tokens ``picked [B, K]`` (sorted positions), then merge the others into ``contextual``
+    outputs (VisionZip's dominant and contextual tokens): among the not-picked tokens in position order,
+    every ``len // contextual``-th is a target (:func:`strided_targets`) and every other joins the
+    target its ``metric [B, N, C]`` row is most cosine-similar to (:func:`nearest_target_merge`).
+    Outputs: the ``K`` picked tokens in order, then the ``contextual`` merged ones."""
+    b, n = metric.shape[:2]
+    k = picked.shape[1]
+    device = metric.device
+    is_picked = torch.zeros(b, n, dtype=torch.bool, device=device).scatter(1, picked, True)
+    # The rest in position order (a stable sort of the not-picked flags keeps it).
+    rest = is_picked.to(torch.int8).argsort(dim=1, stable=True)[:, : n - k]
+    slot = torch.full((b, n), -1, dtype=torch.long, device=device)
+    slot = slot.scatter(1, picked, torch.arange(k, device=device).expand(b, -1))
+    coeff = torch.ones(b, n, device=device)
+    index = picked
+    if contextual and n > k:
+        targets = strided_targets(n - k, contextual, device)
+        rest_slot, rest_coeff = nearest_target_merge(metric.gather(1, rest[..., None].expand(-1, -1, metric.shape[-1])), targets)
+        slot = slot.scatter(1, rest, k + rest_slot)
+        coeff = coeff.scatter(1, rest, rest_coeff)
+        index = torch.cat([picked, rest[:, targets]], dim=1)
+    return Selection(slot, index, coeff)
+
+
 def pairwise_distances(x: Tensor, y: Tensor | None = None, squared: bool = False) -> Tensor:
     """Euclidean distances ``[B, N, M]`` (float32; their squares when ``squared``) between the rows of
     ``x [B, N, C]`` and ``y [B, M, C]`` (default ``x``: then the diagonal is exactly 0, so a token is

@@ -45,7 +45,9 @@ class LLMContext:
     attention: Tensor | None
     mask: Tensor
     keys: Tensor | None = None  # [B, H_kv, L, D] the scoring layer's keys, rotary applied
-    scores: list[Tensor] | None = None  # per span, its tokens' scores from its text raters' attention
+    queries: Tensor | None = None  # [B, H, L, D] its queries, rotary applied (methods scoring by "queries")
+    scale: float | None = None  # its softmax scale (methods scoring by "queries")
+    scores: list[Tensor] | None = None  # per span, its tokens' scores from its raters' (text or own) attention
     norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
     visual: Tensor | None = None  # [B, L] True on every image's tokens
 
@@ -60,7 +62,10 @@ class LLMMethod(Method):
 
     stage = Stage.LLM
     scores_from: ClassVar[str] = "previous"
-    scores: ClassVar[str] = "attention"  # or "keys", or "raters", or "none" (no scoring layer: the rule needs no scores)
+    # or "keys", "queries" (the scoring layer's queries and keys: "previous" only), "raters", "visual"
+    # (the attention each image's tokens get from its own tokens' queries: "own" only), or "none" (no
+    # scoring layer: the rule needs no scores)
+    scores: ClassVar[str] = "attention"
     positions: str
 
     def check_positions(self) -> None:

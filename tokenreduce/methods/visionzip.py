@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenreduce.core import Selection, cls_attention, nearest_target_merge, strided_targets
+from tokenreduce.core import Selection, cls_attention, dominant_contextual
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int
@@ -95,18 +95,4 @@ class VisionZip(VisualMethod):
         scores = cls_attention(ctx.q, ctx.k, ctx.scale)[:, 1:] if p else ctx.received()
         top = scores.topk(dominant - p, dim=1).indices + p
         picked = torch.cat([torch.arange(p, device=x.device).expand(m, -1), top], dim=1).sort(dim=1).values
-        is_dominant = torch.zeros(m, t, dtype=torch.bool, device=x.device).scatter(1, picked, True)
-        # The rest in position order (a stable sort of the not-dominant flags keeps it).
-        rest = is_dominant.to(torch.int8).argsort(dim=1, stable=True)[:, : t - dominant]
-        slot = torch.full((m, t), -1, dtype=torch.long, device=x.device)
-        slot = slot.scatter(1, picked, torch.arange(dominant, device=x.device).expand(m, -1))
-        coeff = torch.ones(m, t, device=x.device)
-        index = picked
-        if contextual:
-            targets = strided_targets(t - dominant, contextual, x.device)
-            metric = ctx.key_metric().gather(1, rest[..., None].expand(-1, -1, ctx.k.shape[-1]))
-            rest_slot, rest_coeff = nearest_target_merge(metric, targets)
-            slot = slot.scatter(1, rest, dominant + rest_slot)
-            coeff = coeff.scatter(1, rest, rest_coeff)
-            index = torch.cat([picked, rest[:, targets]], dim=1)
-        return Selection(slot, index, coeff)
+        return dominant_contextual(picked, ctx.key_metric(), contextual)

@@ -46,6 +46,8 @@ class VisualContext:
     k: Tensor | None = None
     scale: float | None = None
     group: int = 1  # consecutive q/k rows per token: Qwen's patch merger joins 2x2 patches into one
+    shallow_q: Tensor | None = None  # the queries and keys of the method's second vision layer (VScan)
+    shallow_k: Tensor | None = None
     text: Tensor | None = None  # [M, T, D']
     text_mask: Tensor | None = None  # [M, T] bool
     cls_attention: Tensor | None = None  # [M, N]
@@ -126,6 +128,11 @@ class VisualMethod(Method):
                 )
             return self.keep_tokens
         return min(num_tokens, max(1, round(self.keep_ratio * num_tokens)))
+
+    def shallow_layer(self, depth: int) -> int | None:
+        """A second layer (0-based, of a vision tower of ``depth`` layers) whose queries and keys the
+        method also reads (``VisualContext.shallow_q``/``shallow_k``), or ``None``."""
+        return None
 
     def summary_outputs(self, keep: int) -> int:
         """How many trailing outputs of a selection of ``keep`` summarise other tokens rather than
