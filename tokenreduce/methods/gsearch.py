@@ -59,7 +59,8 @@ def check_rates(name: str, values: object) -> tuple[float, ...]:
 def sigmoid_rates(slope: float, midpoint: float, depth: int) -> tuple[float, ...]:
     """P-Sigmoid's keep rate of each of ``depth`` layers: ``1 / (1 + exp(slope * (x - midpoint)))`` at
     relative depth ``x = l / (depth - 1)``, and 1 at layer 0."""
-    return (1.0, *(1 / (1 + math.exp(slope * (layer / (depth - 1) - midpoint))) for layer in range(1, depth)))
+    exponents = (min(700.0, slope * (layer / (depth - 1) - midpoint)) for layer in range(1, depth))  # exp() < inf
+    return (1.0, *(1 / (1 + math.exp(z)) for z in exponents))
 
 
 @dataclass
@@ -92,9 +93,10 @@ class GSearch(ScheduledPrune):
     """G-Search's schedule: keep rate ``schedule[l]`` of each image's visual tokens from LLM layer ``l``
     on, ranked by attention at each layer where the rate drops (see :class:`ScheduledPrune`).
 
-    The paper (no code): "the ranking of each vision token sorted by its attention score is similar in
-    each layer except the first layer"; G-Search "finds the least number of vision tokens to keep at each
-    layer", greedily, "from the shallow to the deep". ``schedule`` is a file written by ``tokenreduce
+    The paper (no code; its abstract's wording, the full text not read): "the ranking of each vision token
+    sorted by its attention score is similar in each layer except the first layer"; a greedy search
+    (G-Search) finds "the least number of vision tokens to keep at each layer from the shallow to the
+    deep". ``schedule`` is a file written by ``tokenreduce
     calibrate --vlm --method gsearch`` (:func:`g_search`) or the rates as a list. Choices the paper leaves
     open: the ranking is the last prompt token's attention at the pruning layer itself (PyramidDrop's
     rule; one layer's attention, as the paper's observation allows), and ranking starts at layer 1 (layer
@@ -132,8 +134,8 @@ class PSigmoid(ScheduledPrune):
     """P-Sigmoid's schedule: keep rate ``1 / (1 + exp(slope * (l / (depth - 1) - midpoint)))`` at LLM
     layer ``l >= 1`` (1 at layer 0), ranked by attention at every layer (see :class:`ScheduledPrune`).
 
-    The paper (no code): a "parametric sigmoid function (P-Sigmoid)" of depth gives the keep rate of
-    each layer, "whose parameters are optimized by Bayesian Optimization" for a budget. ``schedule`` is
+    The paper (no code; its abstract's wording): a "parametric sigmoid function (P-Sigmoid)" guides the
+    reduction at each layer, "whose parameters are optimized by Bayesian Optimization" for a budget. ``schedule`` is
     a file written by ``tokenreduce calibrate --vlm --method psigmoid`` (:func:`p_sigmoid_search`): its
     ``slope`` and ``midpoint`` replace the arguments. Choices the paper leaves open: the two parameters are
     the slope and the midpoint over relative depth (so a schedule moves between depths); the budget is the
