@@ -121,6 +121,18 @@ def test_g_search_is_greedy_minimal_within_tolerance_and_deterministic():
     assert g_search(model, batches, 0.0)["counts"] == [16] * 4
 
 
+def test_g_search_on_qwen2_vl_m_rope():
+    from tokenreduce.bench.vlm import prompt_inputs
+
+    model = tiny_vlm("qwen2_vl")
+    batches = [prompt_inputs(model, 2, 4, seed=5)]
+    result = g_search(model, batches, 0.2)
+    counts = result["counts"]
+    assert counts[0] == result["tokens"] > counts[-1] and counts == sorted(counts, reverse=True)
+    assert result["degradation"] == pytest.approx(degradation(model, batches, result["rates"]), rel=1e-4)
+    assert result["degradation"] <= 0.2
+
+
 def test_p_sigmoid_meets_the_budget_and_keeps_the_best_trial_deterministically():
     model = tiny_llava()
     batches = calibration(model)
