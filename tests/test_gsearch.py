@@ -170,6 +170,47 @@ def test_calibrate_writes_a_schedule_the_method_loads(tmp_path, capsys, method):
     assert [s.layer for s in rec.steps] == layers and rec.images[0].kept == counts[-1]
 
 
+def save_llava_with_processor(folder) -> None:
+    """The tiny LLaVA and a processor for it (a word-level tokenizer, ``<image>`` = its image token)."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "[PAD]", "USER:", "ASSISTANT:", "describe", "the", "image", "what", "is", "this"]
+    vocab = {**{w: i for i, w in enumerate(words)}, "<image>": IMAGE_TOKEN}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = T.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", extra_special_tokens={"image_token": "<image>"}
+    )
+    images = T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    layout = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = T.LlavaProcessor(image_processor=images, tokenizer=fast, **layout)
+    tiny_llava().save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_calibrate_on_a_folder_of_images_and_prompts(tmp_path, capsys):
+    from PIL import Image
+
+    save_llava_with_processor(tmp_path / "vlm")
+    (tmp_path / "images").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        pixels = (torch.rand(40, 48, 3, generator=gen) * 255).to(torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / "images" / f"img{i}.png")
+    (tmp_path / "prompts.txt").write_text("USER: <image> describe the image ASSISTANT:\nUSER: <image> what is this ASSISTANT:\n")
+    out = tmp_path / "s.json"
+    argv = ["calibrate", str(tmp_path / "images"), "--vlm", "--checkpoint", str(tmp_path / "vlm"), "--text"]
+    argv += [str(tmp_path / "prompts.txt"), "--tolerance", "0.2", "--batch-size", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["prompts"] == 3 and data["tokens"] == 16 and data["degradation"] <= 0.2
+    assert "calibrated gsearch" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(argv[:5] + ["--out", str(out)])
+    assert "takes a folder of images and --text FILE (prompts) together" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "method, config, error, match",
     [

@@ -548,6 +548,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.vlm:
         return cmd_calibrate_vlm(args)
     vlm_only = {"--method": args.method, "--tolerance": args.tolerance, "--budget": args.budget, "--prompts": args.prompts}
+    vlm_only["--text"] = args.text
     given = [flag for flag, value in vlm_only.items() if value is not None]
     if given:
         raise CommandError(f"{', '.join(given)} apply to calibrate --vlm (an LLM schedule), not to dtome's thresholds")
@@ -608,17 +609,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
-    """G-Search's or P-Sigmoid's schedule for a VLM's LLM, on seeded random calibration prompts."""
+    """G-Search's or P-Sigmoid's schedule for a VLM's LLM, on seeded random calibration prompts or on a
+    folder of images with a file of prompts."""
     from tqdm import tqdm
 
     from tokenreduce.bench.vlm import DEFAULT_VLM, prompt_inputs
     from tokenreduce.loading import create_hf_vlm
     from tokenreduce.methods.gsearch import depth_and_tokens, g_search, p_sigmoid_search, write_schedule
 
-    if args.images is not None:
-        raise CommandError(
-            "calibrate --vlm calibrates on seeded random images and text tokens; a folder of images is not read yet"
-        )
+    if (args.images is None) != (args.text is None):
+        raise CommandError("calibrate --vlm on your data takes a folder of images and --text FILE (prompts) together")
     method = args.method or "gsearch"
     if method == "gsearch" and (args.budget is not None or args.trials is not None):
         raise CommandError("--budget and --trials apply to --method psigmoid; gsearch takes --tolerance")
@@ -639,11 +639,14 @@ def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
     model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint).to(device, DTYPES[args.dtype])
-    batches = []
-    for i, start in enumerate(range(0, prompts, batch_size)):
-        rows = min(batch_size, prompts - start)
-        inputs = prompt_inputs(model, rows, args.prompt_tokens, seed=args.seed * 100_003 + i)
-        batches.append({k: v.to(device, DTYPES[args.dtype] if v.is_floating_point() else v.dtype) for k, v in inputs.items()})
+    if args.images is None:
+        batches = [
+            prompt_inputs(model, min(batch_size, prompts - start), args.prompt_tokens, seed=args.seed * 100_003 + i)
+            for i, start in enumerate(range(0, prompts, batch_size))
+        ]
+    else:
+        batches = processed_prompts(args, model_name, args.prompts, batch_size)
+    batches = [{k: v.to(device, DTYPES[args.dtype] if v.is_floating_point() else v.dtype) for k, v in b.items()} for b in batches]
     depth, _ = depth_and_tokens(model, batches)
     steps = depth - 1 if method == "gsearch" else (12 if args.trials is None else args.trials)
     with tqdm(total=steps, desc=f"calibrate {method}", disable=args.quiet, file=sys.stderr) as bar:
@@ -672,6 +675,37 @@ def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
     print(f"degradation (mean relative change of the last token's logits): {result['degradation']:.4f}")
     print(f"wrote {args.out}; use it as tokenreduce.apply(model, {method!r}, schedule={args.out!r})")
     return 0
+
+
+def processed_prompts(args: argparse.Namespace, model_name: str, limit: int | None, batch_size: int) -> list[dict]:
+    """Calibration batches from a folder of images (sorted) and a text file of prompts (one a line, each
+    with the processor's image token, cycled over the images), through the checkpoint's processor,
+    left-padded."""
+    import transformers
+    from PIL import Image
+
+    from tokenreduce.eval.data import load_folder
+
+    try:
+        texts = [line.strip() for line in Path(args.text).read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise CommandError(f"--text {args.text}: cannot be read ({err.strerror or err})") from None
+    if not texts:
+        raise CommandError(f"--text {args.text}: no prompts (one a line)")
+    files = load_folder(args.images, labeled=False).images[:limit]
+    source = args.checkpoint or model_name
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=args.checkpoint is not None)
+    except Exception as err:
+        raise CommandError(f"calibrate --vlm on your images needs the model's processor saved with {source!r}: {err}") from None
+    processor.tokenizer.padding_side = "left"
+    batches = []
+    for start in range(0, len(files), batch_size):
+        chunk = range(start, min(start + batch_size, len(files)))
+        images = [Image.open(files[i]).convert("RGB") for i in chunk]
+        prompts = [texts[i % len(texts)] for i in chunk]
+        batches.append(dict(processor(images=images, text=prompts, return_tensors="pt", padding=True)))
+    return batches
 
 
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
@@ -797,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vlm",
         action="store_true",
         help="search an in-LLM keep schedule on a VLM (default model llava-cpu, random weights; --checkpoint: a "
-        "save_pretrained directory) over seeded random calibration prompts",
+        "save_pretrained directory) over seeded random calibration prompts, or DIR's images with --text prompts",
     )
     cal.add_argument("--method", choices=["gsearch", "psigmoid"], help="with --vlm: the schedule to search (default gsearch)")
     cal.add_argument(
@@ -805,7 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--budget", type=float, help="psigmoid: the mean keep rate over the LLM's layers, in (1/depth, 1)")
     cal.add_argument("--trials", type=int, help="psigmoid: slopes tried (default 12)")
-    cal.add_argument("--prompts", type=int, help="with --vlm: calibration prompts (default 8)")
+    cal.add_argument("--prompts", type=int, help="with --vlm: calibration prompts (default 8; with DIR: all its images)")
+    cal.add_argument(
+        "--text",
+        metavar="FILE",
+        help="with --vlm and DIR: prompts, one a line, each with the processor's image token (e.g. 'USER: <image> "
+        "Describe it. ASSISTANT:'), cycled over the images; the processor is read from --checkpoint",
+    )
     cal.add_argument("--prompt-tokens", type=int, default=32, help="with --vlm: text tokens per prompt besides the image")
     cal.add_argument("--seed", type=int, default=0, help="with --vlm: seed of the calibration prompts and of psigmoid's search")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
