@@ -96,13 +96,12 @@ class GSearch(ScheduledPrune):
     The paper (no code; its abstract's wording, the full text not read): "the ranking of each vision token
     sorted by its attention score is similar in each layer except the first layer"; a greedy search
     (G-Search) finds "the least number of vision tokens to keep at each layer from the shallow to the
-    deep". ``schedule`` is a file written by ``tokenreduce
-    calibrate --vlm --method gsearch`` (:func:`g_search`) or the rates as a list. Choices the paper leaves
-    open: the ranking is the last prompt token's attention at the pruning layer itself (PyramidDrop's
-    rule; one layer's attention, as the paper's observation allows), and ranking starts at layer 1 (layer
-    0 always keeps everything: the paper's first-layer exception); each image of a prompt keeps the
-    same rate; kept tokens keep their positions (``positions="keep"``, FastV's, the paper's baseline);
-    at least one token per image stays.
+    deep". ``schedule`` is a file written by ``tokenreduce calibrate --vlm --method gsearch``
+    (:func:`g_search`) or the rates as a list. Choices the paper leaves open: the ranking is the last
+    prompt token's attention at the pruning layer itself (PyramidDrop's rule; one layer's attention, as
+    the paper's observation allows), and ranking starts at layer 1 (layer 0 always keeps everything: the
+    paper's first-layer exception); each image of a prompt keeps the same rate; kept tokens keep their
+    positions (``positions="keep"``, FastV's, the paper's baseline); at least one token per image stays.
     """
 
     name = "gsearch"
@@ -135,8 +134,8 @@ class PSigmoid(ScheduledPrune):
     layer ``l >= 1`` (1 at layer 0), ranked by attention at every layer (see :class:`ScheduledPrune`).
 
     The paper (no code; its abstract's wording): a "parametric sigmoid function (P-Sigmoid)" guides the
-    reduction at each layer, "whose parameters are optimized by Bayesian Optimization" for a budget. ``schedule`` is
-    a file written by ``tokenreduce calibrate --vlm --method psigmoid`` (:func:`p_sigmoid_search`): its
+    reduction at each layer, "whose parameters are optimized by Bayesian Optimization" for a budget.
+    ``schedule`` is a file written by ``tokenreduce calibrate --vlm --method psigmoid`` (:func:`p_sigmoid_search`): its
     ``slope`` and ``midpoint`` replace the arguments. Choices the paper leaves open: the two parameters are
     the slope and the midpoint over relative depth (so a schedule moves between depths); the budget is the
     mean keep rate over layers; the defaults (``slope=12``, ``midpoint=0.5``) keep about half the
