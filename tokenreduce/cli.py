@@ -545,6 +545,15 @@ def parse_r(text: str | None):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.vlm:
+        return cmd_calibrate_vlm(args)
+    vlm_only = {"--method": args.method, "--tolerance": args.tolerance, "--budget": args.budget, "--prompts": args.prompts}
+    vlm_only["--text"] = args.text
+    given = [flag for flag, value in vlm_only.items() if value is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)} apply to calibrate --vlm (an LLM schedule), not to dtome's thresholds")
+    if args.images is None:
+        raise CommandError("calibrate needs a folder of images for dtome's thresholds (or --vlm for an LLM schedule)")
     from tqdm import tqdm
 
     from tokenreduce.eval.data import load_folder
@@ -558,6 +567,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if value is not None:
             check_positive(value, flag)
     device = check_device(args.device)
+    args.out = args.out or "dtome-thresholds.json"
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
     check_writable(args.out, "--out")
     images = load_folder(args.images, labeled=False)
     images.images = images.images[: args.limit]
@@ -595,6 +606,106 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"thresholds per block: {shown}")
     print(f"wrote {args.out}; use it as tokenreduce.apply(model, 'dtome', thresholds={args.out!r})")
     return 0
+
+
+def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
+    """G-Search's or P-Sigmoid's schedule for a VLM's LLM, on seeded random calibration prompts or on a
+    folder of images with a file of prompts."""
+    from tqdm import tqdm
+
+    from tokenreduce.bench.vlm import DEFAULT_VLM, prompt_inputs
+    from tokenreduce.loading import create_hf_vlm
+    from tokenreduce.methods.gsearch import depth_and_tokens, g_search, p_sigmoid_search, write_schedule
+
+    if (args.images is None) != (args.text is None):
+        raise CommandError("calibrate --vlm on your data takes a folder of images and --text FILE (prompts) together")
+    method = args.method or "gsearch"
+    if method == "gsearch" and (args.budget is not None or args.trials is not None):
+        raise CommandError("--budget and --trials apply to --method psigmoid; gsearch takes --tolerance")
+    if method == "psigmoid" and args.tolerance is not None:
+        raise CommandError("--tolerance applies to --method gsearch; psigmoid takes --budget")
+    if method == "psigmoid" and args.budget is None:
+        raise CommandError("--method psigmoid needs --budget, the mean keep rate over the LLM's layers, in (1/depth, 1)")
+    prompts = 8 if args.prompts is None else args.prompts
+    batch_size = prompts if args.batch_size is None else args.batch_size
+    sizes = [("--prompts", prompts, 1), ("--batch-size", batch_size, 1), ("--prompt-tokens", args.prompt_tokens, 0)]
+    for flag, value, low in sizes:
+        check_positive(value, flag, low)
+    if args.threads is not None:
+        check_positive(args.threads, "--threads")
+        torch.set_num_threads(args.threads)
+    device = check_device(args.device)
+    args.out = args.out or f"{method}-schedule.json"
+    check_writable(args.out, "--out")
+    model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
+    model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint).to(device, DTYPES[args.dtype])
+    if args.images is None:
+        batches = [
+            prompt_inputs(model, min(batch_size, prompts - start), args.prompt_tokens, seed=args.seed * 100_003 + i)
+            for i, start in enumerate(range(0, prompts, batch_size))
+        ]
+    else:
+        batches = processed_prompts(args, model_name, args.prompts, batch_size)
+    batches = [{k: v.to(device, DTYPES[args.dtype] if v.is_floating_point() else v.dtype) for k, v in b.items()} for b in batches]
+    depth, _ = depth_and_tokens(model, batches)
+    steps = depth - 1 if method == "gsearch" else (12 if args.trials is None else args.trials)
+    with tqdm(total=steps, desc=f"calibrate {method}", disable=args.quiet, file=sys.stderr) as bar:
+        if method == "gsearch":
+            tolerance = 0.05 if args.tolerance is None else args.tolerance
+            result = g_search(model, batches, tolerance, progress=bar.update)
+        else:
+            result = p_sigmoid_search(model, batches, args.budget, steps, args.seed, progress=bar.update)
+    result.update(
+        model=args.checkpoint or model_name,
+        weights=_weights(args),
+        seed=args.seed,
+        prompt_tokens=args.prompt_tokens,
+        dtype=args.dtype,
+    )
+    write_schedule(args.out, result)
+    counts = " ".join(str(max(1, round(r * result["tokens"]))) for r in result["rates"]) if "tokens" in result else ""
+    print(
+        f"calibrated {method} on {result['model']} ({result['weights']} weights): {result['prompts']} prompts "
+        f"(seed {args.seed}), {result['forwards']} forward passes in {result['seconds']:.2f} s "
+        f"({args.dtype} on {device}, {torch.get_num_threads()} threads)"
+    )
+    print(f"keep rate per LLM layer: {' '.join(f'{r:.4f}' for r in result['rates'])}" + (f" (tokens {counts})" if counts else ""))
+    if method == "psigmoid":
+        print(f"slope {result['slope']:.4f}, midpoint {result['midpoint']:.4f}, budget {result['budget']}")
+    print(f"degradation (mean relative change of the last token's logits): {result['degradation']:.4f}")
+    print(f"wrote {args.out}; use it as tokenreduce.apply(model, {method!r}, schedule={args.out!r})")
+    return 0
+
+
+def processed_prompts(args: argparse.Namespace, model_name: str, limit: int | None, batch_size: int) -> list[dict]:
+    """Calibration batches from a folder of images (sorted) and a text file of prompts (one a line, each
+    with the processor's image token, cycled over the images), through the checkpoint's processor,
+    left-padded."""
+    import transformers
+    from PIL import Image
+
+    from tokenreduce.eval.data import load_folder
+
+    try:
+        texts = [line.strip() for line in Path(args.text).read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise CommandError(f"--text {args.text}: cannot be read ({err.strerror or err})") from None
+    if not texts:
+        raise CommandError(f"--text {args.text}: no prompts (one a line)")
+    files = load_folder(args.images, labeled=False).images[:limit]
+    source = args.checkpoint or model_name
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=args.checkpoint is not None)
+    except Exception as err:
+        raise CommandError(f"calibrate --vlm on your images needs the model's processor saved with {source!r}: {err}") from None
+    processor.tokenizer.padding_side = "left"
+    batches = []
+    for start in range(0, len(files), batch_size):
+        chunk = range(start, min(start + batch_size, len(files)))
+        images = [Image.open(files[i]).convert("RGB") for i in chunk]
+        prompts = [texts[i % len(texts)] for i in chunk]
+        batches.append(dict(processor(images=images, text=prompts, return_tensors="pt", padding=True)))
+    return batches
 
 
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
@@ -693,20 +804,50 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_eval, device="cpu", dtype="float32", repeats=3, warmup=1)
 
     cal = sub.add_parser(
-        "calibrate", help="find dtome's per-block thresholds on your images for a target merge schedule (DyMU's calibration)"
+        "calibrate",
+        help="find dtome's per-block thresholds on your images for a target merge schedule (DyMU's calibration), or "
+        "with --vlm the per-layer keep schedule of gsearch or psigmoid",
     )
-    cal.add_argument("images", metavar="DIR", help="a folder of images (searched recursively, taken in sorted order)")
+    cal.add_argument("images", metavar="DIR", nargs="?", help="a folder of images (searched recursively, taken in sorted order)")
     cal.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
     cal.add_argument("--r", help="target merges per block, as tome's r: an int, a list [r0,r1,...] or (r,inflection)")
     cal.add_argument("--keep-ratio", type=float, help="target fraction of patch tokens left, as tome's (default 0.2 without --r)")
     cal.add_argument("--img-size", type=int, default=224)
-    cal.add_argument("--batch-size", type=int, default=64, help="images ranked together per batch (default 64, DyMU's script)")
+    cal.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images ranked together per batch (default 64, DyMU's script); with --vlm prompts per forward (default all)",
+    )
     cal.add_argument("--limit", type=int, default=None, help="use only the first N images")
     cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_weight_options(cal)
-    cal.add_argument("--out", default="dtome-thresholds.json", help="JSON file to write (default dtome-thresholds.json)")
+    cal.add_argument(
+        "--out", default=None, help="JSON file to write (default dtome-thresholds.json; with --vlm METHOD-schedule.json)"
+    )
+    cal.add_argument(
+        "--vlm",
+        action="store_true",
+        help="search an in-LLM keep schedule on a VLM (default model llava-cpu, random weights; --checkpoint: a "
+        "save_pretrained directory) over seeded random calibration prompts, or DIR's images with --text prompts",
+    )
+    cal.add_argument("--method", choices=["gsearch", "psigmoid"], help="with --vlm: the schedule to search (default gsearch)")
+    cal.add_argument(
+        "--tolerance", type=float, help="gsearch: the largest mean relative change of the last token's logits (default 0.05)"
+    )
+    cal.add_argument("--budget", type=float, help="psigmoid: the mean keep rate over the LLM's layers, in (1/depth, 1)")
+    cal.add_argument("--trials", type=int, help="psigmoid: slopes tried (default 12)")
+    cal.add_argument("--prompts", type=int, help="with --vlm: calibration prompts (default 8; with DIR: all its images)")
+    cal.add_argument(
+        "--text",
+        metavar="FILE",
+        help="with --vlm and DIR: prompts, one a line, each with the processor's image token (e.g. 'USER: <image> "
+        "Describe it. ASSISTANT:'), cycled over the images; the processor is read from --checkpoint",
+    )
+    cal.add_argument("--prompt-tokens", type=int, default=32, help="with --vlm: text tokens per prompt besides the image")
+    cal.add_argument("--seed", type=int, default=0, help="with --vlm: seed of the calibration prompts and of psigmoid's search")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(fn=cmd_calibrate)
     return parser
