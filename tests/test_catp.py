@@ -189,8 +189,9 @@ def test_a_batch_of_in_context_prompts_equals_its_rows_and_remove_restores(side)
     assert torch.equal(vlm_logits(model, kw), before)
 
 
-def test_batch_equals_singles_on_qwen2_vl():
-    rec = reduce_batch_and_singles("qwen2_vl", "catp", layers=(1, 2))
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_batch_equals_singles_on_other_families(family):
+    rec = reduce_batch_and_singles(family, "catp", layers=(1, 2))
     n = rec.images[0].placeholders
     assert all(im.kept == max(1, round(round(n / 2) * 4 / 9)) for im in rec.images)
 
