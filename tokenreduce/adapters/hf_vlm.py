@@ -259,6 +259,19 @@ def _packed_text(embeds: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     return packed * valid[..., None].to(packed.dtype), valid
 
 
+def _paired_text(embeds: Tensor, text: Tensor, placeholder: Tensor, spans: list) -> tuple[Tensor, Tensor]:
+    """Each image span's paired text, packed as :func:`_packed_text` packs a prompt's: the text tokens
+    (``text [B, L]``) after the span's run of placeholders up to the next run, ``spans`` as
+    ``(row, start, n)``. Runs are numbered along each row, and a text token pairs with the run before it."""
+    before = torch.zeros_like(placeholder)
+    before[:, 1:] = placeholder[:, :-1]
+    starts = placeholder & ~before
+    run = starts.cumsum(dim=1)  # [B, L]: the number of runs begun at or before each position
+    rows = torch.tensor([row for row, _, _ in spans], device=embeds.device)
+    own = run[rows, torch.tensor([start for _, start, _ in spans], device=embeds.device)]
+    return _packed_text(embeds[rows], text[rows] & (run[rows] == own[:, None]))
+
+
 def _front(kept: Tensor, length: int) -> Tensor:
     """``[M, k, D]`` kept tokens at the front of ``length``-token spans (zeros after)."""
     return torch.cat([kept, kept.new_zeros(kept.shape[0], length - kept.shape[1], kept.shape[2])], dim=1)
@@ -913,6 +926,7 @@ class HFVLM(Adapter):
         text = text_mask = None
         if method.needs_text:  # the text tokens are never written below: read them once, before
             text, text_mask = _packed_text(tensors[0], state.text)
+            paired, paired_mask = _paired_text(tensors[0], state.text, state.placeholder, spans)
         groups: dict[tuple, list[int]] = {}
         for i, (_, _, n) in enumerate(spans):
             groups.setdefault((n, _grid(state, i, n, tile)), []).append(i)
@@ -923,7 +937,10 @@ class HFVLM(Adapter):
                 features = torch.stack([tensor[spans[i][0], spans[i][1] : spans[i][1] + n] for i in members])
                 if selection is None:
                     rows = [spans[i][0] for i in members]
-                    prompt = {} if text is None else dict(text=text[rows], text_mask=text_mask[rows])
+                    prompt = {}
+                    if text is not None:
+                        prompt = dict(text=text[rows], text_mask=text_mask[rows], paired_text=paired[members])
+                        prompt["paired_mask"] = paired_mask[members]
                     if cls is not None:
                         prompt["cls_attention"] = cls[members, cls.shape[1] - n :]  # without the class token's own
                     selection = method.select(VisualContext(features, keep, 0, grid, **prompt))

@@ -33,6 +33,11 @@ class VisualContext:
     least 1: a prompt of image tokens alone has its one row masked). Both are ``None`` where no
     prompt is known (features computed alone, vision-space methods).
 
+    ``paired_text [M, P, D']`` and ``paired_mask [M, P]`` hold, with ``text``, each image's paired text
+    in an interleaved (multi-image) prompt: the text tokens after the image's placeholder run up to the
+    next image's (or the prompt's end), packed the same way; an image followed directly by another has
+    no paired text (its mask all False).
+
     ``cls_attention [M, N]`` holds, for a method with :attr:`VisualMethod.needs_cls_attention`, the
     class token's softmax attention (averaged over heads) to each of the ``N`` tokens at the vision
     layer the VLM reads, the tokens aligned with ``features``.
@@ -50,6 +55,8 @@ class VisualContext:
     shallow_k: Tensor | None = None
     text: Tensor | None = None  # [M, T, D']
     text_mask: Tensor | None = None  # [M, T] bool
+    paired_text: Tensor | None = None  # [M, P, D']
+    paired_mask: Tensor | None = None  # [M, P] bool
     cls_attention: Tensor | None = None  # [M, N]
 
     def prompt_text(self, method: str) -> tuple[Tensor, Tensor]:
