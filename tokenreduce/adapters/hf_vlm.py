@@ -603,6 +603,11 @@ class HFVLM(Adapter):
             raise TypeError(f"{method.name!r} reads the prompt's text, which tokenreduce gives only to projected-space methods")
         if method.needs_cls_attention:
             self._validate_cls_attention(model, method)
+        if method.needs_projector and (method.space != "vision" or self.spec(model).merge is not None):
+            raise TypeError(
+                f"{method.name!r} runs the VLM's projector on vision features, which tokenreduce gives only to "
+                f"vision-space methods of VLMs with a token-wise projector (LLaVA family), not {type(model).__name__}"
+            )
         if method.positions == "reindex" and self.spec(model).mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
@@ -751,6 +756,8 @@ class HFVLM(Adapter):
             if hidden is None or q is None or k is None:
                 raise RuntimeError("the vision layer the VLM reads did not run before its projector")
             ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, projector._tokenreduce_scale)
+            if method.needs_projector:
+                ctx.project = project
             selection = method.select(ctx)
             thread.hidden = thread.q = thread.k = None
             images, encoder_record = _records(selection, prefix, tokens, grid), None
