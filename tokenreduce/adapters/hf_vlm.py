@@ -698,7 +698,8 @@ class HFVLM(Adapter):
                 self.tower.install(vision, patch)
             else:
                 patch.capture(self.tower.blocks(vision)[layer_index], "hidden", mixin=CaptureVision)
-                self._capture_qk(vision, layer_index, patch, projector)
+                if method.needs_attention:
+                    self._capture_qk(vision, layer_index, patch, projector)
             patch.set_attr(projector, ATTR, patch)
             patch.set_attr(projector, "_tokenreduce_geometry", self.tower_geometry(model, vision))
             patch.set_attr(projector, "_tokenreduce_layer", layer_index)
@@ -753,9 +754,10 @@ class HFVLM(Adapter):
             rank = torch.full(out.shape[:2], IN_PLACE, dtype=torch.long, device=x.device)
         else:
             hidden, q, k = thread.hidden, thread.q, thread.k
-            if hidden is None or q is None or k is None:
+            if hidden is None or (method.needs_attention and (q is None or k is None)):
                 raise RuntimeError("the vision layer the VLM reads did not run before its projector")
-            ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, projector._tokenreduce_scale)
+            scale = getattr(projector, "_tokenreduce_scale", None)
+            ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, scale)
             if method.needs_projector:
                 ctx.project = project
             selection = method.select(ctx)

@@ -59,7 +59,6 @@ class ZOOPrune(VisualMethod):
         "CVPR 2026, arXiv 2509.24837"
     )
     space = "vision"
-    needs_attention = True  # the engine's vision-space path captures the layer's q/k; they go unused
     needs_projector = True
     default_keep_ratio = 64 / 576
 
