@@ -34,14 +34,14 @@ def test_methods_lists_registered_names():
         *("vomix", "token_transforming", "bat"),
         *("tomesd", "todo", "sito", "importance_tome", "cat_pruning"),
         *("todre", "ficoco", "simignore", "recoverable", "star", "greedyprune", "gsearch", "psigmoid"),
-        *("catp",),
+        *("catp", "zoo_prune", "script"),
     }
 
 
 @pytest.mark.parametrize(
     "method,config,error,match",
     [
-        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['aim', 'atc', .*'tome', .*'zero_tprune'\]"),
+        ("nope", {}, ValueError, r"unknown method 'nope'; method must be one of \['aim', 'atc', .*'zero_tprune', 'zoo_prune'\]"),
         ("tome", dict(r=-1), ValueError, r"r must be an integer >= 0"),
         ("tome", dict(r=1.5), TypeError, r"r must be an integer >= 0, got 1.5 \(float\)"),
         ("tome", dict(r=(8, 2.0)), ValueError, r"r\[1\] \(inflection\) must be a number in \[-1, 1\], got 2.0"),

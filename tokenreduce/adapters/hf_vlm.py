@@ -618,6 +618,11 @@ class HFVLM(Adapter):
             raise TypeError(f"{method.name!r} reads the prompt's text, which tokenreduce gives only to projected-space methods")
         if method.needs_cls_attention:
             self._validate_cls_attention(model, method)
+        if method.needs_projector and (method.space != "vision" or self.spec(model).merge is not None):
+            raise TypeError(
+                f"{method.name!r} runs the VLM's projector on vision features, which tokenreduce gives only to "
+                f"vision-space methods of VLMs with a token-wise projector (LLaVA family), not {type(model).__name__}"
+            )
         if method.positions == "reindex" and self.spec(model).mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
@@ -708,7 +713,8 @@ class HFVLM(Adapter):
                 self.tower.install(vision, patch)
             else:
                 patch.capture(self.tower.blocks(vision)[layer_index], "hidden", mixin=CaptureVision)
-                self._capture_qk(vision, layer_index, patch, projector)
+                if method.needs_attention:
+                    self._capture_qk(vision, layer_index, patch, projector)
                 shallow = method.shallow_layer(len(self.tower.blocks(vision)))
                 separate = shallow is not None and shallow != layer_index
                 if separate:
@@ -772,15 +778,18 @@ class HFVLM(Adapter):
             rank = torch.full(out.shape[:2], IN_PLACE, dtype=torch.long, device=x.device)
         else:
             hidden, q, k = thread.hidden, thread.q, thread.k
-            if hidden is None or q is None or k is None:
+            if hidden is None or (method.needs_attention and (q is None or k is None)):
                 raise RuntimeError("the vision layer the VLM reads did not run before its projector")
-            ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, projector._tokenreduce_scale)
+            scale = getattr(projector, "_tokenreduce_scale", None)
+            ctx = VisualContext(hidden, method.num_kept(tokens, grid), prefix, grid, q, k, scale)
             if projector._tokenreduce_shallow:
                 if thread.shallow_q is None or thread.shallow_k is None:
                     raise RuntimeError("the second vision layer the method reads did not run before the projector")
                 ctx.shallow_q, ctx.shallow_k = thread.shallow_q, thread.shallow_k
             else:  # the method reads one layer, or its second is the one the VLM reads
                 ctx.shallow_q, ctx.shallow_k = q, k
+            if method.needs_projector:
+                ctx.project = project
             selection = method.select(ctx)
             thread.hidden = thread.q = thread.k = thread.shallow_q = thread.shallow_k = None
             images, encoder_record = _records(selection, prefix, tokens, grid), None

@@ -30,7 +30,13 @@ from tokenreduce.core.clustering import (
     strided_targets,
     weighted_kmeans,
 )
-from tokenreduce.core.diversity import cosine_distance, max_min_subset, max_sum_subset, salient_dissimilar_subset
+from tokenreduce.core.diversity import (
+    cosine_distance,
+    greedy_dpp,
+    max_min_subset,
+    max_sum_subset,
+    salient_dissimilar_subset,
+)
 from tokenreduce.core.fusion import rescale_to_max_norm
 from tokenreduce.core.graph import (
     graph_propagation,
@@ -113,6 +119,7 @@ __all__ = [
     "farthest_first",
     "first_inputs",
     "graph_propagation",
+    "greedy_dpp",
     "grid_adjacency",
     "grid_cells",
     "grid_edges",

@@ -82,3 +82,38 @@ def salient_dissimilar_subset(saliency: Tensor, x: Tensor, k: int, tau: float) -
     chosen = set(picked)
     picked += [i for i in order.tolist() if i not in chosen][: k - len(picked)]
     return torch.tensor(picked, device=x.device)
+
+
+def greedy_dpp(kernel: Tensor, k: int, eps: float = 1e-5) -> Tensor:
+    """Indices ``[B, k]``, in pick order, of the greedy MAP of a determinantal point process with the
+    positive semi-definite ``kernel [B, N, N]``: each pick maximises ``log det`` of the picked
+    submatrix, that is the token's conditional gain ``L_jj - L_jS L_SS^-1 L_Sj`` (the fast greedy of
+    Chen, Zhang and Zhou, NeurIPS 2018, by incremental Cholesky rows). Ties go to the lowest index.
+
+    Once no token left gains more than ``eps`` times the row's largest diagonal entry (the picked ones
+    span the kernel's rank, up to float32 rounding), the rest follow by their diagonal ``L_jj`` in
+    decreasing order. Computed in float32; ``1 <= k <= N``."""
+    b, n = kernel.shape[:2]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for {n} tokens, got {k}")
+    kernel = kernel.float()
+    rows = torch.arange(b, device=kernel.device)
+    diag = kernel.diagonal(dim1=1, dim2=2)
+    gain = diag.clone()  # [B, N] each token's conditional gain given the picks so far
+    floor = eps * diag.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    chol = kernel.new_zeros(b, k, n)  # row t: the picks' incremental Cholesky factors, for every token
+    taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
+    picked = []
+    for t in range(k):
+        live = ~taken & (gain > floor)
+        by_gain = torch.where(live, gain, -torch.inf).argmax(dim=1)
+        by_diag = torch.where(taken, -torch.inf, diag).argmax(dim=1)
+        j = torch.where(live.any(dim=1), by_gain, by_diag)
+        picked.append(j)
+        taken[rows, j] = True
+        e = (kernel[rows, j] - (chol[rows, :t, j][:, :, None] * chol[:, :t]).sum(dim=1)) / gain[rows, j].clamp(
+            min=floor[:, 0]
+        ).sqrt()[:, None]
+        chol[:, t] = e
+        gain = gain - e * e
+    return torch.stack(picked, dim=1)

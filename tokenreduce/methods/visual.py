@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +42,11 @@ class VisualContext:
     ``cls_attention [M, N]`` holds, for a method with :attr:`VisualMethod.needs_cls_attention`, the
     class token's softmax attention (averaged over heads) to each of the ``N`` tokens at the vision
     layer the VLM reads, the tokens aligned with ``features``.
+
+    ``project`` is, for a vision-space method with :attr:`VisualMethod.needs_projector`, the VLM's own
+    token-wise projector as a callable ``[..., n, C] -> [..., n, D]`` on vision features shaped like
+    ``features`` (the tokens the VLM projects: the class token is the method's to drop or keep); it
+    runs the projector's forward and has no side effects.
     """
 
     features: Tensor  # [M, N, D]
@@ -58,6 +64,17 @@ class VisualContext:
     paired_text: Tensor | None = None  # [M, P, D']
     paired_mask: Tensor | None = None  # [M, P] bool
     cls_attention: Tensor | None = None  # [M, N]
+    project: Callable[[Tensor], Tensor] | None = None  # the VLM's projector, for needs_projector
+
+    def projector(self, method: str) -> Callable[[Tensor], Tensor]:
+        """The VLM's projector (see :attr:`project`); raises when this call has none (``method`` names
+        the method that needs one)."""
+        if self.project is None:
+            raise ValueError(
+                f"method {method!r} runs the VLM's projector on perturbed features, and this call has none: apply it to "
+                "a whole VLM with a token-wise projector (LLaVA family), not to image features alone"
+            )
+        return self.project
 
     def prompt_text(self, method: str) -> tuple[Tensor, Tensor]:
         """``(text [M, T, D'], text_mask [M, T])``; raises when this call has no prompt (``method``
@@ -102,6 +119,7 @@ class VisualMethod(Method):
     needs_attention: ClassVar[bool] = False  # wants q/k of the vision layer the VLM reads
     needs_text: ClassVar[bool] = False  # wants each image's prompt text (VisualContext.text); projected space only
     needs_cls_attention: ClassVar[bool] = False  # wants VisualContext.cls_attention; projected space only
+    needs_projector: ClassVar[bool] = False  # wants VisualContext.project; vision space, token-wise projectors only
     default_keep_ratio: ClassVar[float | None] = 0.25
 
     keep_ratio: float | None = None
