@@ -1,6 +1,7 @@
-"""GlobalCom2 on tiny random LLaVA-NeXT prompts: the naive oracle's tokens (budgets from the thumbnail,
-in-crop scores) for a batch of images of two sizes, budgets summing to the image's total, keep-all
-identity, generate() against the unpatched model fed the reduced prompt, batch = singles, remove()."""
+"""GlobalCom2 on tiny random LLaVA-NeXT prompts (and LLaVA-OneVision with a CLIP tower): the naive
+oracle's tokens (budgets from the thumbnail, in-crop scores) for a batch of images of two sizes, budgets
+summing to the image's total, keep-all identity, generate() against the unpatched model fed the reduced
+prompt, batch = singles, remove()."""
 
 from __future__ import annotations
 
@@ -15,6 +16,29 @@ from conftest import IMAGE_TOKEN, batch, reduce_batch_and_singles, tiny_vlm, vlm
 pytest.importorskip("transformers")
 
 SIZES = [(64, 64), (20, 64)]  # 2x2 crops of 4x4 patches; a wide image on 1x2 crops, unpadded to 3 rows
+
+
+def onevision_with_clip(seed: int = 0):
+    """The tiny LLaVA-OneVision with conftest's CLIP tower (its own builder has SigLIP, which has no class
+    token for GlobalCom2 to read), the class token dropped as LLaVA-NeXT does."""
+    import transformers as T
+
+    from conftest import _TEXT, _VISION, randomize
+
+    torch.manual_seed(seed)
+    config = T.LlavaOnevisionConfig(
+        vision_config=T.CLIPVisionConfig(**_VISION, projection_dim=32),
+        text_config=T.Qwen2Config(**_TEXT),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=998,
+        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return randomize(T.LlavaOnevisionForConditionalGeneration(config), seed).eval()
+
+
+BUILD = {"llava_next": tiny_vlm, "llava_onevision_clip": lambda family: onevision_with_clip()}
 
 
 def mixed_inputs(model) -> dict:
@@ -49,12 +73,15 @@ def oracle(model, kw: dict, r: float, temperature: float) -> list[tuple[list[int
 
 
 # The default temperature 10 makes the tiny model's crops keep near-equal shares; 0.01 tells them apart.
-@pytest.mark.parametrize("r, temperature", [(0.25, 10.0), (0.5, 0.01)])
-def test_the_llm_reads_the_naive_oracles_tokens(r, temperature):
-    base = tiny_vlm("llava_next")
+@pytest.mark.parametrize(
+    "family, r, temperature",
+    [("llava_next", 0.25, 10.0), ("llava_next", 0.5, 0.01), ("llava_onevision_clip", 0.5, 0.01)],
+)
+def test_the_llm_reads_the_naive_oracles_tokens(family, r, temperature):
+    base = BUILD[family](family)
     kw = mixed_inputs(base)
     want = oracle(base, kw, r, temperature)
-    model = tokenreduce.apply(tiny_vlm("llava_next"), "globalcom2", keep_ratio=r, temperature=temperature)
+    model = tokenreduce.apply(BUILD[family](family), "globalcom2", keep_ratio=r, temperature=temperature)
     embeds, _ = llm_prompt(model, kw)
     rec = tokenreduce.record(model)
     budgets = []
