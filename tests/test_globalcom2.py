@@ -149,6 +149,11 @@ def test_batch_equals_singles_and_remove_restores():
     assert all(im.placeholders == 88 and im.kept == 4 + 16 + 8 for im in rec.images)  # thumbnail, crops, newlines
 
 
+def test_stacks_with_an_in_llm_method():
+    rec = reduce_batch_and_singles("llava_next", ["globalcom2", ("fastv", {"layer": 2, "keep_ratio": 0.5})])
+    assert all(im.placeholders == 88 and im.kept == 14 for im in rec.images)  # 28 before the LLM, half at layer 2
+
+
 def test_refuses_models_and_budgets_it_cannot_serve():
     from conftest import tiny_llava
 
