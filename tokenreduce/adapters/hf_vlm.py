@@ -9,13 +9,15 @@ order (checking that the counts match), then calls its ``language_model`` with t
 ``get_image_features`` itself before the prefill (``mm_encoder_outputs``), computes position ids
 once from the full prompt and adds one per step, and grows the 2-D mask from the prompt's length.
 
-No forward is re-implemented; mixins sit at three places:
+No forward is re-implemented; mixins sit at four places:
 - ``XModel.forward`` opens the per-call :class:`VisualState` (where the image tokens of the prompt are);
 - the projector, for encoder-stage methods and for methods that select among the vision encoder's
   hidden states (VisionZip): it reduces, then writes each image's kept tokens to the front of a span of
   the original length, so that the model's own placeholder check and scatter run unchanged, and
   leaves what each image kept for the prompt that will read these features (``generate`` computes
   them before the prefill, so this cannot wait for the forward);
+- AnyRes packing (``XModel.pack_image_features``, LLaVA-NeXT and OneVision): for methods that read
+  the packed spans' layout (GlobalCom2), it records which crop and patch each packed token comes from;
 - the LLM: at the prompt, a pre-LLM method selects among each image span's embeddings (they are the
   projected features), then every span shrinks to its kept tokens in the embeddings, the 2-D mask and
   the position ids, re-padding rows that lost different amounts; on decode steps the mask ``generate``
@@ -25,6 +27,7 @@ No forward is re-implemented; mixins sit at three places:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -42,7 +45,7 @@ from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
 from tokenreduce.methods.llm import LLMMethod
 from tokenreduce.methods.stack import parts
-from tokenreduce.methods.visual import VisualContext, VisualMethod
+from tokenreduce.methods.visual import AnyResLayout, VisualContext, VisualMethod
 from tokenreduce.patch import ATTR, CaptureOutput, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 from tokenreduce.stages import Stage
@@ -135,6 +138,7 @@ class VLMThread:
     shallow_k: Tensor | None = None
     reduced: ReducedImages | None = None
     attention: tuple | None = None  # Qwen's last vision block: (input, cos, sin)
+    anyres: list[AnyResLayout] | None = None  # the last packed images' span layouts, for methods that read them
     llm: LLMRun | None = None  # the prefill being pruned inside the LLM
     images: bool = False  # inside get_image_features (Qwen: the vision tower also encodes videos)
 
@@ -318,6 +322,17 @@ class PackingVLMModel(VLMModel):
 
         patch: Patch = getattr(self, ATTR)
         return patch.adapter.pack_reduced(self, patch, image_features, image_sizes, pack)  # type: ignore[attr-defined]
+
+
+@loadable
+class TracingVLMModel(VLMModel):
+    """:class:`VLMModel` of an AnyRes family for a method that reads its packed spans' layout: records
+    the layout of every image the model packs (see :meth:`HFVLM.anyres_layouts`)."""
+
+    def pack_image_features(self, image_features, image_sizes, *args, **kwargs):
+        patch: Patch = getattr(self, ATTR)
+        _thread(patch).anyres = patch.adapter.anyres_layouts(self, image_sizes)  # type: ignore[attr-defined]
+        return super().pack_image_features(image_features, image_sizes, *args, **kwargs)  # type: ignore[misc]
 
 
 @loadable
@@ -640,8 +655,21 @@ class HFVLM(Adapter):
 
     def _validate_cls_attention(self, model: nn.Module, method: VisualMethod) -> None:
         """A projected-space method reading the class token's attention needs a tower with one whose
-        images each fill one span of the prompt (LLaVA's token-wise projector)."""
+        images each fill one span of the prompt (LLaVA's token-wise projector), or, when it reads AnyRes
+        spans, an AnyRes family that packs the patches of such a tower without its class token."""
         vision = self.vision(model, f"{method.name!r}, which reads the vision encoder's class-token attention,")
+        if method.needs_anyres:  # the packed spans hold patches only: the class token is dropped
+            strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+            anyres = self.spec(model).anyres and method.space == "projected"
+            if not anyres or not self.tower.has_cls_token(vision) or strategy != "default":
+                raise TypeError(
+                    f"{method.name!r} reads the class-token attention of an AnyRes VLM's base image and crops: it needs "
+                    "LLaVA-NeXT or LLaVA-OneVision with a vision tower that has a class token, which the VLM drops "
+                    f"(vision_feature_select_strategy='default'), not {type(model).__name__} with {type(vision).__name__} "
+                    f"and {strategy!r}"
+                )
+            self.feature_layer(model, vision)
+            return
         if method.space != "projected" or self.spec(model).tile != "tower" or not self.tower.has_cls_token(vision):
             raise TypeError(
                 f"{method.name!r} reads the class token's attention of the vision layer {type(model).__name__} reads: "
@@ -704,6 +732,8 @@ class HFVLM(Adapter):
         elif isinstance(method, VisualMethod) and method.needs_cls_attention:
             vision = self.vision(model, method.name)
             self._capture_qk(vision, self.feature_layer(model, vision), patch, getattr(model, spec.text))
+            if method.needs_anyres:
+                patch.swap_class(model, TracingVLMModel)
         elif isinstance(method, EncoderMethod) or vision_space:
             vision = self.vision(model, method.name)
             projector = getattr(model, spec.projector)
@@ -924,23 +954,33 @@ class HFVLM(Adapter):
         spans: list,
         tile: int | None,
         tensors: list[Tensor],
-        cls: Tensor | None = None,
+        cls: Tensor | list[Tensor] | None = None,
+        layouts: list[AnyResLayout] | None = None,
     ) -> list[ImageRecord]:
         """Run a pre-LLM method on every image span of ``tensors[0]`` (the prompt's embeddings), images
         of equal size and grid together, writing each span's kept tokens to its front in every tensor of
         ``tensors`` (aligned per-token inputs such as Qwen3's deepstack features follow the same
-        selection). ``cls [spans, N0]``: each image's class-token attention, for methods that read it.
-        Returns each image's record, in span order."""
+        selection). ``cls [spans, N0]``: each image's class-token attention, for methods that read it
+        (with ``layouts``, each AnyRes span's layout: per span ``[L]`` aligned with its tokens). Returns
+        each image's record, in span order."""
         records: list[ImageRecord | None] = [None] * len(spans)
         text = text_mask = None
         if method.needs_text:  # the text tokens are never written below: read them once, before
             text, text_mask = _packed_text(tensors[0], state.text)
             paired, paired_mask = _paired_text(tensors[0], state.text, state.placeholder, spans)
+        if layouts is not None and [int(lay.part.shape[0]) for lay in layouts] != [n for _, _, n in spans]:
+            raise ValueError(
+                f"the prompt's image spans hold {[n for _, _, n in spans]} tokens, which the images' AnyRes packing "
+                f"({[int(lay.part.shape[0]) for lay in layouts]}) does not match"
+            )
         groups: dict[tuple, list[int]] = {}
         for i, (_, _, n) in enumerate(spans):
-            groups.setdefault((n, _grid(state, i, n, tile)), []).append(i)
+            key = _grid(state, i, n, tile) if layouts is None else _layout_key(layouts[i])
+            groups.setdefault((n, key), []).append(i)
         for (n, grid), members in groups.items():
-            keep = method.num_kept(n, grid)
+            layout = None if layouts is None else layouts[members[0]]
+            keep = method.num_kept(n, grid) if layout is None else method.num_kept_anyres(layout)
+            grid = grid if layout is None else None
             selection = None
             for tensor in tensors:
                 features = torch.stack([tensor[spans[i][0], spans[i][1] : spans[i][1] + n] for i in members])
@@ -950,7 +990,11 @@ class HFVLM(Adapter):
                     if text is not None:
                         prompt = dict(text=text[rows], text_mask=text_mask[rows], paired_text=paired[members])
                         prompt["paired_mask"] = paired_mask[members]
-                    if cls is not None:
+                    if layout is not None:
+                        prompt["anyres"] = layout
+                        if cls is not None:
+                            prompt["cls_attention"] = torch.stack([cls[i] for i in members])
+                    elif cls is not None:
                         prompt["cls_attention"] = cls[members, cls.shape[1] - n :]  # without the class token's own
                     selection = method.select(VisualContext(features, keep, 0, grid, **prompt))
                 kept = selection.apply(features)
@@ -960,6 +1004,37 @@ class HFVLM(Adapter):
             for j, record in zip(members, _records(selection, 0, n, grid)):
                 records[j] = record
         return records  # type: ignore[return-value]
+
+    def anyres_layouts(self, model: nn.Module, image_sizes) -> list[AnyResLayout]:
+        """The layout of each image's packed span (see :class:`AnyResLayout`), traced by running the
+        model's own ``pack_image_features`` on each patch's (row, column) (as :meth:`pack_reduced`)."""
+        if image_sizes is None:
+            raise ValueError(f"{type(model).__name__} needs image_sizes to lay out its AnyRes images")
+        module = sys.modules[original_class(model).__module__]
+        config, side_px = model.config, model.config.vision_config.image_size
+        side = side_px // model.config.vision_config.patch_size
+        sizes = [tuple(int(v) for v in size) for size in image_sizes.tolist()]
+        counts = [module.image_size_to_num_patches(size, config.image_grid_pinpoints, side_px) for size in sizes]
+        shapes = [module.get_anyres_image_grid_shape(size, config.image_grid_pinpoints, side_px) for size in sizes]
+        coords = [_crop_coordinates(c, side, cols) for c, (_, cols) in zip(counts, shapes)]
+        pack = original_class(model).pack_image_features
+        newline = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+        if "vision_feature_select_strategy" in inspect.signature(pack).parameters:  # LLaVA-NeXT
+            packed, _ = pack(model, coords, image_sizes, "default", image_newline=newline)
+        else:  # OneVision
+            ratio = getattr(config, "vision_aspect_ratio", "anyres_max_9")
+            packed, _ = pack(model, coords, image_sizes, image_newline=newline, vision_aspect_ratio=ratio)
+        layouts = []
+        for where, (rows, cols), count in zip(packed, shapes, counts):
+            t = torch.arange(where.shape[0])
+            line = where[:, 0] < 0
+            r, q = where[:, 0].round().long().clamp(min=0), where[:, 1].round().long().clamp(min=0)
+            base = t < side * side
+            part = torch.where(base, 0, 1 + r // side * cols + q // side).masked_fill(line, -1)
+            row = torch.where(base, t // side, r).masked_fill(line, -1)
+            col = torch.where(base, t % side, q).masked_fill(line, -1)
+            layouts.append(AnyResLayout(part, row, col, (int(rows), int(cols)), side, int(count)))
+        return layouts
 
     def _cls_attention(self, patch: Patch, images: int, scale: float) -> Tensor:
         """``[images, N0]``: the class token's attention at the vision layer the VLM reads, for the
@@ -988,8 +1063,17 @@ class HFVLM(Adapter):
         if isinstance(method, VisualMethod) and method.space == "projected":
             embeds = embeds.clone()
             deepstack = _deepstack(kwargs, embeds)
-            cls = self._cls_attention(patch, len(spans), scale) if method.needs_cls_attention else None
-            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack], cls)
+            cls, layouts = None, None
+            if method.needs_anyres:
+                layouts, thread.anyres = thread.anyres, None
+                if layouts is None:
+                    raise RuntimeError(f"{method.name!r}: the images of this prompt were not packed by this model in this thread")
+            if method.needs_cls_attention and layouts is not None:
+                crops = sum(layout.tower_images for layout in layouts)
+                cls = _per_span_attention(self._cls_attention(patch, crops, scale), layouts)
+            elif method.needs_cls_attention:
+                cls = self._cls_attention(patch, len(spans), scale)
+            images = self._select_spans(method, state, spans, tile, [embeds, *deepstack], cls, layouts)
             encoder = None
         else:
             spans_flat = embeds[state.placeholder]
@@ -1059,6 +1143,25 @@ class HFVLM(Adapter):
 
     def record(self, patch: Patch) -> VLMRecord | None:
         return _thread(patch).record
+
+
+def _layout_key(layout: AnyResLayout) -> tuple:
+    return (layout.crops, tuple(layout.part.tolist()), tuple(layout.row.tolist()), tuple(layout.col.tolist()))
+
+
+def _per_span_attention(cls: Tensor, layouts: list[AnyResLayout]) -> list[Tensor]:
+    """Per image, ``[L]``: each token's own crop's (or base image's) class-token attention at its
+    patch (0 on newline tokens), from ``cls [crops of all images, 1 + side*side]`` in image order."""
+    out, offset = [], 0
+    for layout in layouts:
+        crops = cls[offset : offset + layout.tower_images, 1:]
+        offset += crops.shape[0]
+        side = layout.side
+        line = layout.part < 0
+        patch = (layout.row % side * side + layout.col % side).to(cls.device)
+        take = crops[layout.part.clamp(min=0).to(cls.device), patch]
+        out.append(take.masked_fill(line.to(cls.device), 0.0))
+    return out
 
 
 def _crop_coordinates(crops: int, side: int, cols: int) -> Tensor:

@@ -13,6 +13,7 @@ from tokenreduce.core.attention import (
     weighted_pagerank,
     zero_smallest,
 )
+from tokenreduce.core.budget import apportion
 from tokenreduce.core.cells import cell_argmax, cell_partition, corner_partition, random_cell_choice
 from tokenreduce.core.clustering import (
     cluster_argmin,
@@ -98,6 +99,7 @@ __all__ = [
     "adaptive_pool_matrix",
     "agglomerative_clustering",
     "alternate_merge",
+    "apportion",
     "attention_probs",
     "batch_soft_matching",
     "best_match",

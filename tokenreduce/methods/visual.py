@@ -17,6 +17,26 @@ from tokenreduce.validate import as_int, as_real
 POSITIONS = ("auto", "keep", "reindex")
 
 
+@dataclass(frozen=True)
+class AnyResLayout:
+    """Where each token of an AnyRes image's packed prompt span comes from (LLaVA-NeXT, OneVision): the
+    base image (thumbnail) first, then the crops' tokens left after unpadding, row by row, each row
+    ended by a newline token.
+
+    ``part [L]``: 0 for the base image, ``1 + i`` for crop ``i`` (row-major in the crop grid), -1 for a
+    newline token; ``row``/``col`` ``[L]``: the token's patch, in the base image's own ``side x side``
+    grid or in the grid of all crops (``crops[0] * side`` rows by ``crops[1] * side`` columns), -1 on
+    newlines (where OneVision downscales the unpadded crops, the nearest patch).
+    """
+
+    part: Tensor  # [L] long
+    row: Tensor  # [L] long
+    col: Tensor  # [L] long
+    crops: tuple[int, int]  # (rows, cols) of the crop grid
+    side: int  # patches per side of the base image and of each crop
+    tower_images: int  # images the vision tower encodes for this one: the base image and every crop
+
+
 @dataclass
 class VisualContext:
     """What a pre-LLM method sees: the visual tokens of ``M`` images that have the same count ``N``.
@@ -47,6 +67,11 @@ class VisualContext:
     token-wise projector as a callable ``[..., n, C] -> [..., n, D]`` on vision features shaped like
     ``features`` (the tokens the VLM projects: the class token is the method's to drop or keep); it
     runs the projector's forward and has no side effects.
+
+    ``anyres`` gives, for a method with :attr:`VisualMethod.needs_anyres`, the layout of the ``N``
+    tokens, which are then one AnyRes image's packed span (the same for all ``M`` images); its
+    ``cls_attention`` is then each token's own crop's (or the base image's) class-token attention at
+    that patch, 0 on newline tokens.
     """
 
     features: Tensor  # [M, N, D]
@@ -65,6 +90,7 @@ class VisualContext:
     paired_mask: Tensor | None = None  # [M, P] bool
     cls_attention: Tensor | None = None  # [M, N]
     project: Callable[[Tensor], Tensor] | None = None  # the VLM's projector, for needs_projector
+    anyres: AnyResLayout | None = None
 
     def projector(self, method: str) -> Callable[[Tensor], Tensor]:
         """The VLM's projector (see :attr:`project`); raises when this call has none (``method`` names
@@ -120,6 +146,7 @@ class VisualMethod(Method):
     needs_text: ClassVar[bool] = False  # wants each image's prompt text (VisualContext.text); projected space only
     needs_cls_attention: ClassVar[bool] = False  # wants VisualContext.cls_attention; projected space only
     needs_projector: ClassVar[bool] = False  # wants VisualContext.project; vision space, token-wise projectors only
+    needs_anyres: ClassVar[bool] = False  # selects among AnyRes packed spans (VisualContext.anyres) only
     default_keep_ratio: ClassVar[float | None] = 0.25
 
     keep_ratio: float | None = None
@@ -158,6 +185,10 @@ class VisualMethod(Method):
         """A second layer (0-based, of a vision tower of ``depth`` layers) whose queries and keys the
         method also reads (``VisualContext.shallow_q``/``shallow_k``), or ``None``."""
         return None
+
+    def num_kept_anyres(self, layout: AnyResLayout) -> int:
+        """Tokens kept of an AnyRes span laid out as ``layout``, for methods with :attr:`needs_anyres`."""
+        raise NotImplementedError(f"{self.name!r} does not select among AnyRes spans")
 
     def summary_outputs(self, keep: int) -> int:
         """How many trailing outputs of a selection of ``keep`` summarise other tokens rather than
