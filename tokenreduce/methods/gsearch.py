@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.methods.llm import AttentionRankPrune, fraction
+from tokenreduce.methods.llm import AttentionRankPrune, LLMMethod, fraction
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_real, as_sequence
 
@@ -176,7 +176,7 @@ def last_logits(model: nn.Module, inputs: dict) -> Tensor:
 
 
 class Objective:
-    """The searches' degradation of a schedule on calibration batches: the mean over prompts of the
+    """The searches' degradation of a method (a schedule, BTP's stages) on calibration batches: the mean over prompts of the
     relative change of the last prompt token's logits, ``||z - z0|| / ||z0||``, against the unpruned
     model; counts the forward passes."""
 
@@ -192,7 +192,7 @@ class Objective:
         self.forwards = len(self.batches)
         self.prompts = sum(r.shape[0] for r in self.reference)
 
-    def __call__(self, method: ScheduledPrune) -> float:
+    def __call__(self, method: LLMMethod) -> float:
         import tokenreduce
 
         tokenreduce.apply(self.model, method)
