@@ -33,7 +33,7 @@ def test_methods_lists_registered_names():
         *("pitome", "tofu", "dct", "mctf", "ppt", "diffrate"),
         *("vomix", "token_transforming", "bat"),
         *("tomesd", "todo", "sito", "importance_tome", "cat_pruning"),
-        *("todre", "ficoco", "simignore", "recoverable", "star", "greedyprune", "gsearch", "psigmoid", "btp"),
+        *("todre", "ficoco", "simignore", "recoverable", "star", "greedyprune", "gsearch", "psigmoid", "btp", "vflowopt"),
         *("catp",),
     }
 
