@@ -615,7 +615,7 @@ def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
 
     from tokenreduce.bench.vlm import DEFAULT_VLM, prompt_inputs
     from tokenreduce.loading import create_hf_vlm
-    from tokenreduce.methods.btp import btp_search
+    from tokenreduce.methods.btp import BTP, btp_search
     from tokenreduce.methods.gsearch import depth_and_tokens, g_search, p_sigmoid_search, write_schedule
     from tokenreduce.methods.vflowopt import vflowopt_search
 
@@ -653,7 +653,7 @@ def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
     batches = [{k: v.to(device, DTYPES[args.dtype] if v.is_floating_point() else v.dtype) for k, v in b.items()} for b in batches]
     depth, _ = depth_and_tokens(model, batches)
     trials = 12 if args.trials is None else args.trials
-    steps = {"gsearch": depth - 1, "btp": 3, "psigmoid": trials, "vflowopt": trials}[method]
+    steps = {"gsearch": depth - 1, "btp": len(BTP.ratios), "psigmoid": trials, "vflowopt": trials}[method]
     tolerance = 0.05 if args.tolerance is None else args.tolerance
     with tqdm(total=steps, desc=f"calibrate {method}", disable=args.quiet, file=sys.stderr) as bar:
         if method == "gsearch":

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokenreduce.core import Selection, keep, max_min_subset
-from tokenreduce.methods.gsearch import Objective, depth_and_tokens, read_schedule
-from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_layer, fraction
+from tokenreduce.methods.gsearch import Objective, depth_and_tokens, read_method_schedule
+from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_stages, stage_layers
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_int, as_int_tuple, as_real, as_sequence
+from tokenreduce.validate import as_int, as_real
 
 PAPER = "Li et al., Balanced Token Pruning: Accelerating Vision Language Models Beyond Local Optimization, NeurIPS 2025"
 
@@ -67,32 +67,16 @@ class BTP(AttentionRankPrune):
         if self.schedule is not None:
             if self.layers is not None:
                 raise ValueError("pass layers or schedule (a file that holds them), not both")
-            data = read_schedule(self.schedule)
-            if data.get("method") != "btp":
-                raise ValueError(
-                    f"schedule file {str(self.schedule)!r} holds a {data.get('method')!r} schedule, not a btp one "
-                    "(use it with gsearch, which takes any schedule file)"
-                )
+            data = read_method_schedule(self.schedule, "btp")
             self.layers, self.ratios, self.diversity_stages = data["layers"], data["ratios"], data["diversity_stages"]
-        ratios = as_sequence("ratios", self.ratios, "fractions in (0, 1]")
-        self.ratios = tuple(fraction(f"ratios[{i}]", r) for i, r in enumerate(ratios))
-        if not self.ratios or any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
-            raise ValueError(f"ratios must be a non-empty, non-increasing sequence of fractions in (0, 1], got {self.ratios}")
-        if self.layers is not None:
-            self.layers = as_int_tuple("layers", self.layers, 1)
-            if len(self.layers) != len(self.ratios) or list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers must be {len(self.ratios)} increasing layer indices (one per ratio), got {self.layers}")
+        self.ratios, self.layers = check_stages(self.ratios, self.layers)
         if self.diversity_stages is None:
             self.diversity_stages = len(self.ratios) // 2
         self.diversity_stages = as_int("diversity_stages", self.diversity_stages, 0, len(self.ratios))
         self.check_positions()
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layers is None:
-            return default_layers(len(self.ratios), depth)
-        for layer in self.layers:
-            check_layer("layers", layer, depth)
-        return tuple(self.layers)
+        return stage_layers(self.layers, len(self.ratios), depth)
 
     def kept(self, tokens: int, stage: int) -> int:
         return self.kept_count(tokens, self.ratios[stage])
@@ -105,14 +89,6 @@ class BTP(AttentionRankPrune):
             tokens = ctx.hidden[span.row, span.start : span.start + span.length].float()
             out.append(keep(max_min_subset(tokens[None], k).sort(dim=1).values, span.length))
         return out
-
-
-def default_layers(stages: int, depth: int) -> tuple[int, ...]:
-    """PyramidDrop's stage ends scaled to ``depth``: ``(j + 1) * depth // (stages + 1)``, at least 1."""
-    layers = tuple(sorted({max(1, (j + 1) * depth // (stages + 1)) for j in range(stages)}))
-    if len(layers) != stages:
-        raise ValueError(f"an LLM of {depth} layers cannot hold {stages} pruning stages; pass fewer ratios")
-    return layers
 
 
 def btp_search(
@@ -139,7 +115,7 @@ def btp_search(
     ratios, stages = full.ratios, len(full.ratios)
     began = time.perf_counter()
     depth, n = depth_and_tokens(model, batches)
-    default_layers(stages, depth)  # raises when the stages do not fit
+    stage_layers(None, stages, depth)  # raises when the stages do not fit
     objective = Objective(model, batches)
     layers: list[int] = []
     for j in range(stages):

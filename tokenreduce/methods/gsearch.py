@@ -38,6 +38,17 @@ def read_schedule(path: str | os.PathLike) -> dict:
     return data
 
 
+def read_method_schedule(path: str | os.PathLike, method: str) -> dict:
+    """:func:`read_schedule` of a file that ``tokenreduce calibrate --vlm --method <method>`` wrote."""
+    data = read_schedule(path)
+    if data.get("method") != method:
+        raise ValueError(
+            f"schedule file {str(path)!r} holds a {data.get('method')!r} schedule, not a {method} one "
+            "(use it with gsearch, which takes any schedule file)"
+        )
+    return data
+
+
 def write_schedule(path: str | os.PathLike, result: dict) -> None:
     """Write a search's result (plus any fields added to it) as JSON."""
     with open(path, "w") as f:
@@ -151,12 +162,7 @@ class PSigmoid(ScheduledPrune):
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
-            data = read_schedule(self.schedule)
-            if data.get("method") != "psigmoid":
-                raise ValueError(
-                    f"schedule file {str(self.schedule)!r} holds a {data.get('method')!r} schedule, not a psigmoid one "
-                    "(use it with gsearch, which takes any schedule file)"
-                )
+            data = read_method_schedule(self.schedule, "psigmoid")
             self.slope, self.midpoint = data["slope"], data["midpoint"]
         self.slope = as_real("slope", self.slope, 0, None, low_open=True)
         self.midpoint = as_real("midpoint", self.midpoint, -10, 10)

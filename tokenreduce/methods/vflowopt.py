@@ -15,11 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.core import Selection, keep, merge_into_nearest, weighted_mean_coeff
-from tokenreduce.methods.btp import default_layers
-from tokenreduce.methods.gsearch import Objective, depth_and_tokens, read_schedule
-from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer, fraction
+from tokenreduce.methods.gsearch import Objective, depth_and_tokens, read_method_schedule
+from tokenreduce.methods.llm import LLMContext, LLMMethod, check_stages, stage_layers
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_bool, as_int, as_int_tuple, as_real, as_sequence
+from tokenreduce.validate import as_bool, as_int, as_real
 
 PAPER = "Yang et al., VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization, ICCV 2025"
 ALPHAS = (0.1, 10.0)  # the range the search draws the entropy exponent from (log-uniform)
@@ -76,31 +75,15 @@ class VFlowOpt(LLMMethod):
         if self.schedule is not None:
             if self.layers is not None:
                 raise ValueError("pass layers or schedule (a file that holds them), not both")
-            data = read_schedule(self.schedule)
-            if data.get("method") != "vflowopt":
-                raise ValueError(
-                    f"schedule file {str(self.schedule)!r} holds a {data.get('method')!r} schedule, not a vflowopt one "
-                    "(use it with gsearch, which takes any schedule file)"
-                )
+            data = read_method_schedule(self.schedule, "vflowopt")
             self.layers, self.ratios, self.alpha = data["layers"], data["ratios"], data["alpha"]
-        ratios = as_sequence("ratios", self.ratios, "fractions in (0, 1]")
-        self.ratios = tuple(fraction(f"ratios[{i}]", r) for i, r in enumerate(ratios))
-        if not self.ratios or any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
-            raise ValueError(f"ratios must be a non-empty, non-increasing sequence of fractions in (0, 1], got {self.ratios}")
-        if self.layers is not None:
-            self.layers = as_int_tuple("layers", self.layers, 1)
-            if len(self.layers) != len(self.ratios) or list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers must be {len(self.ratios)} increasing layer indices (one per ratio), got {self.layers}")
+        self.ratios, self.layers = check_stages(self.ratios, self.layers)
         self.alpha = as_real("alpha", self.alpha, 0, 100)
         self.recycle = as_bool("recycle", self.recycle)
         self.check_positions()
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layers is None:
-            return default_layers(len(self.ratios), depth)
-        for layer in self.layers:
-            check_layer("layers", layer, depth)
-        return tuple(self.layers)
+        return stage_layers(self.layers, len(self.ratios), depth)
 
     def kept(self, tokens: int, stage: int) -> int:
         return min(tokens, max(1, round(self.ratios[stage] * tokens)))
@@ -145,7 +128,7 @@ def vflowopt_search(
     ratios = VFlowOpt(ratios=ratios).ratios  # validates them
     began = time.perf_counter()
     depth, n = depth_and_tokens(model, batches)
-    default_layers(len(ratios), depth)  # raises when the stages do not fit
+    stage_layers(None, len(ratios), depth)  # raises when the stages do not fit
     generator = torch.Generator().manual_seed(seed)
     objective = Objective(model, batches)
     tried, best = [], None
