@@ -164,3 +164,14 @@ def test_schedule_files_of_other_methods_are_refused(tmp_path):
         tokenreduce.make_method("btp", schedule=str(bad))
     with pytest.raises(ValueError, match="pass layers or schedule"):
         tokenreduce.make_method("btp", schedule=str(bad), layers=[1, 2, 3])
+
+
+def test_search_on_qwen2_vl_m_rope():
+    from tokenreduce.bench.vlm import prompt_inputs
+
+    model = tiny_vlm("qwen2_vl")
+    batches = [prompt_inputs(model, 2, 4, seed=5)]
+    result = btp_search(model, batches, 1e9, [0.5, 0.25])
+    assert result["layers"] == [1, 2] and result["tokens"] > 0
+    want = degradation(model, batches, method="btp", layers=[1, 2], ratios=[0.5, 0.25], diversity_stages=1)
+    assert result["degradation"] == pytest.approx(want, rel=1e-4)

@@ -176,3 +176,13 @@ def test_bad_config_raises_naming_the_argument(config, error, match):
     with pytest.raises(error, match=match):
         tokenreduce.apply(model, "vflowopt", **config)
     assert not tokenreduce.is_patched(model)
+
+
+def test_search_on_qwen2_vl_m_rope():
+    from tokenreduce.bench.vlm import prompt_inputs
+
+    model = tiny_vlm("qwen2_vl")
+    batches = [prompt_inputs(model, 2, 4, seed=5)]
+    result = vflowopt_search(model, batches, trials=2, seed=0, ratios=[0.5, 0.25])
+    config = dict(method="vflowopt", layers=result["layers"], ratios=[0.5, 0.25], alpha=result["alpha"])
+    assert result["degradation"] == pytest.approx(degradation(model, batches, **config), rel=1e-4)
