@@ -34,7 +34,7 @@ def test_methods_lists_registered_names():
         *("vomix", "token_transforming", "bat"),
         *("tomesd", "todo", "sito", "importance_tome", "cat_pruning"),
         *("todre", "ficoco", "simignore", "recoverable", "star", "greedyprune", "gsearch", "psigmoid"),
-        *("catp", "zoo_prune", "script", "globalcom2"),
+        *("catp", "zoo_prune", "script", "globalcom2", "btp", "vflowopt"),
     }
 
 

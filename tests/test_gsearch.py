@@ -254,7 +254,7 @@ def test_bad_schedule_files_and_calibrate_options_are_refused(tmp_path, capsys):
         g_search(model, calibration(model, (5,)), tolerance=-1)
     for argv, match in [
         (["--method", "psigmoid"], "--method psigmoid needs --budget"),
-        (["--method", "gsearch", "--budget", "0.5"], "--budget and --trials apply to --method psigmoid"),
+        (["--method", "gsearch", "--budget", "0.5"], "--budget applies to --method psigmoid"),
         (["--prompts", "0"], "--prompts must be an integer >= 1"),
     ]:
         with pytest.raises(SystemExit):

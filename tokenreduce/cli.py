@@ -609,21 +609,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
-    """G-Search's or P-Sigmoid's schedule for a VLM's LLM, on seeded random calibration prompts or on a
-    folder of images with a file of prompts."""
+    """G-Search's or P-Sigmoid's schedule, BTP's stage layers or VFlowOpt's hyper-parameters for a VLM's
+    LLM, on seeded random calibration prompts or on a folder of images with a file of prompts."""
     from tqdm import tqdm
 
     from tokenreduce.bench.vlm import DEFAULT_VLM, prompt_inputs
     from tokenreduce.loading import create_hf_vlm
+    from tokenreduce.methods.btp import BTP, btp_search
     from tokenreduce.methods.gsearch import depth_and_tokens, g_search, p_sigmoid_search, write_schedule
+    from tokenreduce.methods.vflowopt import vflowopt_search
 
     if (args.images is None) != (args.text is None):
         raise CommandError("calibrate --vlm on your data takes a folder of images and --text FILE (prompts) together")
     method = args.method or "gsearch"
-    if method == "gsearch" and (args.budget is not None or args.trials is not None):
-        raise CommandError("--budget and --trials apply to --method psigmoid; gsearch takes --tolerance")
-    if method == "psigmoid" and args.tolerance is not None:
-        raise CommandError("--tolerance applies to --method gsearch; psigmoid takes --budget")
+    if method != "psigmoid" and args.budget is not None:
+        raise CommandError(f"--budget applies to --method psigmoid, not {method}")
+    if method in ("gsearch", "btp") and args.trials is not None:
+        raise CommandError(f"--trials applies to --method psigmoid or vflowopt; {method} takes --tolerance")
+    if method in ("psigmoid", "vflowopt") and args.tolerance is not None:
+        raise CommandError(f"--tolerance applies to --method gsearch or btp; {method} takes --trials")
     if method == "psigmoid" and args.budget is None:
         raise CommandError("--method psigmoid needs --budget, the mean keep rate over the LLM's layers, in (1/depth, 1)")
     prompts = 8 if args.prompts is None else args.prompts
@@ -648,13 +652,18 @@ def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
         batches = processed_prompts(args, model_name, args.prompts, batch_size)
     batches = [{k: v.to(device, DTYPES[args.dtype] if v.is_floating_point() else v.dtype) for k, v in b.items()} for b in batches]
     depth, _ = depth_and_tokens(model, batches)
-    steps = depth - 1 if method == "gsearch" else (12 if args.trials is None else args.trials)
+    trials = 12 if args.trials is None else args.trials
+    steps = {"gsearch": depth - 1, "btp": len(BTP.ratios), "psigmoid": trials, "vflowopt": trials}[method]
+    tolerance = 0.05 if args.tolerance is None else args.tolerance
     with tqdm(total=steps, desc=f"calibrate {method}", disable=args.quiet, file=sys.stderr) as bar:
         if method == "gsearch":
-            tolerance = 0.05 if args.tolerance is None else args.tolerance
             result = g_search(model, batches, tolerance, progress=bar.update)
+        elif method == "btp":  # PyramidDrop's default ratios, BTP's default diversity stages
+            result = btp_search(model, batches, tolerance, progress=bar.update)
+        elif method == "vflowopt":
+            result = vflowopt_search(model, batches, trials, args.seed, progress=bar.update)
         else:
-            result = p_sigmoid_search(model, batches, args.budget, steps, args.seed, progress=bar.update)
+            result = p_sigmoid_search(model, batches, args.budget, trials, args.seed, progress=bar.update)
     result.update(
         model=args.checkpoint or model_name,
         weights=_weights(args),
@@ -670,6 +679,11 @@ def cmd_calibrate_vlm(args: argparse.Namespace) -> int:
         f"({args.dtype} on {device}, {torch.get_num_threads()} threads)"
     )
     print(f"keep rate per LLM layer: {' '.join(f'{r:.4f}' for r in result['rates'])}" + (f" (tokens {counts})" if counts else ""))
+    if method == "btp":
+        layers, ratios, diverse = result["layers"], result["ratios"], result["diversity_stages"]
+        print(f"stage layers {layers} keep ratios {ratios}, the first {diverse} by diversity")
+    if method == "vflowopt":
+        print(f"stage layers {result['layers']} keep ratios {result['ratios']}, alpha {result['alpha']:.4f}")
     if method == "psigmoid":
         print(f"slope {result['slope']:.4f}, midpoint {result['midpoint']:.4f}, budget {result['budget']}")
     print(f"degradation (mean relative change of the last token's logits): {result['degradation']:.4f}")
@@ -806,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser(
         "calibrate",
         help="find dtome's per-block thresholds on your images for a target merge schedule (DyMU's calibration), or "
-        "with --vlm the per-layer keep schedule of gsearch or psigmoid",
+        "with --vlm the per-layer keep schedule of gsearch or psigmoid, or the stages of btp or vflowopt",
     )
     cal.add_argument("images", metavar="DIR", nargs="?", help="a folder of images (searched recursively, taken in sorted order)")
     cal.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
@@ -833,12 +847,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="search an in-LLM keep schedule on a VLM (default model llava-cpu, random weights; --checkpoint: a "
         "save_pretrained directory) over seeded random calibration prompts, or DIR's images with --text prompts",
     )
-    cal.add_argument("--method", choices=["gsearch", "psigmoid"], help="with --vlm: the schedule to search (default gsearch)")
     cal.add_argument(
-        "--tolerance", type=float, help="gsearch: the largest mean relative change of the last token's logits (default 0.05)"
+        "--method",
+        choices=["gsearch", "psigmoid", "btp", "vflowopt"],
+        help="with --vlm: the schedule to search (default gsearch; btp: its stage layers; vflowopt: its layers and alpha)",
+    )
+    cal.add_argument(
+        "--tolerance", type=float, help="gsearch, btp: the largest mean relative change of the last token's logits (default 0.05)"
     )
     cal.add_argument("--budget", type=float, help="psigmoid: the mean keep rate over the LLM's layers, in (1/depth, 1)")
-    cal.add_argument("--trials", type=int, help="psigmoid: slopes tried (default 12)")
+    cal.add_argument("--trials", type=int, help="psigmoid: slopes tried; vflowopt: draws tried (default 12)")
     cal.add_argument("--prompts", type=int, help="with --vlm: calibration prompts (default 8; with DIR: all its images)")
     cal.add_argument(
         "--text",
@@ -847,7 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Describe it. ASSISTANT:'), cycled over the images; the processor is read from --checkpoint",
     )
     cal.add_argument("--prompt-tokens", type=int, default=32, help="with --vlm: text tokens per prompt besides the image")
-    cal.add_argument("--seed", type=int, default=0, help="with --vlm: seed of the calibration prompts and of psigmoid's search")
+    cal.add_argument(
+        "--seed", type=int, default=0, help="with --vlm: seed of the calibration prompts and of psigmoid and vflowopt searches"
+    )
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(fn=cmd_calibrate)
     return parser

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.methods.llm import AttentionRankPrune, fraction
+from tokenreduce.methods.llm import AttentionRankPrune, LLMMethod, fraction
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_real, as_sequence
 
@@ -35,6 +35,17 @@ def read_schedule(path: str | os.PathLike) -> dict:
         raise ValueError(f"schedule file {str(path)!r} is not JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "rates" not in data:
         raise ValueError(f"schedule file {str(path)!r} was not written by `tokenreduce calibrate --vlm` (no {FORMAT!r} format)")
+    return data
+
+
+def read_method_schedule(path: str | os.PathLike, method: str) -> dict:
+    """:func:`read_schedule` of a file that ``tokenreduce calibrate --vlm --method <method>`` wrote."""
+    data = read_schedule(path)
+    if data.get("method") != method:
+        raise ValueError(
+            f"schedule file {str(path)!r} holds a {data.get('method')!r} schedule, not a {method} one "
+            "(use it with gsearch, which takes any schedule file)"
+        )
     return data
 
 
@@ -151,12 +162,7 @@ class PSigmoid(ScheduledPrune):
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
-            data = read_schedule(self.schedule)
-            if data.get("method") != "psigmoid":
-                raise ValueError(
-                    f"schedule file {str(self.schedule)!r} holds a {data.get('method')!r} schedule, not a psigmoid one "
-                    "(use it with gsearch, which takes any schedule file)"
-                )
+            data = read_method_schedule(self.schedule, "psigmoid")
             self.slope, self.midpoint = data["slope"], data["midpoint"]
         self.slope = as_real("slope", self.slope, 0, None, low_open=True)
         self.midpoint = as_real("midpoint", self.midpoint, -10, 10)
@@ -176,7 +182,7 @@ def last_logits(model: nn.Module, inputs: dict) -> Tensor:
 
 
 class Objective:
-    """The searches' degradation of a schedule on calibration batches: the mean over prompts of the
+    """The searches' degradation of a method (a schedule, BTP's stages) on calibration batches: the mean over prompts of the
     relative change of the last prompt token's logits, ``||z - z0|| / ||z0||``, against the unpruned
     model; counts the forward passes."""
 
@@ -192,7 +198,7 @@ class Objective:
         self.forwards = len(self.batches)
         self.prompts = sum(r.shape[0] for r in self.reference)
 
-    def __call__(self, method: ScheduledPrune) -> float:
+    def __call__(self, method: LLMMethod) -> float:
         import tokenreduce
 
         tokenreduce.apply(self.model, method)

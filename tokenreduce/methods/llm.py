@@ -14,7 +14,7 @@ from tokenreduce.core import Selection, keep
 from tokenreduce.methods.base import Method
 from tokenreduce.methods.visual import POSITIONS
 from tokenreduce.stages import Stage
-from tokenreduce.validate import as_real
+from tokenreduce.validate import as_int_tuple, as_real, as_sequence
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,33 @@ def check_layer(name: str, layer: int, depth: int) -> None:
 
 def fraction(name: str, value: object) -> float:
     return as_real(name, value, 0, 1, low_open=True)
+
+
+def check_stages(ratios: object, layers: object) -> tuple[tuple[float, ...], tuple[int, ...] | None]:
+    """Staged pruning's config: ``ratios``, a non-empty non-increasing sequence of keep fractions in
+    (0, 1], and ``layers``, ``None`` or one increasing layer index per ratio."""
+    items = as_sequence("ratios", ratios, "fractions in (0, 1]")
+    ratios = tuple(fraction(f"ratios[{i}]", r) for i, r in enumerate(items))
+    if not ratios or any(b > a for a, b in zip(ratios, ratios[1:])):
+        raise ValueError(f"ratios must be a non-empty, non-increasing sequence of fractions in (0, 1], got {ratios}")
+    if layers is not None:
+        layers = as_int_tuple("layers", layers, 1)
+        if len(layers) != len(ratios) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be {len(ratios)} increasing layer indices (one per ratio), got {layers}")
+    return ratios, layers
+
+
+def stage_layers(layers: tuple[int, ...] | None, count: int, depth: int) -> tuple[int, ...]:
+    """``layers`` checked against an LLM of ``depth`` layers, or by default PyramidDrop's ``count``
+    stage ends scaled to the depth: ``(j + 1) * depth // (count + 1)``, at least 1."""
+    if layers is None:
+        layers = tuple(sorted({max(1, (j + 1) * depth // (count + 1)) for j in range(count)}))
+        if len(layers) != count:
+            raise ValueError(f"an LLM of {depth} layers cannot hold {count} pruning stages; pass fewer ratios")
+        return layers
+    for layer in layers:
+        check_layer("layers", layer, depth)
+    return tuple(layers)
 
 
 @dataclass

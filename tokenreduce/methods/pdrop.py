@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokenreduce.methods.llm import AttentionRankPrune, check_layer, fraction
+from tokenreduce.methods.llm import AttentionRankPrune, check_stages, stage_layers
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_int_tuple, as_sequence
 
 REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's Vicuna, where the reference's stage ends [8, 16, 24] sit
 
@@ -41,26 +40,11 @@ class PyramidDrop(AttentionRankPrune):
     positions: str = "auto"
 
     def __post_init__(self) -> None:
-        ratios = as_sequence("ratios", self.ratios, "fractions in (0, 1]")
-        self.ratios = tuple(fraction(f"ratios[{i}]", r) for i, r in enumerate(ratios))
-        if not self.ratios or any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
-            raise ValueError(f"ratios must be a non-empty, non-increasing sequence of fractions in (0, 1], got {self.ratios}")
-        if self.layers is not None:
-            self.layers = as_int_tuple("layers", self.layers, 1)
-            if len(self.layers) != len(self.ratios) or list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"layers must be {len(self.ratios)} increasing layer indices (one per ratio), got {self.layers}")
+        self.ratios, self.layers = check_stages(self.ratios, self.layers)
         self.check_positions()
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
-        if self.layers is None:
-            count = len(self.ratios)
-            layers = tuple(sorted({max(1, (j + 1) * depth // (count + 1)) for j in range(count)}))
-            if len(layers) != count:
-                raise ValueError(f"an LLM of {depth} layers cannot hold {count} pruning stages; pass fewer ratios")
-            return layers
-        for layer in self.layers:
-            check_layer("layers", layer, depth)
-        return tuple(self.layers)
+        return stage_layers(self.layers, len(self.ratios), depth)
 
     def kept(self, tokens: int, stage: int) -> int:
         return self.kept_count(tokens, self.ratios[stage])
