@@ -135,6 +135,9 @@ def test_calibrate_writes_stages_btp_loads(tmp_path, capsys):
     gsearch = tokenreduce.apply(tiny_llava(), "gsearch", schedule=str(out))  # any schedule file holds rates
     vlm_logits(gsearch, llava_inputs())
     assert [s.layer for s in tokenreduce.record(gsearch).steps] == [1, 2, 3]
+    for searched in (dict(ratios=(0.5, 0.5, 0.5)), dict(diversity_stages=2)):  # never silently overwritten
+        with pytest.raises(ValueError, match=f"pass {next(iter(searched))} or schedule"):
+            tokenreduce.make_method("btp", schedule=str(out), **searched)
 
 
 @pytest.mark.parametrize(

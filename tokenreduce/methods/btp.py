@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokenreduce.core import Selection, keep, max_min_subset
-from tokenreduce.methods.gsearch import Objective, depth_and_tokens, read_method_schedule
+from tokenreduce.methods.gsearch import Objective, depth_and_tokens, load_searched
 from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_stages, stage_layers
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_real
@@ -65,10 +65,7 @@ class BTP(AttentionRankPrune):
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
-            if self.layers is not None:
-                raise ValueError("pass layers or schedule (a file that holds them), not both")
-            data = read_method_schedule(self.schedule, "btp")
-            self.layers, self.ratios, self.diversity_stages = data["layers"], data["ratios"], data["diversity_stages"]
+            load_searched(self, self.schedule, ("layers", "ratios", "diversity_stages"))
         self.ratios, self.layers = check_stages(self.ratios, self.layers)
         if self.diversity_stages is None:
             self.diversity_stages = len(self.ratios) // 2

@@ -4,6 +4,7 @@ Multimodal Large Language Models by Searching Optimal Vision Token Reduction", C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,18 @@ def read_method_schedule(path: str | os.PathLike, method: str) -> dict:
             "(use it with gsearch, which takes any schedule file)"
         )
     return data
+
+
+def load_searched(method: object, path: str | os.PathLike, names: Sequence[str]) -> None:
+    """Set ``method``'s fields ``names`` from the schedule file at ``path`` that its own calibration wrote;
+    a field also passed with a value other than its default raises rather than being overwritten."""
+    defaults = {f.name: f.default for f in dataclasses.fields(method)}  # type: ignore[arg-type]
+    for name in names:
+        if getattr(method, name) != defaults[name]:
+            raise ValueError(f"pass {name} or schedule (a file that holds it), not both")
+    data = read_method_schedule(path, method.name)  # type: ignore[attr-defined]
+    for name in names:
+        setattr(method, name, data[name])
 
 
 def write_schedule(path: str | os.PathLike, result: dict) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.core import Selection, keep, merge_into_nearest, weighted_mean_coeff
-from tokenreduce.methods.gsearch import Objective, depth_and_tokens, read_method_schedule
+from tokenreduce.methods.gsearch import Objective, depth_and_tokens, load_searched
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_stages, stage_layers
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_real
@@ -73,10 +73,7 @@ class VFlowOpt(LLMMethod):
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
-            if self.layers is not None:
-                raise ValueError("pass layers or schedule (a file that holds them), not both")
-            data = read_method_schedule(self.schedule, "vflowopt")
-            self.layers, self.ratios, self.alpha = data["layers"], data["ratios"], data["alpha"]
+            load_searched(self, self.schedule, ("layers", "ratios", "alpha"))
         self.ratios, self.layers = check_stages(self.ratios, self.layers)
         self.alpha = as_real("alpha", self.alpha, 0, 100)
         self.recycle = as_bool("recycle", self.recycle)
