@@ -200,3 +200,16 @@ def test_keys_are_the_resized_normed_tokens():
     image = seen["x"].reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
     want = F.interpolate(image, size=(4, 4), mode="nearest-exact").permute(0, 2, 3, 1).reshape(2, 16, -1)
     assert torch.equal(seen["q"], seen["x"]) and torch.equal(seen["k"], want)
+
+
+def test_a_self_attention_mask_is_refused_not_misapplied():
+    # a mask over all keys cannot follow keys that were resized: the call raises, naming the method
+    d = dit()
+    tokenreduce.apply(d.model, "todo")
+    attn = d.model.transformer_blocks[0].attn1
+    x = torch.randn(2, 64, attn.to_q.in_features)
+    output(d.model, d.inputs())  # a block called alone reads its grid from this thread's last call
+    block = d.model.transformer_blocks[0]
+    with pytest.raises(ValueError, match="'todo' shrinks the keys .* attention_mask"):
+        block(x, attention_mask=torch.zeros(2, 1, 64), timestep=torch.full((2,), 10.0), class_labels=torch.arange(2))
+    tokenreduce.remove(d.model)

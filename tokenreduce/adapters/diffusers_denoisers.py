@@ -161,7 +161,9 @@ def _arg(args: tuple, kwargs: dict, place: tuple[str, int]) -> Any:
 
 @dataclass(frozen=True)
 class BlockCall:
-    """One block that reduced in a call: its index and level, and its image tokens before and after."""
+    """One block that reduced in a call: its index and level, and its image tokens before and after
+    (for a method that shrinks keys and values only, ``tokens_out`` counts the keys and values; for one
+    that recomputes chosen tokens, the tokens recomputed)."""
 
     block: int
     level: int
@@ -414,6 +416,12 @@ class MergedModule:
         if role is Role.KV:
             # The block passes its self-attention encoder_hidden_states=None (by name, or next after the
             # hidden states): the selected tokens take that place.
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            if mask is not None:
+                raise ValueError(
+                    f"method {patch.method.name!r} shrinks the keys of this self-attention, and it was given an "
+                    "attention_mask over all of them, which cannot follow; call the denoiser without one"
+                )
             kv = selection.apply(x)
             args, kwargs = ((kv, *args[1:]), kwargs) if args else (args, {**kwargs, "encoder_hidden_states": kv})
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
