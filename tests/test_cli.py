@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -63,6 +64,25 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     for key in ("method", "params", "images_per_s", "gflops", "speedup", "flops_speedup", "tokens_per_layer"):
         assert key in rows["tome:r=1"]
     assert rows["tome:r=1"]["tokens_per_layer"] == list(range(16, 4, -1))
+
+
+def test_cli_bench_csv_uses_timm_column_names(tmp_path, capsys):
+    out, js = tmp_path / "bench.csv", tmp_path / "bench.json"
+    assert main([*BENCH, "--methods", "tome:r=1", "--csv", str(out), "--json", str(js)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:7] == [
+        *("model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "param_count", "infer_gmacs", "img_size")
+    ]
+    assert [r["method"] for r in rows] == ["none", "tome:r=1"]
+    results = {r["method"]: r for r in json.loads(js.read_text())["results"]}
+    tome, none = rows[1], rows[0]
+    assert tome["model"] == "vit_tiny_patch16_224" and tome["img_size"] == "64" and tome["infer_batch_size"] == "2"
+    assert json.loads(tome["config"])["r"] == 1 and tome["tokens_out"] == "5" and none["tokens_out"] == "17"
+    params = sum(p.numel() for p in create_timm_model("vit_tiny_patch16_224", img_size=64).parameters())
+    assert float(tome["param_count"]) == round(params / 1e6, 2)  # millions, as timm's results list them
+    assert float(tome["infer_gmacs"]) == round(results["tome:r=1"]["gflops"], 3)
+    assert float(tome["speedup"]) == results["tome:r=1"]["speedup"]
 
 
 def test_cli_bench_preset_runs_every_method_at_matched_flops(tmp_path, capsys):

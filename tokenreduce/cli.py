@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_vlm(args)
     args.batch_size = 32 if args.batch_size is None else args.batch_size
 
-    from tokenreduce.bench.runner import format_table, run_bench, steps
+    from tokenreduce.bench.runner import format_table, run_bench, steps, write_timm_csv
 
     if args.preset is None and args.flops_fraction is not None:
         raise CommandError("--flops-fraction sets the target of --preset matched-flops; pass --preset matched-flops")
@@ -162,17 +162,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     header = f"{args.model} | batch {args.batch_size} | {args.img_size}px"
-    return report(
-        args,
-        device,
-        results,
-        format_table(results),
-        header,
-        load_before,
-        img_size=args.img_size,
-        model=args.model,
-        csv_path=args.csv,
-    )
+    code = report(args, device, results, format_table(results), header, load_before, img_size=args.img_size, model=args.model)
+    if args.csv:
+        params = sum(p.numel() for p in model.parameters())
+        write_timm_csv(results, args.csv, args.model, args.batch_size, args.img_size, params)
+        print(f"wrote {args.csv}")
+    return code
 
 
 def preset_specs(args: argparse.Namespace, model: torch.nn.Module):
@@ -777,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--latent-size", type=int, default=None, help="diffusion bench: latent side (default: the model's)")
     bench.add_argument("--steps", type=int, default=4, help="diffusion bench: denoising steps of a pipeline's generation")
-    bench.add_argument("--csv", help="write the results as CSV too")
+    bench.add_argument("--csv", help="write the results as CSV too (the ViT bench: timm's benchmark column names first)")
     bench.set_defaults(fn=cmd_bench)
 
     viz = sub.add_parser("viz", help="draw which patches each method kept and merged on your images")

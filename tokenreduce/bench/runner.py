@@ -355,6 +355,27 @@ def to_json(results: Sequence[BenchResult], env: dict[str, Any]) -> dict[str, An
     return {"environment": env, "results": rows}
 
 
+TIMM_COLUMNS = ("model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "param_count", "infer_gmacs", "img_size")
+
+
+def write_timm_csv(
+    results: Sequence[BenchResult], path: str, model: str, batch_size: int, img_size: int, param_count: int
+) -> None:
+    """The encoder bench as timm's ``benchmark.py`` names its columns (samples/s, ms per batch step,
+    batch size, parameters in millions, GMACs per sample, image size), then the method, its config, the
+    tokens leaving the last block, the speedup over ``none`` and the FLOP-ideal one."""
+    names = [*TIMM_COLUMNS, "method", "config", "tokens_out", "speedup", "flops_speedup"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for r in results:
+            tokens_out = r.tokens_per_layer[-1] if r.tokens_per_layer else r.input_tokens
+            writer.writerow(
+                [model, round(r.images_per_s, 2), round(r.latency_ms, 3), batch_size, round(param_count / 1e6, 2)]
+                + [round(r.gflops, 3), img_size, r.method, json.dumps(r.params), tokens_out, r.speedup, r.flops_speedup]
+            )
+
+
 def write_csv(results: Sequence[Any], path: str) -> None:
     """One row per result, its fields as columns (lists and dicts as JSON)."""
     rows = to_json(results, {})["results"]
