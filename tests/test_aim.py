@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm_pruning import hide_pruned, llava_inputs
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs
 
 import tokenreduce
 from conftest import pixels, prompt, reduce_batch_and_singles, tiny_llava, vlm_generate, vlm_logits
@@ -88,15 +88,8 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
     model.set_attn_implementation(attention)
     base.set_attn_implementation(attention)
     tokenreduce.apply(model, AIMPrune(layer=0, step=0.25))
-    got, got_logits = vlm_generate(model, kw, 4), vlm_logits(model, kw)[:, -1]
-    rec = tokenreduce.record(model)
+    rec, _ = assert_equals_unpatched_with_pruned_hidden(model, base, kw, attention == "eager")
     assert [len(k) for k in rec.steps[-1].kept] == [4, 4]
-    hooks = hide_pruned(base, kw, rec, attention == "eager")
-    want, want_logits = vlm_generate(base, kw, 4), vlm_logits(base, kw)[:, -1]
-    for hook in hooks:
-        hook.remove()
-    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got, want)
 
 
 def test_merging_nothing_equals_the_unpatched_model():

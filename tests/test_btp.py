@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_gsearch import calibration, degradation
-from test_llm_pruning import hide_pruned, llava_inputs
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
 
 import naive_btp as naive
 import tokenreduce
@@ -46,15 +46,7 @@ def test_keeping_everything_is_the_unpatched_model(family):
 def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_masked(diversity_stages):
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "btp", diversity_stages=diversity_stages)
-    got, got_logits = vlm_generate(model, kw, 4), vlm_logits(model, kw)[:, -1]
-    rec = tokenreduce.record(model)
-    base = tiny_llava()
-    hooks = hide_pruned(base, kw, rec, eager=False)
-    want, want_logits = vlm_generate(base, kw, 4), vlm_logits(base, kw)[:, -1]
-    for hook in hooks:
-        hook.remove()
-    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got, want)
+    assert_equals_unpatched_with_pruned_hidden(model, tiny_llava(), kw, eager=False)
 
 
 @pytest.mark.parametrize("diversity_stages", [0, 1, 2, 3])
@@ -67,12 +59,7 @@ def test_each_stage_keeps_what_the_naive_rule_of_its_stage_keeps(diversity_stage
     base.set_attn_implementation("eager")
     candidates = [list(range(16))] * 2
     for j, step in enumerate(rec.steps):
-        earlier = type(rec)(**{**vars(rec), "steps": rec.steps[:j]})
-        hooks = hide_pruned(base, kw, earlier, eager=True)
-        with torch.no_grad():
-            out = base(**kw, output_attentions=True, output_hidden_states=True)
-        for hook in hooks:
-            hook.remove()
+        out = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True, output_hidden_states=True)
         k = max(1, round(RATIOS[j] * 16))
         for row in range(2):
             start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])

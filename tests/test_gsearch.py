@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_llm_pruning import hide_pruned, llava_inputs
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
 
 import naive_gsearch as naive
 import tokenreduce
@@ -50,15 +50,7 @@ def test_a_keep_all_schedule_is_the_unpatched_model(family):
 def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_masked(method):
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), method, **CONFIGS[method])
-    got, got_logits = vlm_generate(model, kw, 4), vlm_logits(model, kw)[:, -1]
-    rec = tokenreduce.record(model)
-    base = tiny_llava()
-    hooks = hide_pruned(base, kw, rec, eager=False)
-    want, want_logits = vlm_generate(base, kw, 4), vlm_logits(base, kw)[:, -1]
-    for hook in hooks:
-        hook.remove()
-    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got, want)
+    assert_equals_unpatched_with_pruned_hidden(model, tiny_llava(), kw, eager=False)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
@@ -74,12 +66,8 @@ def test_each_layer_keeps_what_the_naive_per_layer_ranking_keeps(method):
     candidates = [list(range(16))] * 2
     assert [s.layer for s in rec.steps] == naive.pruning_layers(rates)
     for j, step in enumerate(rec.steps):
-        earlier = type(rec)(**{**vars(rec), "steps": rec.steps[:j]})
-        hooks = hide_pruned(base, kw, earlier, eager=True)
-        with torch.no_grad():
-            probs = base(**kw, output_attentions=True).attentions[step.layer]  # the pruning layer's own
-        for hook in hooks:
-            hook.remove()
+        # the pruning layer's own attention
+        probs = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True).attentions[step.layer]
         for row in range(2):
             start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
             last = int(kw["attention_mask"][row].nonzero()[-1])

@@ -120,15 +120,38 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
     model.set_attn_implementation(attention)
     base.set_attn_implementation(attention)
     tokenreduce.apply(model, method, **METHODS[method], **({"positions": "keep"} if method == "pdrop" else {}))
+    rec, _ = assert_equals_unpatched_with_pruned_hidden(model, base, kw, attention == "eager")
+    assert len(rec.steps) == (3 if method == "pdrop" else 1)
+
+
+def assert_equals_unpatched_with_pruned_hidden(model, base, kw: dict, eager: bool):
+    """``generate()`` and the last-token logits of the patched ``model`` equal those of the unpatched
+    ``base`` whose layers hide, from each pruning layer on, the image tokens ``model`` dropped there
+    (:func:`hide_pruned`). Returns the record of the patched prompt and its last-token logits."""
     got, got_logits = generate(model, kw), vlm_logits(model, kw)[:, -1]
     rec = tokenreduce.record(model)
-    assert len(rec.steps) == (3 if method == "pdrop" else 1)
-    hooks = hide_pruned(base, kw, rec, attention == "eager")
-    want, want_logits = generate(base, kw), vlm_logits(base, kw)[:, -1]
-    for hook in hooks:
-        hook.remove()
+    hooks = hide_pruned(base, kw, rec, eager)
+    try:
+        want, want_logits = generate(base, kw), vlm_logits(base, kw)[:, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
     assert torch.equal(got, want)
+    return rec, got_logits
+
+
+def unpatched_before_stage(base, kw: dict, rec, stage: int, eager: bool, **outputs):
+    """The unpatched ``base``'s outputs (``output_attentions=True`` etc.) with the image tokens that the
+    stages of ``rec`` before ``stage`` dropped hidden: what the layer of ``stage`` saw."""
+    earlier = type(rec)(**{**vars(rec), "steps": rec.steps[:stage]})
+    hooks = hide_pruned(base, kw, earlier, eager=eager)
+    try:
+        with torch.no_grad():
+            return base(**kw, **outputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def naive_attention_rank(probs: torch.Tensor, kw: dict, row: int, candidates: list[int], keep: int) -> list[int]:
@@ -166,12 +189,8 @@ def test_pdrop_picks_what_the_naive_reference_picks_at_every_stage():
     base.set_attn_implementation("eager")
     candidates = [list(range(16))] * 2
     for j, (step, keep) in enumerate(zip(rec.steps, (8, 4, 2))):
-        earlier = type(rec)(**{**vars(rec), "steps": rec.steps[:j]})
-        hooks = hide_pruned(base, kw, earlier, eager=True)
-        with torch.no_grad():
-            probs = base(**kw, output_attentions=True).attentions[step.layer]  # the stage layer's own attention
-        for hook in hooks:
-            hook.remove()
+        # the stage layer's own attention
+        probs = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True).attentions[step.layer]
         for row in range(2):
             assert step.kept[row].tolist() == naive_attention_rank(probs, kw, row, candidates[row], keep), (j, row)
         candidates = [k.tolist() for k in step.kept]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm_pruning import hide_pruned, llava_inputs
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
 
 import tokenreduce
 from conftest import (
@@ -58,14 +58,7 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
     model.set_attn_implementation(attention)
     base.set_attn_implementation(attention)
     tokenreduce.apply(model, method, **METHODS[method])
-    got, got_logits = vlm_generate(model, kw, 4), vlm_logits(model, kw)[:, -1]
-    rec = tokenreduce.record(model)
-    hooks = hide_pruned(base, kw, rec, attention == "eager")
-    want, want_logits = vlm_generate(base, kw, 4), vlm_logits(base, kw)[:, -1]
-    for hook in hooks:
-        hook.remove()
-    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got, want)
+    assert_equals_unpatched_with_pruned_hidden(model, base, kw, attention == "eager")
 
 
 def _image(kw: dict, row: int) -> tuple[int, list[int]]:
@@ -83,12 +76,8 @@ def test_star_picks_what_the_naive_reference_picks_at_both_stages():
     base = tiny_llava()
     candidates = [list(range(16))] * 2
     for j, (step, keep) in enumerate(zip(rec.steps, (8, 4))):
-        earlier = type(rec)(**{**vars(rec), "steps": rec.steps[:j]})
-        hooks = hide_pruned(base, kw, earlier, eager=False)
-        with torch.no_grad():
-            hidden = base(**kw, output_hidden_states=True).hidden_states[step.layer]  # the pruning layer's input
-        for hook in hooks:
-            hook.remove()
+        # the pruning layer's input
+        hidden = unpatched_before_stage(base, kw, rec, j, False, output_hidden_states=True).hidden_states[step.layer]
         for row in range(2):
             start, after = _image(kw, row)
             queries = [start + c for c in candidates[row]] if j == 0 else after

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm_pruning import hide_pruned, llava_inputs
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs
 
 import naive_todre
 import tokenreduce
@@ -56,13 +56,7 @@ def test_generate_equals_the_unpatched_model_with_every_image_token_masked_from_
     model.set_attn_implementation(attention)
     base.set_attn_implementation(attention)
     tokenreduce.apply(model, "todre", keep_ratio=1.0, layer=2)  # everything reaches the LLM, then nothing from layer 2 on
-    got, got_logits = vlm_generate(model, kw, 4), vlm_logits(model, kw)[:, -1]
-    hooks = hide_pruned(base, kw, tokenreduce.record(model), attention == "eager")
-    want, want_logits = vlm_generate(base, kw, 4), vlm_logits(base, kw)[:, -1]
-    for hook in hooks:
-        hook.remove()
-    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got, want)
+    _, got_logits = assert_equals_unpatched_with_pruned_hidden(model, base, kw, attention == "eager")
     assert not torch.equal(got_logits, vlm_logits(base, kw)[:, -1])  # dropping the image changed the output
 
 
