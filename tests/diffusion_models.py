@@ -11,6 +11,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from tokenreduce.bench import denoisers as configs  # noqa: E402  (the bench's named configs: the spec's tiny ones)
+
 
 @dataclass
 class Denoiser:
@@ -92,17 +94,7 @@ def unet_sdxl() -> Denoiser:
 
 def dit(size: int = 16) -> Denoiser:
     torch.manual_seed(0)
-    model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=size,
-        patch_size=2,
-        norm_type="ada_norm_zero",
-        num_embeds_ada_norm=1000,
-    ).eval()
+    model = configs.dit(size).eval()
 
     def inputs(batch: int = 2, seed: int = 0, h: int = size, w: int = size, t: float = 500.0) -> dict:
         g = _gen(seed)
@@ -117,23 +109,7 @@ def dit(size: int = 16) -> Denoiser:
 
 def pixart(size: int = 16) -> Denoiser:
     torch.manual_seed(0)
-    model = diffusers.PixArtTransformer2DModel(
-        sample_size=size,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=3,
-        caption_channels=32,
-        in_channels=4,
-        cross_attention_dim=24,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
+    model = configs.pixart(size).eval()
 
     def inputs(batch: int = 2, seed: int = 0, h: int = size, w: int = size, t: float = 500.0) -> dict:
         g = _gen(seed)
@@ -178,17 +154,7 @@ def sd3(dual: bool = False) -> Denoiser:
 
 def flux() -> Denoiser:
     torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-    ).eval()
+    model = configs.flux(16).eval()
 
     def inputs(batch: int = 1, seed: int = 0, h: int = 16, w: int = 16, t: float = 0.5) -> dict:
         g = _gen(seed)
