@@ -7,8 +7,10 @@ Wrong types raise ``TypeError``, values out of range ``ValueError``.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 
 
 def _unwrap_scalar(value: object) -> object:
@@ -104,3 +106,15 @@ def as_cell_ratio(name: str, value: object, sx: int, sy: int, clip: bool, verb: 
             f"at 1 - 1/(sx*sy)), got {value}; pass clip=True to {verb} as many as the cells allow"
         )
     return value
+
+
+def read_json_file(path: str | os.PathLike, what: str) -> object:
+    """The JSON content of the file at ``path``; a ``ValueError`` naming ``what`` (e.g. "schedule file")
+    and the path when it cannot be read or is not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not JSON ({err})") from None

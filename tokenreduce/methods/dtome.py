@@ -18,7 +18,7 @@ from tokenreduce.core import Selection, batch_soft_matching, threshold_soft_matc
 from tokenreduce.methods.base import EncoderMethod, LayerContext
 from tokenreduce.methods.rschedule import RSpec, check_r, per_layer_r
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_int, as_real, as_sequence
+from tokenreduce.validate import as_int, as_real, as_sequence, read_json_file
 
 Thresholds = str | os.PathLike | float | Sequence[float | None]
 FORMAT = "dtome-thresholds"  # the "format" field of the files `tokenreduce calibrate` writes
@@ -26,13 +26,7 @@ FORMAT = "dtome-thresholds"  # the "format" field of the files `tokenreduce cali
 
 def read_thresholds(path: str | os.PathLike) -> list[float | None]:
     """The per-block thresholds of a file written by ``tokenreduce calibrate`` (``None``: no merging there)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as err:
-        raise ValueError(f"thresholds file {str(path)!r} cannot be read ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"thresholds file {str(path)!r} is not JSON ({err})") from None
+    data = read_json_file(path, "thresholds file")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "thresholds" not in data:
         raise ValueError(f"thresholds file {str(path)!r} was not written by `tokenreduce calibrate` (no {FORMAT!r} format)")
     return _check_thresholds(data["thresholds"], f"thresholds in {str(path)!r}")

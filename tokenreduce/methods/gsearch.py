@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tokenreduce.methods.llm import AttentionRankPrune, LLMMethod, fraction
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_real, as_sequence
+from tokenreduce.validate import as_real, as_sequence, read_json_file
 
 FORMAT = "tokenreduce-llm-schedule"  # the "format" field of the files `tokenreduce calibrate --vlm` writes
 Schedule = str | os.PathLike | Sequence[float]
@@ -27,13 +27,7 @@ Schedule = str | os.PathLike | Sequence[float]
 def read_schedule(path: str | os.PathLike) -> dict:
     """The content of a schedule file written by ``tokenreduce calibrate --vlm`` (``rates``: one keep
     rate per LLM layer; P-Sigmoid's also ``slope`` and ``midpoint``)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as err:
-        raise ValueError(f"schedule file {str(path)!r} cannot be read ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"schedule file {str(path)!r} is not JSON ({err})") from None
+    data = read_json_file(path, "schedule file")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "rates" not in data:
         raise ValueError(f"schedule file {str(path)!r} was not written by `tokenreduce calibrate --vlm` (no {FORMAT!r} format)")
     return data
