@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokenreduce.core import Selection, keep, max_min_subset
-from tokenreduce.methods.gsearch import Objective, depth_and_tokens, load_searched
+from tokenreduce.methods.gsearch import Objective, depth_and_tokens, load_searched, stage_rates
 from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_stages, stage_layers
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_real
@@ -130,9 +130,7 @@ def btp_search(
         if progress is not None:
             progress(1)
     final = objective(BTP(layers=layers, ratios=ratios, diversity_stages=full.diversity_stages))
-    rates = [1.0] * depth
-    for layer, ratio in zip(layers, ratios):
-        rates[layer:] = [ratio] * (depth - layer)
+    rates = stage_rates(layers, ratios, depth)
     return dict(
         method="btp",
         layers=layers,
@@ -142,7 +140,5 @@ def btp_search(
         degradation=final,
         tolerance=tolerance,
         tokens=n,
-        prompts=objective.prompts,
-        forwards=objective.forwards,
-        seconds=round(time.perf_counter() - began, 3),
+        **objective.cost(began),
     )

@@ -188,6 +188,14 @@ def last_logits(model: nn.Module, inputs: dict) -> Tensor:
         return model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
 
+def stage_rates(layers: Sequence[int], ratios: Sequence[float], depth: int) -> list[float]:
+    """The keep rate at each of ``depth`` LLM layers of stages that keep ``ratios[j]`` from ``layers[j]`` on."""
+    rates = [1.0] * depth
+    for layer, ratio in zip(layers, ratios):
+        rates[layer:] = [ratio] * (depth - layer)
+    return rates
+
+
 class Objective:
     """The searches' degradation of a method (a schedule, BTP's stages) on calibration batches: the mean over prompts of the
     relative change of the last prompt token's logits, ``||z - z0|| / ||z0||``, against the unpruned
@@ -204,6 +212,10 @@ class Objective:
         self.reference = [last_logits(model, b) for b in self.batches]
         self.forwards = len(self.batches)
         self.prompts = sum(r.shape[0] for r in self.reference)
+
+    def cost(self, began: float) -> dict:
+        """What a search that started at ``perf_counter()`` time ``began`` cost, for its result file."""
+        return dict(prompts=self.prompts, forwards=self.forwards, seconds=round(time.perf_counter() - began, 3))
 
     def __call__(self, method: LLMMethod) -> float:
         import tokenreduce
@@ -269,9 +281,7 @@ def g_search(model: nn.Module, batches: Sequence[dict], tolerance: float, progre
         tolerance=tolerance,
         tokens=n,
         mean_rate=sum(rates) / depth,
-        prompts=objective.prompts,
-        forwards=objective.forwards,
-        seconds=round(time.perf_counter() - began, 3),
+        **objective.cost(began),
     )
 
 
@@ -338,7 +348,5 @@ def p_sigmoid_search(
         budget=budget,
         seed=seed,
         trials=tried,
-        prompts=objective.prompts,
-        forwards=objective.forwards,
-        seconds=round(time.perf_counter() - began, 3),
+        **objective.cost(began),
     )

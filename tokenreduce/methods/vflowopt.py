@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.core import Selection, keep, merge_into_nearest, weighted_mean_coeff
-from tokenreduce.methods.gsearch import Objective, depth_and_tokens, load_searched
+from tokenreduce.methods.gsearch import Objective, depth_and_tokens, load_searched, stage_rates
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_stages, stage_layers
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_bool, as_int, as_real
@@ -139,9 +139,7 @@ def vflowopt_search(
             best = tried[-1]
         if progress is not None:
             progress(1)
-    rates = [1.0] * depth
-    for layer, ratio in zip(best["layers"], ratios):
-        rates[layer:] = [ratio] * (depth - layer)
+    rates = stage_rates(best["layers"], ratios, depth)
     return dict(
         method="vflowopt",
         layers=best["layers"],
@@ -152,7 +150,5 @@ def vflowopt_search(
         seed=seed,
         trials=tried,
         tokens=n,
-        prompts=objective.prompts,
-        forwards=objective.forwards,
-        seconds=round(time.perf_counter() - began, 3),
+        **objective.cost(began),
     )
