@@ -427,12 +427,10 @@ def test_concurrent_threads_keep_their_own_state():
 
 def test_selection_row_split_matches_batch():
     # the per-image path of rotary models cuts selections by row
-    from tokenreduce.adapters.diffusers_denoisers import _row
-
     x = torch.randn(3, 64, 8)
     sel = ToMeSD(ratio=0.5).plan(x, DenoiserContext(0, 1, 1, (8, 8), torch.tensor(3.0)))
     for b in range(3):
-        one = _row(sel, b)
+        one = sel.row(b)
         assert isinstance(one, Selection)
         torch.testing.assert_close(one.apply(x[b : b + 1]), sel.apply(x)[b : b + 1])
 

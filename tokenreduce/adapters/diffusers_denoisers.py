@@ -434,7 +434,7 @@ class MergedModule:
         # The rotary table has one row per token and no batch dimension, and each image keeps other
         # tokens: such a call runs image by image.
         rows = [
-            self._tokenreduce_merged(_row(selection, b), x[b : b + 1], text_len, role, *_row_args(args, kwargs, b, x.shape[0]))
+            self._tokenreduce_merged(selection.row(b), x[b : b + 1], text_len, role, *_row_args(args, kwargs, b, x.shape[0]))
             for b in range(x.shape[0])
         ]
         return _cat_rows(rows)
@@ -569,18 +569,6 @@ def _rotary_rows(rotary: tuple[Tensor, Tensor], selection: Selection, text_len: 
     token it inherits (:attr:`Selection.index`, the destination of a merge)."""
     keep = torch.cat([torch.arange(text_len, device=selection.index.device), text_len + selection.index[0]])
     return tuple(t[keep] for t in rotary)
-
-
-def _row(selection: Selection, b: int) -> Selection:
-    """Batch row ``b`` of a selection, as a selection of one row."""
-    fields = {}
-    for name in ("slot", "index", "coeff", "matrix", "size_matrix", "inverse", "size_coeff"):
-        value = getattr(selection, name)
-        fields[name] = None if value is None else value[b : b + 1]
-    return Selection(
-        fields["slot"], fields["index"], fields["coeff"], selection.gather_only, selection.mean, fields["matrix"],
-        fields["size_matrix"], fields["inverse"], selection.restores, fields["size_coeff"],
-    )  # fmt: skip
 
 
 def _row_args(args: tuple, kwargs: dict, b: int, batch: int) -> tuple[tuple, dict]:

@@ -12,7 +12,7 @@ undone for dense outputs (:meth:`Selection.unmerge`) and used to carry positions
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -163,6 +163,11 @@ class Selection:
         outputs = y.new_full((b, m + 1, c), fill)
         outputs[:, :m] = y
         return outputs.view(b * (m + 1), c).index_select(0, self._flat_slot()).view(b, -1, c)
+
+    def row(self, b: int) -> Selection:
+        """Batch row ``b`` as a selection of one row (every per-row tensor cut to ``[b : b + 1]``)."""
+        cut = {f.name: v[b : b + 1] for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+        return replace(self, **cut)
 
     def dense(self) -> Tensor:
         """The map as a matrix ``[B, num_out, N]`` (float32): ``apply(x) == dense() @ x``."""
