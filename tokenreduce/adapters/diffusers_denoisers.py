@@ -673,6 +673,10 @@ def _wrapped(block: TokenBlock, method: DenoiserMethod) -> Iterator[tuple[nn.Mod
         yield module, role
 
 
+def _wraps_any(block: TokenBlock, method: DenoiserMethod) -> bool:
+    return next(_wrapped(block, method), None) is not None
+
+
 @register_adapter
 class DiffusersDenoiserAdapter(Adapter):
     name = "diffusers_denoiser"
@@ -728,13 +732,14 @@ class DiffusersDenoiserAdapter(Adapter):
             problem = _recompute_problem(model, acting, method)
             if problem is not None:
                 raise TypeError(f"method {method.name!r} recomputes chosen tokens and reuses the rest across steps: {problem}")
-        if method.kv_only and any(not any(True for _ in _wrapped(b, method)) for b in acting):
-            kinds = sorted({b.kind.name for b in acting if not any(True for _ in _wrapped(b, method))})
+        bare = [b for b in acting if not _wraps_any(b, method)]
+        if method.kv_only and bare:
+            kinds = sorted({b.kind.name for b in bare})
             raise TypeError(
                 f"method {method.name!r} shrinks the keys and values of a plain self-attention; {', '.join(kinds)} "
                 "blocks have joint text-image attention, which it cannot shrink"
             )
-        if not any(any(True for _ in _wrapped(b, method)) for b in acting):
+        if len(bare) == len(acting):
             raise TypeError(
                 f"method {method} wraps {sorted(map(str, method.parts()))}, which no block of {type(model).__name__} has"
             )
@@ -773,7 +778,7 @@ class DiffusersDenoiserAdapter(Adapter):
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         assert isinstance(method, DenoiserMethod)
         blocks = _blocks_of(model)
-        acting = [b for b in _acting(model, method) if any(True for _ in _wrapped(b, method))]
+        acting = [b for b in _acting(model, method) if _wraps_any(b, method)]
         levels = sorted({b.level for b in acting})
         parts = "keys and values of self-attention" if method.kv_only else ", ".join(sorted(map(str, method.parts())))
         if method.recomputes:
