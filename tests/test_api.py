@@ -27,7 +27,7 @@ def test_methods_lists_registered_names():
     names = tokenreduce.list_methods()
     assert names == sorted(names)
     assert set(names) == {
-        *("atc", "dart", "divprune", "dpc_knn", "dtome", "evit", "expedite", "fastv", "gtp", "kmedoids", "none"),
+        *("atc", "dart", "divprune", "dpc_knn", "dtome", "dymu", "evit", "expedite", "fastv", "gtp", "kmedoids", "none"),
         *("pdrop", "pool", "random", "sparsevlm", "token_pooling", "tome", "topk", "visionzip", "vwt", "zero_tprune"),
         *("visiondrop", "aim", "vscan"),
         *("pitome", "tofu", "dct", "mctf", "ppt", "diffrate"),

@@ -12,7 +12,7 @@ import torch
 import naive_atc_dtome as naive
 import reference
 import tokenreduce
-from conftest import build, images, layout, output, pooled, tiny_llava
+from conftest import IMAGE_TOKEN, build, images, layout, output, pixels, pooled, tiny_llava, tiny_vlm
 from tokenreduce.api import patch_of
 from tokenreduce.core import agglomerative_clustering, merge_clusters, threshold_soft_matching
 from tokenreduce.methods.dtome import calibrate
@@ -315,9 +315,14 @@ def test_dtome_without_thresholds_says_how_to_get_them():
         model(images())
 
 
-def test_dtome_refuses_vlms_for_now():
-    with pytest.raises(ValueError, match=r"'dtome' leaves each image its own token count"):
-        tokenreduce.apply(tiny_llava(), "dtome", thresholds=0.5)
+def test_dtome_in_a_vlm_gives_each_image_its_count_and_refuses_anyres():
+    # the VLM side (per-image placeholder counts, virtual unmerging) is tested with dymu in test_dymu.py
+    model = tokenreduce.apply(tiny_llava(), "dtome", thresholds=0.5)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1] + [IMAGE_TOKEN] * 16 + [2] + [IMAGE_TOKEN] * 16]), pixel_values=pixels(2))
+    assert [im.kept for im in tokenreduce.record(model).images] == [12, 10]
+    with pytest.raises(TypeError, match=r"'dtome' leaves each crop its own token count"):
+        tokenreduce.apply(tiny_vlm("llava_next"), "dtome", thresholds=0.5)
 
 
 def test_fewer_tokens_than_planned_is_an_error_without_variable_counts():

@@ -22,6 +22,10 @@ No forward is re-implemented; mixins sit at four places:
   projected features), then every span shrinks to its kept tokens in the embeddings, the 2-D mask and
   the position ids, re-padding rows that lost different amounts; on decode steps the mask ``generate``
   grew is shortened and reindexed positions move back. The compaction travels on the cache.
+- each self-attention of the LLM, for virtual token unmerging (DyMU): at the prompt, the module's own
+  forward runs on the merged tokens spread back over the full prompt, with the full prompt's position
+  ids, rotary tables and mask (``create_causal_mask`` of the text model's module), and each merged
+  token's output is the mean over its places; decode steps pass through.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from tokenreduce.adapters.hf_llm import LLMRun, LLMStep
 from tokenreduce.adapters.hf_vision import TOWERS, HFVisionTower
 from tokenreduce.core import Selection, cls_attention
 from tokenreduce.core.selection import first_inputs
-from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
+from tokenreduce.core.sequence import Compaction, SpanKeep, compact, expand_tokens, expansion_index, image_spans, merge_mean
 from tokenreduce.methods.base import EncoderMethod, Method
 from tokenreduce.methods.llm import LLMMethod
 from tokenreduce.methods.stack import parts
@@ -141,6 +145,21 @@ class VLMThread:
     anyres: list[AnyResLayout] | None = None  # the last packed images' span layouts, for methods that read them
     llm: LLMRun | None = None  # the prefill being pruned inside the LLM
     images: bool = False  # inside get_image_features (Qwen: the vision tower also encodes videos)
+    unmerging: Unmerging | None = None  # the prefill whose attention runs over every patch (DyMU's VTU)
+
+
+@dataclass
+class Unmerging:
+    """A prefill with virtual token unmerging: the LLM reads ``length`` merged tokens per row, and its
+    attention layers read them spread over the full prompt (``index [B, L]``: the merged token at each
+    place, see :func:`~tokenreduce.core.sequence.expansion_index`) with the full prompt's position
+    ids, rotary tables and attention mask."""
+
+    index: Tensor
+    length: int
+    position_ids: Tensor
+    position_embeddings: tuple[Tensor, Tensor]
+    mask: object  # what the model's mask factory gives the full prompt (None, a tensor or a block mask)
 
 
 def _thread(patch: Patch) -> VLMThread:
@@ -233,11 +252,13 @@ def _records(selection: Selection, offset: int, placeholders: int, grid: tuple[i
     return [ImageRecord(placeholders, selection.num_out, o, p, grid) for o, p in zip(owner, position)]
 
 
-def _records_from_owner(owner: Tensor, kept: int, grid: tuple[int, int] | None) -> list[ImageRecord]:
-    """Records for an encoder-stage reduction: ``owner [M, N]`` maps each visual token to its output;
-    an output takes the position of the first visual token it covers."""
+def _records_from_owner(owner: Tensor, kept: int, grid: tuple[int, int] | None, variable: bool) -> list[ImageRecord]:
+    """Records for an encoder-stage reduction: ``owner [M, N]`` maps each visual token to one of ``kept``
+    outputs; an output takes the position of the first visual token it covers. ``variable``: each image
+    has its own count (its real outputs come first, the padding after them covers no visual token)."""
     n = owner.shape[1]
-    return [ImageRecord(n, kept, o, f, grid) for o, f in zip(owner, first_inputs(owner, kept))]
+    counts = (owner.amax(dim=1) + 1).tolist() if variable else [kept] * owner.shape[0]
+    return [ImageRecord(n, k, o, f[:k], grid) for o, f, k in zip(owner, first_inputs(owner, kept), counts)]
 
 
 def _text_tokens(config, input_ids: Tensor, placeholder: Tensor, mask: Tensor | None) -> Tensor:
@@ -407,9 +428,19 @@ class CompactingLLM:
             adapter: HFVLM = patch.adapter  # type: ignore[assignment]
             before, inside = parts(patch.method)
             compaction = None
+            unmerge = getattr(before, "unmerge", False)
+            full = dict(kwargs) if unmerge else {}  # the full prompt's arguments, for virtual unmerging
             if before is not None:
                 scale = getattr(self, "_tokenreduce_scale", None)  # of the vision layer, for class-token attention
                 compaction = adapter.compact_prompt(patch, state, kwargs, self._tokenreduce_chunk, self._tokenreduce_tile, scale)
+            if unmerge:
+                # the cache holds every patch's key and value: decode steps continue the full prompt as is
+                thread = _thread(patch)
+                thread.unmerging = _unmerging(self, state, compaction, full, thread.record)
+                try:
+                    return super().forward(**kwargs)  # type: ignore[misc]
+                finally:
+                    thread.unmerging = None
             if inside is not None:
                 out = adapter.pruned_prefill(
                     self, patch, state, compaction, kwargs, lambda: super(CompactingLLM, self).forward(**kwargs)
@@ -431,6 +462,40 @@ class CompactingLLM:
         if run is not None and run.stages:
             visual_pos_masks, visual_embeds = hf_llm.deepstack_inputs(run, visual_pos_masks, visual_embeds)
         return super()._deepstack_process(hidden_states, visual_pos_masks, visual_embeds)  # type: ignore[misc]
+
+
+def _unmerging(text: nn.Module, state: VisualState, compaction: Compaction, full: dict, record: VLMRecord) -> Unmerging:
+    """The full prompt's view of a compacted one for virtual unmerging: where each place's merged token
+    is, and the position ids, rotary tables and mask the LLM would have given the full prompt."""
+    embeds = full["inputs_embeds"]
+    spans = image_spans(state.placeholder, text._tokenreduce_chunk)
+    index = expansion_index(compaction, spans, [image.owner for image in record.images])
+    positions = full.get("position_ids")
+    if positions is None:  # what the LLM itself would count for the full prompt
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+    mask = sys.modules[original_class(text).__module__].create_causal_mask(
+        config=text.config, inputs_embeds=embeds, attention_mask=full.get("attention_mask"), cache=None, position_ids=positions
+    )
+    return Unmerging(index, compaction.mask.shape[1], positions, text.rotary_emb(embeds, position_ids=positions), mask)
+
+
+@loadable
+class UnmergingAttention:
+    """Mixed in front of each self-attention module of the LLM for virtual token unmerging (DyMU): at
+    an unmerging prefill, the module runs on the merged tokens spread over the full prompt (with its
+    positions and mask), and each merged token's output is the mean over its places."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        run = _thread(getattr(self, ATTR)).unmerging
+        if run is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if args:
+            raise TypeError("virtual unmerging calls attention with keyword arguments only")
+        kwargs.update(position_embeddings=run.position_embeddings, attention_mask=run.mask)
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = run.position_ids
+        out, weights = super().forward(expand_tokens(hidden_states, run.index), **kwargs)  # type: ignore[misc]
+        return merge_mean(out, run.index, run.length), weights
 
 
 def _decode_step(compaction: Compaction, cache, kwargs: dict) -> None:
@@ -619,11 +684,13 @@ class HFVLM(Adapter):
 
     def _validate_before(self, model: nn.Module, method: Method) -> None:
         if isinstance(method, EncoderMethod):
-            if method.variable_counts:
-                raise ValueError(
-                    f"method {method.name!r} leaves each image its own token count, which the LLM's image placeholders "
-                    "cannot follow yet; apply it to the vision tower alone"
+            if method.variable_counts and self.spec(model).anyres:
+                raise TypeError(
+                    f"method {method.name!r} leaves each crop its own token count, which {type(model).__name__}'s AnyRes "
+                    "packing cannot follow; use a VLM with one span per image (LLaVA)"
                 )
+            if getattr(method, "unmerge", False):
+                self._validate_unmerging(model, method)
             vision = self.vision(model, f"encoder-stage method {method.name!r}")
             self.tower.validate(vision, method)
             self.feature_layer(model, vision)
@@ -652,6 +719,20 @@ class HFVLM(Adapter):
         tile = self.tile_tokens(model)
         if tile is not None:
             method.num_kept(tile, _square(tile))
+
+    def _validate_unmerging(self, model: nn.Module, method: Method) -> None:
+        """Virtual unmerging reruns each attention module on the full prompt under one causal mask:
+        every layer must use full attention with 1-D position ids."""
+        text = getattr(model, self.spec(model).text)
+        types = set(getattr(text.config, "layer_types", None) or ["full_attention"])
+        if self.spec(model).mrope or types != {"full_attention"} or not hasattr(text, "rotary_emb"):
+            raise TypeError(
+                f"{method.name!r} with unmerge=True needs an LLM whose layers all use full attention with rotary "
+                f"position ids (Llama, Qwen2), not {type(text).__name__} with layer types {sorted(types)}; "
+                "pass unmerge=False"
+            )
+        if not all(hasattr(layer, "self_attn") for layer in text.layers):
+            raise TypeError(f"{method.name!r} with unmerge=True needs decoder layers with a self_attn module")
 
     def _validate_cls_attention(self, model: nn.Module, method: VisualMethod) -> None:
         """A projected-space method reading the class token's attention needs a tower with one whose
@@ -763,6 +844,10 @@ class HFVLM(Adapter):
         text = getattr(model, spec.text)
         if inside is not None:
             hf_llm.install(patch, text, inside)
+        if getattr(method, "unmerge", False):
+            for layer in text.layers:
+                patch.set_attr(layer.self_attn, ATTR, patch)
+                patch.swap_class(layer.self_attn, UnmergingAttention)
         patch.set_attr(text, ATTR, patch)
         tile = self.tile_tokens(model)
         patch.set_attr(text, "_tokenreduce_chunk", tile if spec.tile == "tower" else None)  # every image has `tile` tokens
@@ -785,7 +870,7 @@ class HFVLM(Adapter):
     # -- running ------------------------------------------------------------------------------
     def reindex(self, model: nn.Module, method: Method | None) -> bool:
         """Whether tokens ``method`` keeps get consecutive position ids (see :class:`VisualMethod`)."""
-        if method is None:
+        if method is None or getattr(method, "unmerge", False):  # virtual unmerging reads the full prompt's positions
             return False
         positions = getattr(method, "positions", "auto")
         return positions == "reindex" or (positions == "auto" and not self.spec(model).mrope)
@@ -803,7 +888,7 @@ class HFVLM(Adapter):
             if x.shape[1] == kept - prefix:  # the VLM dropped the class token, which stays first
                 owner = torch.where(owner[:, prefix:] >= prefix, owner[:, prefix:] - prefix, -1)
                 kept -= prefix
-            images, encoder_record = _records_from_owner(owner, kept, grid), encoder.record()
+            images, encoder_record = _records_from_owner(owner, kept, grid, method.variable_counts), encoder.record()
             out = project(x)
             rank = torch.full(out.shape[:2], IN_PLACE, dtype=torch.long, device=x.device)
         else:

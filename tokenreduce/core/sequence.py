@@ -180,3 +180,42 @@ def compact(attention_mask: Tensor, spans: Sequence[SpanKeep], reindex: bool) ->
         position_index[row] = torch.cat([fill, p] if left else [p, fill])
         new_mask[row, slice(need, new_length) if left else slice(0, e.shape[0])] = 1
     return Compaction(length, embed_index, position_index, new_mask, mask.argmax(dim=1), mask.sum(1) - new_mask.sum(1), reindex)
+
+
+def expansion_index(compaction: Compaction, spans: Sequence[tuple[int, int, int]], owners: Sequence[Tensor]) -> Tensor:
+    """``[B, L]``: for every token of the prompt before ``compaction`` (``L = compaction.length``), the
+    slot of the compacted prompt that stands for it, or -1 on dropped tokens. Text tokens map to their
+    own slot; the placeholders of image span ``(row, start, n)`` map through ``owners[i] [n]`` (the
+    kept token covering each, -1 where none does) to that kept token's slot, kept tokens being written
+    to the front of their span (as :func:`compact` expects); padding maps to the padding slot that
+    reuses it, where one does (else -1), so that a prompt that lost nothing maps onto itself."""
+    b, length = compaction.mask.shape[0], compaction.length
+    device = compaction.mask.device
+    source = torch.arange(length, device=device).expand(b, -1).clone()
+    for (row, start, n), owner in zip(spans, owners):
+        owner = owner.to(device)
+        source[row, start : start + n] = torch.where(owner >= 0, start + owner, -1)
+    slot = torch.full((b, length + 1), -1, dtype=torch.long, device=device)
+    new = torch.arange(compaction.mask.shape[1], device=device).expand(b, -1)
+    real = compaction.mask.bool()
+    # padding slots first, then real ones over them (extra padding slots reuse position 0); the
+    # spare last column takes what each pass leaves out
+    slot.scatter_(1, torch.where(real, length, compaction.embed_index), new)
+    slot.scatter_(1, torch.where(real, compaction.embed_index, length), new)
+    found = slot[:, :length].gather(1, source.clamp(min=0))
+    return torch.where(source >= 0, found, -1)
+
+
+def expand_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, L', C]`` laid out over ``index [B, L]`` (a slot of ``x`` per place, -1: any row, to be
+    masked): ``[B, L, C]``."""
+    return x.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def merge_mean(x: Tensor, index: Tensor, length: int) -> Tensor:
+    """The inverse of :func:`expand_tokens` for dense outputs: ``x [B, L, C]`` averaged over the places
+    of each slot of ``index [B, L]`` into ``[B, length, C]`` (places at -1 are left out, even when not
+    finite; a slot no place maps to gets zeros)."""
+    target = torch.where(index >= 0, index, length)[..., None].expand_as(x)
+    out = x.new_zeros(x.shape[0], length + 1, x.shape[-1])
+    return out.scatter_reduce(1, target, x, "mean", include_self=False)[:, :length]

@@ -1,0 +1,61 @@
+"""``dymu``: DyMU in a VLM (Wang et al., "DyMU: Dynamic Merging and Virtual Unmerging for Efficient
+VLMs", arXiv 2504.17040): ``dtome`` in the vision tower, then virtual token unmerging in the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenreduce.methods.dtome import DToMe
+from tokenreduce.registry import register_method
+
+
+@register_method
+@dataclass
+class DyMU(DToMe):
+    """Dynamic merging in the vision tower (``dtome``, same ``thresholds`` and ``max_r``: see there and
+    ``tokenreduce calibrate``), so each image reaches the LLM with its own number of tokens; with
+    ``unmerge`` (the default), virtual token unmerging (VTU) in every attention layer of the LLM.
+
+    Per-image counts: each prompt's image span shrinks to the image's merged tokens, rows are
+    re-padded (a batch equals its rows alone). Each merged token keeps the patches it stands for
+    (``tokenreduce.record(vlm).images[i].owner``).
+
+    VTU (reference: ``LLaVA/llava/model/language_model/llava_llama.py``, ``CustomLlamaAttention``,
+    the default "faster version with direct token expansion", commit c57d75a): the decoder layers run
+    on the merged sequence (norms, MLP, residuals at the merged length), but each self-attention runs
+    on the full prompt as if every patch were present: the merged hidden states are copied back to
+    every patch they cover (``M e``, ``M`` the 0/1 patch-to-token map), queries, keys and values are
+    projected, rotated with each patch's own RoPE position and attended with the model's own
+    attention function (SDPA kept) under the full prompt's causal mask; the output of each merged
+    token is the mean over its patches (the reference's ``scatter_mean``, the paper's
+    ``(MᵀM)⁻¹Mᵀ f(Me)``: the exact-VTU file's comment writes it ``f'(e) = (M^T M)^{-1} M^T f(e)``).
+    Text tokens are their own single patch, so a merge map of singletons is the unpatched model.
+
+    Decode (as the reference, whose cache stores the expanded keys and values): the prefill's cache
+    holds a key and value for every patch (the merged token's, at the patch's own position), so the
+    KV cache has the full prompt's length; generated tokens continue the full prompt's positions and
+    attend to all of it. The saving is in the decoder layers' projections-free parts (MLP, norms) and
+    the vision tower; attention and the cache keep the full length.
+
+    ``unmerge=False``: the LLM reads the merged tokens as any shortened prompt (consecutive position
+    ids on LLaVA), DyMU without VTU (the paper's ablation).
+
+    Departures: the reference gathers the projected queries, keys and values; here the hidden states
+    are gathered before the model's own attention module projects them (the same numbers: a row-wise
+    linear map commutes with the gather) and the mean is taken after the output projection (linear:
+    the same as before it), so no attention code is copied, at the cost of the four projections at
+    the full length. The reference handles one prompt (a 1-D map, batch 1); here every row has its
+    own map and padding is masked. Only text models whose layers all use full attention (Llama,
+    Qwen2 without sliding windows) and VLMs with one span per image and a token-wise projector
+    (LLaVA) are supported; AnyRes packing of per-crop counts (the reference's LLaVA-OneVision path)
+    is not.
+    """
+
+    name = "dymu"
+
+    unmerge: bool = True  # virtual token unmerging in the LLM's attention (False: the LLM reads merged tokens)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.unmerge, bool):
+            raise TypeError(f"unmerge must be True or False, got {self.unmerge!r}")
