@@ -7,7 +7,18 @@ import pytest
 import torch
 
 import tokenreduce
-from conftest import IMAGE_TOKEN, batch, pixels, prompt, reduce_batch_and_singles, tiny_llava, tiny_vlm, vlm_inputs
+from conftest import (
+    _TEXT,
+    IMAGE_TOKEN,
+    batch,
+    pixels,
+    prompt,
+    randomize,
+    reduce_batch_and_singles,
+    tiny_llava,
+    tiny_vlm,
+    vlm_inputs,
+)
 from naive_dymu import vtu_logits
 
 pytest.importorskip("transformers")
@@ -61,8 +72,21 @@ def test_keep_all_unmerges_to_the_unpatched_model_bit_for_bit(side):
         assert torch.equal(generate(model, **kw), want_gen)
 
 
-def test_unmerging_equals_the_naive_loops():
-    model = tokenreduce.apply(tiny_llava(), "dymu", **MERGING)
+def llava(kind: str):
+    """The tiny LLaVA (CLIP tower, class token dropped; Llama LLM), with a SigLIP tower (no class token),
+    or with a Qwen2 LLM (biased projections, another attention class)."""
+    if kind != "qwen2":
+        return tiny_llava(tower=kind)
+    import transformers
+
+    config = tiny_llava().config
+    config.text_config = transformers.Qwen2Config(**_TEXT)
+    return randomize(transformers.LlavaForConditionalGeneration(config)).eval()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "qwen2"])
+def test_unmerging_equals_the_naive_loops(kind):
+    model = tokenreduce.apply(llava(kind), "dymu", **MERGING)
     ids, px = torch.tensor([prompt([1, 5, 6], images=2)]), pixels(2)
     got = logits(model, input_ids=ids, pixel_values=px)[0]
     embeds, place = merged_prompt(model, ids, px)
@@ -72,6 +96,16 @@ def test_unmerging_equals_the_naive_loops():
     # the same merged prompt read with merged positions (no unmerging) gives other logits: the test can fail
     tokenreduce.apply(model, "dymu", unmerge=False, **MERGING)
     assert not torch.allclose(logits(model, input_ids=ids, pixel_values=px)[0], want, atol=1e-3)
+
+
+def test_sdpa_and_eager_llms_unmerge_alike():
+    sdpa, eager = tiny_llava(), tiny_llava()
+    eager.set_attn_implementation({"text_config": "eager"})
+    ids, mask = batch([prompt([1, 5]), prompt([1, 5, 6, 9, 4], images=2)])
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(3))
+    got = [logits(tokenreduce.apply(m, "dymu", **MERGING), **kw)[:, -1] for m in (sdpa, eager)]
+    torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-5)
+    assert "virtual token unmerging in all 4 LLM attention layers" in tokenreduce.describe(eager)
 
 
 def test_batch_of_images_with_different_counts_equals_singles():

@@ -785,7 +785,11 @@ class HFVLM(Adapter):
 
     def _plan(self, model: nn.Module, method: Method) -> list[str]:
         if isinstance(method, EncoderMethod):
-            return self.tower.plan(self.vision(model, method.name), method)
+            lines = self.tower.plan(self.vision(model, method.name), method)
+            if getattr(method, "unmerge", False):
+                depth = len(getattr(model, self.spec(model).text).layers)
+                lines.append(f"virtual token unmerging in all {depth} LLM attention layers: attention over every patch")
+            return lines
         if method.space == "vision" and self.spec(model).anyres:
             tokens, grid, _ = self.tower_geometry(model, self.vision(model, method.name))
             return [f"visual tokens per crop (the base image and each AnyRes crop): {tokens} -> {method.num_kept(tokens, grid)}"]
