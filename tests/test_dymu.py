@@ -11,6 +11,7 @@ from conftest import (
     _TEXT,
     IMAGE_TOKEN,
     batch,
+    build,
     pixels,
     prompt,
     randomize,
@@ -175,10 +176,11 @@ def test_calibrated_thresholds_file_drives_the_merging(tmp_path):
         ("llava", dict(unmerge="yes", **MERGING), TypeError, "unmerge must be True or False"),
         ("llava", dict(thresholds=[2.0, None]), ValueError, r"thresholds\[0\]"),
         ("llava_next", MERGING, TypeError, "AnyRes packing"),
+        ("vit", MERGING, ValueError, "acts at stage llm; this model has stages encoder"),
     ],
 )
 def test_bad_configs_raise(family, config, error, match):
-    model = tiny_vlm(family)
+    model = build(family) if family == "vit" else tiny_vlm(family)
     with pytest.raises(error, match=match):
         tokenreduce.apply(model, "dymu", **config)
         logits(model, **vlm_inputs(model, family, [[1]]))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tokenreduce.methods.dtome import DToMe
 from tokenreduce.registry import register_method
+from tokenreduce.stages import Stage
 
 
 @register_method
@@ -40,6 +41,9 @@ class DyMU(DToMe):
     ``unmerge=False``: the LLM reads the merged tokens as any shortened prompt (consecutive position
     ids on LLaVA), DyMU without VTU (the paper's ablation).
 
+    ``dymu`` applies to whole VLMs only (stage ``llm``, as a stack of a vision-side and an in-LLM
+    method); on a vision tower alone use ``dtome``.
+
     Departures: the reference gathers the projected queries, keys and values; here the hidden states
     are gathered before the model's own attention module projects them (the same numbers: a row-wise
     linear map commutes with the gather) and the mean is taken after the output projection (linear:
@@ -52,6 +56,7 @@ class DyMU(DToMe):
     """
 
     name = "dymu"
+    stage = Stage.LLM  # a VLM method (its vision-tower half alone is ``dtome``), as a stack of two stages is
 
     unmerge: bool = True  # virtual token unmerging in the LLM's attention (False: the LLM reads merged tokens)
 
