@@ -22,21 +22,25 @@ class DyMU(DToMe):
     (``tokenreduce.record(vlm).images[i].owner``).
 
     VTU (reference: ``LLaVA/llava/model/language_model/llava_llama.py``, ``CustomLlamaAttention``,
-    the default "faster version with direct token expansion", commit c57d75a): the decoder layers run
-    on the merged sequence (norms, MLP, residuals at the merged length), but each self-attention runs
-    on the full prompt as if every patch were present: the merged hidden states are copied back to
-    every patch they cover (``M e``, ``M`` the 0/1 patch-to-token map), queries, keys and values are
-    projected, rotated with each patch's own RoPE position and attended with the model's own
-    attention function (SDPA kept) under the full prompt's causal mask; the output of each merged
-    token is the mean over its patches (the reference's ``scatter_mean``, the paper's
-    ``(MᵀM)⁻¹Mᵀ f(Me)``: the exact-VTU file's comment writes it ``f'(e) = (M^T M)^{-1} M^T f(e)``).
-    Text tokens are their own single patch, so a merge map of singletons is the unpatched model.
+    its default "faster version but with direct token expansion", commit c57d75a): the decoder layers
+    run on the merged sequence (norms, MLP, residuals at the merged length ``N'``), but each
+    self-attention runs on the full prompt (length ``N``) as if every patch were present. With ``M``
+    the ``N x N'`` 0/1 map from places to merged tokens (text tokens are their own single place), the
+    merged hidden states ``e`` are spread back as ``M e``; queries, keys and values are projected,
+    rotated with each place's own RoPE position and attended with the model's own attention function
+    (SDPA kept) under the full prompt's causal and padding mask, ``f(Me)``; each merged token's output
+    is the mean over its places, ``(MᵀM)⁻¹Mᵀ f(Me)`` (the reference's ``scatter_mean``). The paper's
+    text was not available here: the formulas are those of the reference's exact-VTU file, whose
+    comments write ``f(e) = smax( A/√D ) V`` and ``f'(e) = (M^T M)^{-1} M^T f(e)``; its exact path
+    decomposes ``A`` without expanding (eager attention only) and is not implemented. A merge map of
+    singletons is the unpatched model (bit for bit, tested).
 
     Decode (as the reference, whose cache stores the expanded keys and values): the prefill's cache
-    holds a key and value for every patch (the merged token's, at the patch's own position), so the
-    KV cache has the full prompt's length; generated tokens continue the full prompt's positions and
-    attend to all of it. The saving is in the decoder layers' projections-free parts (MLP, norms) and
-    the vision tower; attention and the cache keep the full length.
+    holds a key and value for every place (its merged token's, rotated at the place's position), so
+    the KV cache has the full prompt's length, generated tokens continue the full prompt's positions,
+    and decode steps are the unpatched model's attention over that cache. What shrinks is the vision
+    tower after each merge and, in the LLM, every part of a decoder layer but attention (norms, MLP,
+    residual stream at ``N'``); attention and the cache keep the full length.
 
     ``unmerge=False``: the LLM reads the merged tokens as any shortened prompt (consecutive position
     ids on LLaVA), DyMU without VTU (the paper's ablation).
