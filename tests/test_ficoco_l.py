@@ -1,6 +1,6 @@
 """FiCoCo-L inside the LLM: the tokens a layer reads against naive loops, generate() against a slow
-layer-by-layer reference, keep-all identity, batches against rows alone and remove() (LLaVA,
-Qwen2-VL), config errors."""
+layer-by-layer reference, keep-all identity, batches against rows alone and remove() (every VLM
+family), config errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import naive_llm_layers
 import tokenreduce
 from conftest import (
     IMAGE_TOKEN,
+    VLM_FAMILIES,
     batch,
     pixels,
     prompt,
@@ -90,7 +91,7 @@ def test_keeping_every_token_equals_the_unpatched_model():
     assert torch.equal(vlm_logits(model, kw), want) and torch.equal(vlm_generate(model, kw), want_gen)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_batch_equals_singles_and_remove_restores(family):
     rec = reduce_batch_and_singles(family, "ficoco_l", **STAGED)
     n = rec.images[0].placeholders

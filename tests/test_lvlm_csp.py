@@ -1,6 +1,6 @@
 """LVLM_CSP inside the LLM (cluster, scatter back, prune): generate() and the picks against a slow
 layer-by-layer reference applying the naive stages by hand, the per-layer KV cache, keep-all
-identity, batches against rows alone and remove() (LLaVA, Qwen2-VL), config errors."""
+identity, batches against rows alone and remove() (every VLM family), config errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import torch
 import naive_llm_layers
 import naive_lvlm_csp
 import tokenreduce
-from conftest import pixels, prompt, reduce_batch_and_singles, tiny_llava, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
+from conftest import (
+    VLM_FAMILIES,
+    pixels,
+    prompt,
+    reduce_batch_and_singles,
+    tiny_llava,
+    tiny_vlm,
+    vlm_generate,
+    vlm_inputs,
+    vlm_logits,
+)
 
 pytest.importorskip("transformers")
 
@@ -94,8 +104,9 @@ def test_keeping_every_token_equals_the_unpatched_model():
     assert torch.equal(vlm_logits(model, kw), want) and torch.equal(vlm_generate(model, kw), want_gen)
 
 
-@pytest.mark.parametrize("family, clustering", [("llava", "uniform"), ("llava", "random"), ("qwen2_vl", "uniform")])
-def test_batch_equals_singles_and_remove_restores(family, clustering):
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_batch_equals_singles_and_remove_restores(family):
+    clustering = "random" if family == "llava_next" else "uniform"
     rec = reduce_batch_and_singles(family, "lvlm_csp", **CONFIG, clustering=clustering)
     n = rec.images[0].placeholders
     assert all(im.kept == max(1, round(n * 0.25)) for im in rec.images)
@@ -121,4 +132,17 @@ def test_bad_config_raises_with_range(config, match):
     model = tiny_llava()
     with pytest.raises(ValueError, match=match):
         tokenreduce.apply(model, "lvlm_csp", **config)
+    assert not tokenreduce.is_patched(model)
+
+
+def test_a_restore_must_follow_its_pruning_layer():
+    from tokenreduce.methods.lvlm_csp import LVLMCSP
+
+    class Backwards(LVLMCSP):
+        def restore_layers(self, depth: int) -> dict[int, int]:
+            return {3: 2}
+
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=r"a restoring layer must follow its pruning layer .* got 3 -> 2"):
+        tokenreduce.apply(model, Backwards(layers=(1, 2, 3)))
     assert not tokenreduce.is_patched(model)

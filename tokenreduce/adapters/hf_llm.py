@@ -204,6 +204,7 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     register_kernel()
     layers = list(text.layers)
     prune = method.prune_layers(len(layers))
+    check_restores(method.restore_layers(len(layers)), prune, len(layers))
     scoring = {p - 1 for p in prune} if method.scores_from == "previous" and method.scores != "none" else set()
     for i, layer in enumerate(layers):
         patch.set_attr(layer, ATTR, patch)
@@ -229,9 +230,7 @@ def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int
     origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
     run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long(), norm=text.norm)
     run.owner = [o.clone() for o in origin]
-    restores = method.restore_layers(len(text.layers))
-    check_restores(restores, layers, len(text.layers))
-    run.restores = {b: a for a, b in restores.items()}
+    run.restores = {b: a for a, b in method.restore_layers(len(text.layers)).items()}
     run.score_layer = run.next_score_layer()
     return run
 

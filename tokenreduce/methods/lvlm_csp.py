@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenreduce.core import Selection, keep
-from tokenreduce.methods.llm import LLMContext, LLMMethod, fraction, stage_layers
+from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer, fraction
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_int_tuple
 
@@ -38,7 +38,7 @@ class LVLMCSP(LLMMethod):
        the ``[SEG]`` token's attention; a generic prompt has none, so the last prompt token stands in
        (as in FastV).
 
-    Left open by the paper and chosen here: ``layers`` default to ``depth / 4, depth / 2, 3 depth / 4``
+    Left open by the paper and chosen here: ``layers`` default to ``depth // 4, depth // 2, 3 depth // 4``
     (8, 16, 24 of 32); ``cluster_ratio`` and ``keep_ratio`` default to 0.25; positions ``"keep"``
     (every token keeps its position id, so scattered tokens come back where they were). The paper's
     other clusterings (the ViT's CLS attention, a segmentation model's instances) need inputs the LLM
@@ -71,7 +71,14 @@ class LVLMCSP(LLMMethod):
 
     def stages(self, depth: int) -> tuple[int, ...]:
         """``(a, b, c)`` checked against an LLM of ``depth`` layers."""
-        return stage_layers(None if self.layers is None else tuple(self.layers), 3, depth)
+        layers = tuple(self.layers or (depth // 4, depth // 2, 3 * depth // 4))
+        if len(set(layers)) < 3 or layers[0] < 1:  # only the defaults, on an LLM of fewer than 4 layers
+            raise ValueError(
+                f"an LLM of {depth} layers cannot hold lvlm_csp's three stages (cluster, scatter, prune): it needs 4"
+            )
+        for layer in layers:
+            check_layer("layers", layer, depth)
+        return layers
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
         a, _, c = self.stages(depth)
