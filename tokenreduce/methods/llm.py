@@ -28,7 +28,8 @@ class ImageSpan:
 
 @dataclass
 class LLMContext:
-    """What an in-LLM method sees at its ``stage``-th pruning layer ``layer``, for a batch.
+    """What an in-LLM method sees at its ``stage``-th pruning layer ``layer`` (restoring layers are not
+    stages), for a batch.
 
     ``hidden [B, L, D]`` is the input of ``layer`` over the current sequence (shorter after an earlier
     stage); ``spans`` are the images' visual tokens in it, each to keep ``keep[i]`` tokens;
