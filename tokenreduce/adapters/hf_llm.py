@@ -14,6 +14,13 @@ reads the one query row a method needs (or the keys), then calls the model's own
 scoring with the pruning layer's own attention gets it before the layer runs, from the layer's input
 norm, key projection for every token and query projection for the last prompt token only. On decode
 steps the layers after a pruning layer get the mask's columns cut to their shorter cache.
+
+A method may restore what a pruning layer ``a`` dropped before a later layer ``b``
+(:meth:`~tokenreduce.methods.llm.LLMMethod.restore_layers`): layer ``a`` keeps its input, and before
+``b`` the sequence becomes again the one ``a`` received, text tokens carried back to their places
+and each image token rebuilt by the method. Layers ``a .. b-1`` and their KV cache hold the short
+sequence, layers from ``b`` on the whole one (as it was before ``a``), with its position ids and
+masks; decode steps follow the same per-layer lengths.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tokenreduce.core import row_attention, rows_attention
+from tokenreduce.core import Selection, row_attention, rows_attention
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact
-from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod
+from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod, check_restores
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable
 
@@ -61,6 +68,21 @@ class LLMStep:
     kept: tuple[Tensor, ...]
 
 
+@dataclass(frozen=True)
+class Saved:
+    """A pruning layer's input and the run's state before it, for the layer that restores its tokens."""
+
+    hidden: Tensor
+    spans: list[ImageSpan]
+    origin: list[Tensor]
+    owner: list[Tensor]
+    mask: Tensor
+    raters: list[Tensor] | None
+    stages: tuple[PruneStage, ...]
+    selections: list[Selection]
+    step: Compaction  # the pruning layer's own: its input sequence to its output sequence
+
+
 @dataclass
 class LLMRun:
     """One prefill being pruned: the current sequence's images and 2-D mask, the stages done so far,
@@ -88,11 +110,14 @@ class LLMRun:
     projected_keys: Tensor | None = None  # [B, L, D_kv] the scoring layer's key projection, before norms and rotary
     score_layer: int | None = None
     substitutes: dict[int, object] = field(default_factory=dict)
+    restores: dict[int, int] = field(default_factory=dict)  # restoring layer -> the pruning layer it undoes
+    saved: dict[int, Saved] = field(default_factory=dict)  # by pruning layer, until its tokens come back
+    pruned: int = 0  # pruning layers passed
 
     def next_score_layer(self) -> int | None:
         """The layer whose attention kernel reads the next stage's scores (``"own"`` scores are computed
         by :func:`_own_attention` instead)."""
-        stage = len(self.stages)
+        stage = self.pruned
         if stage == len(self.layers) or self.method.scores_from == "own" or self.method.scores == "none":
             return None
         return self.layers[stage] - 1
@@ -179,6 +204,7 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     register_kernel()
     layers = list(text.layers)
     prune = method.prune_layers(len(layers))
+    check_restores(method.restore_layers(len(layers)), prune, len(layers))
     scoring = {p - 1 for p in prune} if method.scores_from == "previous" and method.scores != "none" else set()
     for i, layer in enumerate(layers):
         patch.set_attr(layer, ATTR, patch)
@@ -204,6 +230,7 @@ def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int
     origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
     run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long(), norm=text.norm)
     run.owner = [o.clone() for o in origin]
+    run.restores = {b: a for a, b in method.restore_layers(len(text.layers)).items()}
     run.score_layer = run.next_score_layer()
     return run
 
@@ -221,6 +248,8 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
     if run is not None:
         if index == 0 and run.method.scores == "raters":
             run.raters = run.method.text_raters(hidden, run.spans, run.mask)
+        if index in run.restores:
+            hidden = _restore(run, index, hidden)
         if index in run.layers:
             if run.method.scores_from == "own":
                 _own_attention(run, layer, hidden, kwargs)
@@ -279,7 +308,7 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
 def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     """Reduce visual tokens before layer ``index``: the method selects per image (kept tokens, possibly
     merged ones after them), every row keeps its text, re-padded to the longest row."""
-    stage = len(run.stages)
+    stage = run.pruned
     if run.method.scores != "none" and run.attention is None and run.keys is None and run.scores is None:
         raise RuntimeError(f"the scoring layer of pruning layer {index} did not run")
     keep = [min(span.length, run.method.kept(n, stage)) for span, n in zip(run.spans, run.inputs)]
@@ -290,13 +319,16 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
     ctx.queries, ctx.scale = run.queries, run.scale
     selections = run.method.select(ctx)
-    hidden = hidden.clone()
+    entering, hidden = hidden, hidden.clone()
     keeps = []
     for span, selection in zip(run.spans, selections):
         tokens = hidden[span.row, span.start : span.start + span.length]
         hidden[span.row, span.start : span.start + selection.num_out] = selection.apply(tokens[None])[0]
         keeps.append(SpanKeep(span.row, span.start, span.length, selection.num_out, selection.index[0]))
     step = compact(run.mask, keeps, run.reindex)
+    if index in run.restores.values():
+        state = (run.spans, run.origin, run.owner, run.mask, run.raters, tuple(run.stages))
+        run.saved[index] = Saved(entering, *state, selections, step)
     if run.projected_keys is not None:  # the layer's own keys, for the tokens it will read
         if all(sel.gather_only for sel in selections):
             run.projected_keys = run.projected_keys.gather(
@@ -316,8 +348,32 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     total = run.stages[-1].compaction.then(step) if run.stages else step
     run.stages.append(PruneStage(index, total))
     run.mask, run.attention, run.keys, run.queries, run.scores, run.substitutes = step.mask, None, None, None, None, {}
+    run.pruned += 1
     run.score_layer = run.next_score_layer()
     return step.embeds(hidden)
+
+
+def _restore(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
+    """Before layer ``index``, give back the sequence the pruning layer it restores received: every
+    token of the short sequence goes back to its place there (image spans are then overwritten; a
+    padding slot only to padding, so that a prompt that lost nothing comes back as it ran), each
+    image's tokens are rebuilt by the method from their saved input and its outputs now."""
+    saved = run.saved.pop(run.restores[index])
+    step = saved.step
+    full = saved.hidden.clone()
+    for row in range(full.shape[0]):
+        back = step.mask[row].bool() | ~saved.mask[row].bool()[step.embed_index[row]]
+        full[row, step.embed_index[row, back]] = hidden[row, back]
+    for before, now, selection in zip(saved.spans, run.spans, saved.selections):
+        tokens = saved.hidden[before.row, before.start : before.start + before.length][None]
+        after = hidden[now.row, now.start : now.start + now.length][None]
+        full[before.row, before.start : before.start + before.length] = run.method.restore(tokens, selection, after)[0]
+    run.spans, run.origin, run.owner, run.mask, run.raters = saved.spans, saved.origin, saved.owner, saved.mask, saved.raters
+    earlier = saved.stages[-1].compaction if saved.stages else compact(saved.mask, [], run.reindex)
+    run.stages.append(PruneStage(index, earlier))
+    run.steps.append(LLMStep(index, tuple(run.origin)))
+    run.attention, run.keys, run.queries, run.scores, run.substitutes = None, None, None, None, {}
+    return full
 
 
 def _moved(positions: Tensor, step: Compaction, row: int) -> Tensor:

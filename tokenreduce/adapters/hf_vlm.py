@@ -780,7 +780,9 @@ class HFVLM(Adapter):
                 tile = before.num_kept(tile, _square(tile))
             counts = [] if tile is None else [tile] + [inside.kept(tile, j) for j in range(len(layers))]
             counts = ": " + " -> ".join(map(str, counts)) if counts else ""
-            lines.append(f"visual tokens per image, pruned before LLM layers {', '.join(map(str, layers))} of {depth}{counts}")
+            back = "".join(f"; layer {a}'s input comes back before layer {b}" for a, b in inside.restore_layers(depth).items())
+            where = ", ".join(map(str, layers))
+            lines.append(f"visual tokens per image, pruned before LLM layers {where} of {depth}{counts}{back}")
         return lines
 
     def _plan(self, model: nn.Module, method: Method) -> list[str]:

@@ -28,7 +28,8 @@ class ImageSpan:
 
 @dataclass
 class LLMContext:
-    """What an in-LLM method sees at its ``stage``-th pruning layer ``layer``, for a batch.
+    """What an in-LLM method sees at its ``stage``-th pruning layer ``layer`` (restoring layers are not
+    stages), for a batch.
 
     ``hidden [B, L, D]`` is the input of ``layer`` over the current sequence (shorter after an earlier
     stage); ``spans`` are the images' visual tokens in it, each to keep ``keep[i]`` tokens;
@@ -80,6 +81,23 @@ class LLMMethod(Method):
     def kept(self, tokens: int, stage: int) -> int:
         """Visual tokens an image with ``tokens`` at the LLM's input keeps from its ``stage``-th pruning layer on."""
 
+    def restore_layers(self, depth: int) -> dict[int, int]:
+        """Pruning layers whose dropped tokens come back: ``{a: b}`` gives layer ``b`` (after ``a``, with no
+        pruning layer in between) the sequence layer ``a`` received, each image token rebuilt by
+        :meth:`restore`; layers ``a .. b-1`` (and their KV cache) hold the short one. Default: none."""
+        return {}
+
+    def restore(self, before: Tensor, selection: Selection, after: Tensor) -> Tensor:
+        """One image's tokens ``[1, N, D]`` at a restoring layer, from those entering the pruning layer
+        (``before [1, N, D]``), the selection made there and its outputs now (``after [1, K, D]``). By
+        default every token moves by the update of the output it fed or was assigned to
+        (:meth:`~tokenreduce.core.Selection.unmerge`: ``x + (y_out - y_out_then)``); kept tokens of a
+        pure pruning take their outputs exactly."""
+        out = before + selection.unmerge(after - selection.apply(before))
+        if selection.gather_only:
+            out[:, selection.index[0]] = after
+        return out
+
     def text_raters(self, hidden: Tensor, spans: list[ImageSpan], mask: Tensor) -> list[Tensor] | None:
         """Per image, the positions of the text tokens whose attention rows score it (methods scoring by
         ``"raters"``), from the LLM's input ``hidden [B, L, D]``."""
@@ -89,6 +107,16 @@ class LLMMethod(Method):
     def select(self, ctx: LLMContext) -> list[Selection]:
         """Per span of ``ctx.spans``, a one-row :class:`~tokenreduce.core.Selection` over its tokens:
         usually the ``ctx.keep[i]`` kept ones in order, possibly followed by merged ones."""
+
+
+def check_restores(restores: dict[int, int], prune: tuple[int, ...], depth: int) -> None:
+    """Each restoring layer follows its pruning layer, with no other pruning layer in between."""
+    for a, b in restores.items():
+        check_layer("restoring layer", b, depth)
+        if a not in prune or b <= a or any(a < p < b for p in prune):
+            raise ValueError(
+                f"a restoring layer must follow its pruning layer with none in between (pruning layers {prune}), got {a} -> {b}"
+            )
 
 
 def check_layer(name: str, layer: int, depth: int) -> None:
