@@ -37,6 +37,15 @@ class AnyResLayout:
     tower_images: int  # images the vision tower encodes for this one: the base image and every crop
 
 
+@dataclass(frozen=True)
+class VideoLayout:
+    """A video's tokens as the method sees them: ``frames`` frames of ``grid`` (rows, cols) tokens each, frame-major
+    (token ``t * rows * cols + r * cols + c``)."""
+
+    frames: int
+    grid: tuple[int, int]
+
+
 @dataclass
 class VisualContext:
     """What a pre-LLM method sees: the visual tokens of ``M`` images that have the same count ``N``.
@@ -91,6 +100,7 @@ class VisualContext:
     cls_attention: Tensor | None = None  # [M, N]
     project: Callable[[Tensor], Tensor] | None = None  # the VLM's projector, for needs_projector
     anyres: AnyResLayout | None = None
+    video: VideoLayout | None = None  # set for videos: M videos of this layout, ``grid`` then the per-frame grid
 
     def projector(self, method: str) -> Callable[[Tensor], Tensor]:
         """The VLM's projector (see :attr:`project`); raises when this call has none (``method`` names
@@ -148,6 +158,7 @@ class VisualMethod(Method):
     needs_projector: ClassVar[bool] = False  # wants VisualContext.project; vision space, token-wise projectors only
     needs_anyres: ClassVar[bool] = False  # selects among AnyRes packed spans (VisualContext.anyres) only
     default_keep_ratio: ClassVar[float | None] = 0.25
+    modalities: ClassVar[frozenset[str]] = frozenset({"image"})  # the inputs it acts on; others pass unchanged
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
@@ -180,6 +191,10 @@ class VisualMethod(Method):
                 )
             return self.keep_tokens
         return min(num_tokens, max(1, round(self.keep_ratio * num_tokens)))
+
+    def num_kept_video(self, layout: VideoLayout) -> int:
+        """Tokens kept of one video laid out as ``layout``: a function of the layout and the config only."""
+        return self.num_kept(layout.frames * layout.grid[0] * layout.grid[1], None)
 
     def shallow_layer(self, depth: int) -> int | None:
         """A second layer (0-based, of a vision tower of ``depth`` layers) whose queries and keys the
