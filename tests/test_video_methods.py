@@ -1,0 +1,132 @@
+"""FastVID and HoliTom (pre-LLM video methods) on video tokens: against their naive-loop oracles, a count
+fixed by the layout, keep-all identity, batch rows alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenreduce
+from naive_fastvid import fastvid as naive_fastvid
+from naive_holitom import holitom as naive_holitom
+from tokenreduce.core import cut_segments, static_windows
+from tokenreduce.methods.visual import VideoLayout, VisualContext
+
+LAYOUT = VideoLayout(frames=8, grid=(5, 5))
+NAIVE = {"fastvid": naive_fastvid, "holitom": naive_holitom}
+
+
+def clip(videos: int = 1, seed: int = 0, dim: int = 16, scenes: tuple[int, ...] = (3, 5)) -> torch.Tensor:
+    """``[videos, T * P, dim]`` tokens of videos made of scenes: a scene's frames share a base, some of its
+    positions barely change from frame to frame (static) and the others move; a new scene starts afresh."""
+    gen = torch.Generator().manual_seed(seed)
+    p = LAYOUT.grid[0] * LAYOUT.grid[1]
+    out = []
+    for _ in range(videos):
+        frames = []
+        for length in scenes:
+            base = torch.randn(p, dim, generator=gen)
+            moving = (torch.rand(p, 1, generator=gen) < 0.5).float()
+            for _ in range(length):
+                frames.append(base + (0.05 + 1.5 * moving) * torch.randn(p, dim, generator=gen))
+        out.append(torch.cat(frames))
+    return torch.stack(out)
+
+
+def context(x: torch.Tensor, method) -> VisualContext:
+    return VisualContext(features=x, keep=method.num_kept_video(LAYOUT), num_prefix=0, grid=LAYOUT.grid, video=LAYOUT)
+
+
+CASES = [
+    ("fastvid", dict(keep_ratio=0.25, tau=0.5, segments=3)),  # multi-frame segments, anchors every 4th frame
+    ("fastvid", dict(keep_ratio=0.5, tau=0.5, segments=2, anchor_stride=2)),  # anchor frames overflow to the others
+    ("fastvid", dict(keep_tokens=50, tau=0.95, context=0.6, beta=0.0)),  # uneven frame budgets, single-frame segments
+    ("holitom", dict()),  # defaults: static windows, dominant dynamic tokens
+    ("holitom", dict(keep_ratio=0.3, contextual=0.5, beta=0.6, neighbours=3)),  # clusters among dynamic tokens
+    ("holitom", dict(keep_ratio=0.3, max_window=2)),
+    ("holitom", dict(keep_ratio=0.8)),  # more than merging over time leaves: no window merges
+]
+
+
+@pytest.mark.parametrize("name,config", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_naive_oracle(name, config, seed):
+    method = tokenreduce.make_method(name, **config)
+    x = clip(seed=seed)
+    selection = method.select(context(x, method))
+    index, out = NAIVE[name](x[0], LAYOUT.frames, method.num_kept_video(LAYOUT), **config_of(method))
+    assert selection.index[0].tolist() == index
+    torch.testing.assert_close(selection.apply(x)[0].double(), out, rtol=1e-4, atol=1e-4)
+
+
+def config_of(method) -> dict:
+    skip = {"keep_ratio", "keep_tokens", "positions"}
+    return {k: v for k, v in method.params().items() if k not in skip}
+
+
+def test_clip_has_what_the_cases_exercise():
+    """The oracle cases only test merging if the clip has multi-frame segments and static windows."""
+    x = clip()[0].view(LAYOUT.frames, -1, 16)
+    glob = torch.nn.functional.normalize(x.mean(dim=1), dim=-1)
+    assert max(cut_segments((glob[:-1] * glob[1:]).sum(-1), 2, 0.5)) > 1
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    windows = static_windows((unit[:-1] * unit[1:]).sum(-1) > 0.8)
+    assert windows == [(0, 2), (3, 7)]
+
+
+@pytest.mark.parametrize("name", ["fastvid", "holitom"])
+def test_count_depends_on_the_layout_alone(name):
+    method = tokenreduce.make_method(name, keep_ratio=0.3)
+    clips = [clip(seed=0, scenes=(8,)), clip(seed=1, scenes=(1,) * 8), clip(seed=2, scenes=(3, 5))]
+    counts = {method.select(context(x, method)).num_out for x in clips}
+    assert counts == {method.num_kept_video(LAYOUT)}
+
+
+def test_fastvid_count_is_the_reference_per_frame_count():
+    assert tokenreduce.make_method("fastvid").num_kept_video(VideoLayout(32, (14, 14))) == 32 * 19  # int(196 * 0.1)
+    assert tokenreduce.make_method("holitom").num_kept_video(VideoLayout(32, (14, 14))) == round(0.15 * 32 * 196)
+
+
+@pytest.mark.parametrize("name", ["fastvid", "holitom"])
+def test_keep_all_is_identity(name):
+    method = tokenreduce.make_method(name, keep_ratio=1.0)
+    x = clip(videos=2)
+    selection = method.select(context(x, method))
+    assert torch.equal(selection.apply(x), x)
+
+
+@pytest.mark.parametrize("name,config", [CASES[0], CASES[4]])
+def test_batch_equals_rows_alone(name, config):
+    method = tokenreduce.make_method(name, **config)
+    x = clip(videos=3, seed=4)
+    together = method.select(context(x, method))
+    for i in range(3):
+        alone = method.select(context(x[i : i + 1], method))
+        assert torch.equal(together.index[i], alone.index[0])
+        torch.testing.assert_close(together.apply(x)[i], alone.apply(x[i : i + 1])[0])
+
+
+@pytest.mark.parametrize("name", ["fastvid", "holitom"])
+def test_acts_on_videos_only(name):
+    method = tokenreduce.make_method(name)
+    assert method.modalities == frozenset({"video"})
+    images = VisualContext(features=torch.randn(1, 25, 16), keep=5, num_prefix=0, grid=(5, 5))
+    with pytest.raises(ValueError, match="videos"):
+        method.select(images)
+
+
+@pytest.mark.parametrize(
+    "name,config,match",
+    [
+        ("fastvid", dict(segments=0), "segments must be an integer >= 1"),
+        ("fastvid", dict(context=1.5), r"context must be a number in \[0, 1\]"),
+        ("fastvid", dict(anchor_stride=0), "anchor_stride must be an integer >= 1"),
+        ("fastvid", dict(beta=-0.1), r"beta must be a number in \[0, 1\]"),
+        ("holitom", dict(tau=2), r"tau must be a number in \[-1, 1\]"),
+        ("holitom", dict(max_window=0), "max_window must be an integer >= 1"),
+        ("holitom", dict(neighbours=0), "neighbours must be an integer >= 1"),
+    ],
+)
+def test_config_errors_name_the_argument(name, config, match):
+    with pytest.raises(ValueError, match=match):
+        tokenreduce.make_method(name, **config)
