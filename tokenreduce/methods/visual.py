@@ -45,6 +45,11 @@ class VideoLayout:
     frames: int
     grid: tuple[int, int]
 
+    @property
+    def tokens(self) -> int:
+        """The video's tokens: ``frames * rows * cols``."""
+        return self.frames * self.grid[0] * self.grid[1]
+
 
 @dataclass
 class VisualContext:
@@ -81,6 +86,10 @@ class VisualContext:
     tokens, which are then one AnyRes image's packed span (the same for all ``M`` images); its
     ``cls_attention`` is then each token's own crop's (or the base image's) class-token attention at
     that patch, 0 on newline tokens.
+
+    ``video`` is set when the ``M`` rows are videos (of a method whose :attr:`VisualMethod.modalities`
+    hold ``"video"``): ``features [M, frames * rows * cols, D]`` are their tokens, frame-major, all with
+    this layout, and ``grid`` is the per-frame grid.
     """
 
     features: Tensor  # [M, N, D]
@@ -100,7 +109,7 @@ class VisualContext:
     cls_attention: Tensor | None = None  # [M, N]
     project: Callable[[Tensor], Tensor] | None = None  # the VLM's projector, for needs_projector
     anyres: AnyResLayout | None = None
-    video: VideoLayout | None = None  # set for videos: M videos of this layout, ``grid`` then the per-frame grid
+    video: VideoLayout | None = None
 
     def projector(self, method: str) -> Callable[[Tensor], Tensor]:
         """The VLM's projector (see :attr:`project`); raises when this call has none (``method`` names
@@ -158,7 +167,8 @@ class VisualMethod(Method):
     needs_projector: ClassVar[bool] = False  # wants VisualContext.project; vision space, token-wise projectors only
     needs_anyres: ClassVar[bool] = False  # selects among AnyRes packed spans (VisualContext.anyres) only
     default_keep_ratio: ClassVar[float | None] = 0.25
-    modalities: ClassVar[frozenset[str]] = frozenset({"image"})  # the inputs it acts on; others pass unchanged
+    # the inputs the method acts on, "image" and/or "video"; the others pass through unchanged
+    modalities: ClassVar[frozenset[str]] = frozenset({"image"})
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
@@ -193,8 +203,10 @@ class VisualMethod(Method):
         return min(num_tokens, max(1, round(self.keep_ratio * num_tokens)))
 
     def num_kept_video(self, layout: VideoLayout) -> int:
-        """Tokens kept of one video laid out as ``layout``: a function of the layout and the config only."""
-        return self.num_kept(layout.frames * layout.grid[0] * layout.grid[1], None)
+        """Tokens kept of one video laid out as ``layout`` (methods whose :attr:`modalities` hold
+        ``"video"``): a function of the layout and the config only, so that videos of one layout keep
+        equal counts."""
+        return self.num_kept(layout.tokens, None)
 
     def shallow_layer(self, depth: int) -> int | None:
         """A second layer (0-based, of a vision tower of ``depth`` layers) whose queries and keys the
