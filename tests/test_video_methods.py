@@ -1,12 +1,14 @@
-"""FastVID and HoliTom (pre-LLM video methods) on video tokens: against their naive-loop oracles, a count
-fixed by the layout, keep-all identity, batch rows alone."""
+"""FastVID and HoliTom (pre-LLM video methods): on video tokens against their naive-loop oracles, a count
+fixed by the layout, keep-all identity, batch rows alone; then on tiny video VLMs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_video_vlm import TEXTS, llm_input
 
 import tokenreduce
+from conftest import VIDEO_TOKEN, tiny_vlm, vlm_generate, vlm_logits, vlm_video, vlm_video_inputs
 from naive_fastvid import fastvid as naive_fastvid
 from naive_holitom import holitom as naive_holitom
 from tokenreduce.core import cut_segments, static_windows
@@ -130,3 +132,61 @@ def test_acts_on_videos_only(name):
 def test_config_errors_name_the_argument(name, config, match):
     with pytest.raises(ValueError, match=match):
         tokenreduce.make_method(name, **config)
+
+
+# End to end on tiny Qwen2-VL (M-RoPE, 4 frames of 4x4 tokens) and LLaVA-OneVision (1-D positions, 4 frames of
+# 2x2 tokens, then the video's newline token, always kept).
+E2E = [("fastvid", dict(keep_ratio=0.5, context=0.5, segments=2)), ("holitom", dict(keep_ratio=0.5, tau=0.5))]
+FAMILIES = ["qwen2_vl", "llava_onevision"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name,config", E2E)
+def test_the_llm_reads_the_oracle_tokens(family, name, config):
+    model = tiny_vlm(family)
+    kw = vlm_video_inputs(family, TEXTS[:1])
+    _, base_cos = llm_input(model, kw)
+    with torch.no_grad():
+        features = model.model.get_video_features(**vlm_video(family, 1)).pooler_output[0]
+    qwen = family.startswith("qwen")
+    frames_tokens = features.shape[0] - (0 if qwen else 1)
+    method = tokenreduce.make_method(name, **config)
+    index, out = NAIVE[name](
+        features[:frames_tokens], 4, method.num_kept_video(VideoLayout(4, (4, 4) if qwen else (2, 2))), **config_of(method)
+    )
+    if not qwen:  # the newline token follows
+        index, out = [*index, frames_tokens], torch.cat([out, features[frames_tokens:].double()])
+    tokenreduce.apply(model, method)
+    embeds, cos = llm_input(model, kw)
+    start, length = int((kw["input_ids"][0] == VIDEO_TOKEN).nonzero()[0]), kw["input_ids"].shape[1]
+    assert embeds.shape[0] == length - features.shape[0] + len(index)
+    torch.testing.assert_close(embeds[start : start + len(index)].double(), out, rtol=1e-4, atol=1e-4)
+    if qwen or method.positions == "keep":  # kept tokens keep their unpruned positions
+        kept = torch.cat([torch.arange(start), start + torch.tensor(index), torch.arange(start + features.shape[0], length)])
+        assert torch.equal(cos, base_cos[kept])
+    else:  # OneVision reindexed: the LLM numbers what it gets
+        assert torch.equal(cos, base_cos[: embeds.shape[0]])
+    assert tokenreduce.record(model).videos[0].position.tolist() == index
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name,config", E2E)
+def test_on_a_vlm_keep_all_batch_and_remove(family, name, config):
+    model = tiny_vlm(family)
+    kw = vlm_video_inputs(family, TEXTS)
+    logits, tokens = vlm_logits(model, kw), vlm_generate(model, kw)
+    tokenreduce.apply(model, name, **{**config, "keep_ratio": 1.0})
+    assert torch.equal(vlm_logits(model, kw), logits)
+    assert torch.equal(vlm_generate(model, kw), tokens)
+    tokenreduce.apply(model, name, **config)
+    batched = vlm_generate(model, kw)
+    layout = VideoLayout(4, (4, 4) if family.startswith("qwen") else (2, 2))
+    newline = 0 if family.startswith("qwen") else 1
+    kept = tokenreduce.make_method(name, **config).num_kept_video(layout) + newline
+    assert [v.kept for v in tokenreduce.record(model).videos] == [kept] * 2
+    for row in range(2):
+        single = vlm_video_inputs(family, TEXTS[row : row + 1], seed=7 + row)
+        assert torch.equal(vlm_generate(model, single), batched[row : row + 1]), f"row {row}"
+    tokenreduce.remove(model)
+    assert torch.equal(vlm_logits(model, kw), logits)
+    assert torch.equal(vlm_generate(model, kw), tokens)
