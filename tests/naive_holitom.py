@@ -1,4 +1,4 @@
-"""HoliTom's merging before the LLM written from its description with Python loops (float64), sharing
+"""HoliTom's merging before the LLM and inside it, written from its description with Python loops (float64), sharing
 no code with the method: the oracle the vectorised ``holitom`` must match."""
 
 from __future__ import annotations
@@ -116,3 +116,17 @@ def holitom(
                 outputs[fs[0] * p + at[free[c]]] = value
     index = sorted(outputs)
     return index, torch.stack([outputs[i] for i in index])
+
+
+def inner_merge(hidden: Tensor, attention: Tensor, count: int) -> tuple[list[int], Tensor]:
+    """One video's span in the LLM: ``hidden [L, D]`` (the merging layer's input) and the last prompt token's
+    attention ``[L]`` -> (the kept tokens, in order; their states after every other token, in order, halved
+    into the most cosine-similar one: ``h <- (h + h') / 2``)."""
+    h = hidden.double().clone()
+    kept = sorted(sorted(range(len(h)), key=lambda i: (-float(attention[i]), i))[:count])
+    for i in range(len(h)):
+        if i not in kept:
+            sims = [cosine(hidden[i].double(), hidden[j].double()) for j in kept]
+            target = kept[sims.index(max(sims))]
+            h[target] = (h[target] + h[i]) / 2
+    return kept, h[kept]

@@ -11,7 +11,9 @@ import tokenreduce
 from conftest import VIDEO_TOKEN, tiny_vlm, vlm_generate, vlm_logits, vlm_video, vlm_video_inputs
 from naive_fastvid import fastvid as naive_fastvid
 from naive_holitom import holitom as naive_holitom
+from naive_holitom import inner_merge
 from tokenreduce.core import cut_segments, static_windows
+from tokenreduce.methods.llm import ImageSpan, LLMContext
 from tokenreduce.methods.visual import VideoLayout, VisualContext
 
 LAYOUT = VideoLayout(frames=8, grid=(5, 5))
@@ -190,3 +192,37 @@ def test_on_a_vlm_keep_all_batch_and_remove(family, name, config):
     tokenreduce.remove(model)
     assert torch.equal(vlm_logits(model, kw), logits)
     assert torch.equal(vlm_generate(model, kw), tokens)
+
+
+def test_holitom_inner_merge_matches_naive_oracle():
+    method = tokenreduce.make_method("holitom", layer=2, merge_ratio=0.6)
+    gen = torch.Generator().manual_seed(5)
+    hidden, attention = torch.randn(2, 30, 16, generator=gen), torch.rand(2, 30, generator=gen)
+    spans = [ImageSpan(0, 3, 20, 4, (2, 2)), ImageSpan(1, 5, 17, 4, (2, 2))]
+    keep = [method.kept(sp.length, 0) for sp in spans]
+    ctx = LLMContext(2, 0, hidden, spans, keep, attention, torch.ones(2, 30))
+    for span, count, selection in zip(spans, keep, method.select(ctx)):
+        tokens = hidden[span.row, span.start : span.start + span.length]
+        index, out = inner_merge(tokens, attention[span.row, span.start : span.start + span.length], count)
+        assert selection.index[0].tolist() == index and len(index) == round(0.4 * span.length)
+        torch.testing.assert_close(selection.apply(tokens[None])[0].double(), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_holitom_outer_and_inner_on_a_vlm(family):
+    model = tiny_vlm(family)
+    kw = vlm_video_inputs(family, TEXTS)
+    logits, tokens = vlm_logits(model, kw), vlm_generate(model, kw)
+    tokenreduce.apply(model, [("holitom", dict(keep_ratio=1.0)), ("holitom", dict(layer=2, merge_ratio=0.0))])
+    assert torch.equal(vlm_logits(model, kw), logits)
+    assert torch.equal(vlm_generate(model, kw), tokens)
+    tokenreduce.apply(model, [("holitom", dict(keep_ratio=0.5, tau=0.5)), ("holitom", dict(layer=2))])
+    batched = vlm_generate(model, kw)
+    layout = VideoLayout(4, (4, 4) if family.startswith("qwen") else (2, 2))
+    outer = tokenreduce.make_method("holitom", keep_ratio=0.5).num_kept_video(layout) + (0 if family.startswith("qwen") else 1)
+    assert [v.kept for v in tokenreduce.record(model).videos] == [round(outer * 0.5)] * 2
+    for row in range(2):
+        single = vlm_video_inputs(family, TEXTS[row : row + 1], seed=7 + row)
+        assert torch.equal(vlm_generate(model, single), batched[row : row + 1]), f"row {row}"
+    tokenreduce.remove(model)
+    assert torch.equal(vlm_logits(model, kw), logits)

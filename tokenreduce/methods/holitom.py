@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tokenreduce.core import Selection, apportion, density_peaks, received_attention, static_windows, top_k_positions
 from tokenreduce.methods.fastvid import each_video, identity
+from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_layer
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_real
@@ -153,3 +154,61 @@ def _parts(static: Tensor, windows: list[tuple[int, int]], p: int) -> list[Part]
         if not bool(still.all()):
             parts += [([f], (~still).nonzero().flatten()) for f in frames]
     return parts
+
+
+@register_method
+@dataclass
+class HoliTomInner(AttentionRankPrune):
+    """HoliTom's merging inside the LLM: before layer ``layer`` (k), each video keeps the
+    ``round((1 - merge_ratio) * tokens)`` tokens the last prompt token attended to most at layer k - 1
+    (softmax over all tokens, mean over heads), and every other token of the video is merged into the kept
+    one whose hidden state (the input of layer k) is most cosine-similar to its own.
+
+    From the reference (``cokeshao/HoliTom`` ``holitom/modeling_qwen2.py`` at e9b2972): the merge runs
+    over the other tokens in order, each halving into its target in place, ``h <- (h + h') / 2`` (so a
+    target that takes ``m1 .. mj`` becomes ``h / 2^j + sum_i m_i / 2^(j - i + 1)``), with the
+    similarities computed once before merging; the kept tokens keep their positions
+    (``position_ids = keep_indexs``). Defaults: ``layer=18`` (the README's evaluation; the code's default
+    is 3; ``HOLITOM_k``), ``merge_ratio=0.5`` (``HOLITOM_r``). Choices the reference leaves open: every
+    video of a batch is ranked and merged on its own (the reference takes batch 1 and one video; its
+    span includes LLaVA-OneVision's newline token, as here); of equally similar kept tokens the earliest
+    takes the merge (the reference: the first in attention order); the kept count is at least 1.
+    """
+
+    name = "holitom"
+    paper = HoliTom.paper
+    modalities: ClassVar[frozenset[str]] = frozenset({"video"})
+
+    layer: int = 18  # k: the first layer that reads the merged tokens
+    merge_ratio: float = 0.5  # r: the share of each video's tokens merged away
+    positions: str = "keep"
+
+    def __post_init__(self) -> None:
+        self.layer = as_int("layer", self.layer, 1)
+        self.merge_ratio = as_real("merge_ratio", self.merge_ratio, 0, 1, high_open=True)
+        self.check_positions()
+
+    def prune_layers(self, depth: int) -> tuple[int, ...]:
+        check_layer("layer", self.layer, depth)
+        return (self.layer,)
+
+    def kept(self, tokens: int, stage: int) -> int:
+        return self.kept_count(tokens, 1 - self.merge_ratio)
+
+    def select(self, ctx: LLMContext) -> list[Selection]:
+        assert ctx.attention is not None
+        out = []
+        for span, count in zip(ctx.spans, ctx.keep):
+            n, device = span.length, ctx.hidden.device
+            kept = top_k_positions(ctx.attention[span.row, span.start : span.start + n][None], count)[0]
+            others = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, kept, False).nonzero().flatten()
+            unit = F.normalize(ctx.hidden[span.row, span.start : span.start + n].float(), dim=-1)
+            target = (unit[others] @ unit[kept].T).argmax(dim=1)
+            slot = torch.empty(n, dtype=torch.long, device=device).index_copy(0, kept, torch.arange(count, device=device))
+            slot = slot.index_copy(0, others, target)
+            # every later merge into the same target halves what it holds
+            later = torch.triu(target[:, None] == target[None, :], diagonal=1).sum(dim=1)
+            weight = torch.empty(n, device=device).index_copy(0, others, 0.5 ** (later + 1.0))
+            weight = weight.index_copy(0, kept, 0.5 ** torch.bincount(target, minlength=count).float())
+            out.append(Selection(slot[None], kept[None], weight[None]))
+        return out
