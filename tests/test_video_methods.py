@@ -226,3 +226,15 @@ def test_holitom_outer_and_inner_on_a_vlm(family):
         assert torch.equal(vlm_generate(model, single), batched[row : row + 1]), f"row {row}"
     tokenreduce.remove(model)
     assert torch.equal(vlm_logits(model, kw), logits)
+
+
+@pytest.mark.parametrize("name,config", E2E)
+def test_generates_as_the_unpatched_model_fed_the_reduced_prompt(name, config):
+    model = tiny_vlm("llava_onevision")
+    kw = vlm_video_inputs("llava_onevision", TEXTS[:1])
+    tokenreduce.apply(model, name, **{**config, "positions": "reindex"})
+    embeds, _ = llm_input(model, kw)
+    want = vlm_generate(model, kw)
+    tokenreduce.remove(model)
+    reduced = dict(inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long))
+    assert torch.equal(vlm_generate(model, reduced), want)

@@ -168,6 +168,6 @@ class FastVID(VisualMethod):
         members = torch.bincount(joins, minlength=count).float()
         weight = (1 / (members + 1)).clamp(min=self.beta)
         rows = torch.zeros(count, flat.shape[0], device=flat.device)
-        rows[torch.arange(count), anchors] = weight
+        rows[torch.arange(count, device=flat.device), anchors] = weight
         rows.index_put_((joins, pool), ((1 - weight) / members)[joins], accumulate=True)
         return dict(zip(anchors.tolist(), rows))
