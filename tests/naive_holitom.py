@@ -64,7 +64,7 @@ def holitom(
     count: int,
     tau: float = 0.8,
     neighbours: int = 7,
-    beta: float | None = None,
+    beta: float | None = 0.6,
     contextual: float = 0.0,
     max_window: int | None = None,
 ) -> tuple[list[int], Tensor]:

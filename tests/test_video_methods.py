@@ -47,7 +47,7 @@ CASES = [
     ("fastvid", dict(keep_tokens=50, tau=0.95, context=0.6, beta=0.0)),  # uneven frame budgets, single-frame segments
     ("holitom", dict()),  # defaults: static windows, dominant dynamic tokens
     ("holitom", dict(keep_ratio=0.3, contextual=0.5, beta=0.6, neighbours=3)),  # clusters among dynamic tokens
-    ("holitom", dict(keep_ratio=0.3, max_window=2)),
+    ("holitom", dict(keep_ratio=0.3, max_window=2, beta=None)),  # plain cluster means
     ("holitom", dict(keep_ratio=0.8)),  # more than merging over time leaves: no window merges
 ]
 

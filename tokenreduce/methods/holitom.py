@@ -41,15 +41,17 @@ class HoliTom(VisualMethod):
     4. Each part (a window's static tokens; a frame's dynamic tokens) keeps its share of the budget. The
        static share: DPC-kNN (``density_peaks`` with ``min(neighbours, share)`` neighbours, the
        reference's ``min(K, cluster_num)``) picks the centres; every other token joins its nearest
-       centre, and a cluster is the plain mean of its centre and members (the reference's default
-       ``NO_BETA=1``), or ``beta * centre + (1 - beta) * mean(members)`` when ``beta`` is set. The dynamic
-       share: ``round(share * (1 - contextual))`` tokens of highest saliency stay as they are, the rest
-       of the share are DPC-kNN clusters of the others, merged the same way (``contextual`` is the
-       reference's ``D``, 0 by default: no clusters).
+       centre, and a cluster becomes ``beta * centre + (1 - beta) * mean(members)`` (the reference's
+       default, ``BETA=0.6``; ``beta=None`` is its ``NO_BETA=1``: the plain mean of centre and members; a
+       centre without members stays as it is). The dynamic share: ``round(share * (1 - contextual))``
+       tokens of highest saliency stay as they are, the rest of the share are DPC-kNN clusters of the
+       others, merged the same way (``contextual`` is the reference's ``D``, 0 by default: no clusters).
 
-    Defaults: ``keep_ratio=0.15``, ``tau=0.8`` (the README's evaluation), ``neighbours=7``, no ``beta``,
-    ``contextual=0``, no window limit (the reference's 1024). HoliTom's second part, merging inside the
-    LLM at layer k, is not here (see ``VideoLayout``'s in-LLM routing).
+    Defaults: ``keep_ratio=0.15``, ``tau=0.8`` (the README's evaluation; the code's defaults are 0.1 and
+    0.8), ``neighbours=7``, ``beta=0.6``, ``contextual=0``, no window limit (the reference's 1024).
+    HoliTom's second part, merging inside the LLM, is ``holitom`` at stage ``llm``
+    (:class:`HoliTomInner`); the whole method is the stack ``apply(model, ["holitom", ("holitom",
+    dict(layer=18))])``.
 
     Choices this implementation makes where the reference leaves them open or depends on content: the
     reference's budget is content-dependent (its ratio is raised by the share merged over time, then
@@ -73,7 +75,7 @@ class HoliTom(VisualMethod):
 
     tau: float = 0.8  # a token is static over a transition above this cosine similarity
     neighbours: int = 7  # K of the k-nearest-neighbour density (capped by the cluster count)
-    beta: float | None = None  # the centre's weight in its cluster; None: a plain mean of all
+    beta: float | None = 0.6  # the centre's weight in its cluster; None: a plain mean of centre and members
     contextual: float = 0.0  # D: share of each frame's dynamic budget merged into clusters
     max_window: int | None = None  # the longest window, in frames; None: any
 
