@@ -36,6 +36,7 @@ def test_methods_lists_registered_names():
         *("todre", "ficoco", "simignore", "recoverable", "star", "greedyprune", "gsearch", "psigmoid"),
         *("catp", "zoo_prune", "script", "globalcom2", "btp", "vflowopt"),
         *("ficoco_l", "lvlm_csp"),
+        *("fastvid", "holitom"),
     }
 
 

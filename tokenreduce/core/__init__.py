@@ -18,6 +18,7 @@ from tokenreduce.core.cells import cell_argmax, cell_partition, corner_partition
 from tokenreduce.core.clustering import (
     cluster_argmin,
     cluster_selection,
+    density_peak_scores,
     density_peaks,
     dominant_contextual,
     farthest_first,
@@ -90,6 +91,7 @@ from tokenreduce.core.selection import (
 )
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.core.spectral import dct_lowpass, dct_matrix
+from tokenreduce.core.temporal import cut_segments, static_windows
 
 __all__ = [
     "RESIZE_MODES",
@@ -115,8 +117,10 @@ __all__ = [
     "cluster_selection",
     "compact",
     "cosine_distance",
+    "cut_segments",
     "dct_lowpass",
     "dct_matrix",
+    "density_peak_scores",
     "density_peaks",
     "farthest_first",
     "first_inputs",
@@ -173,6 +177,7 @@ __all__ = [
     "span",
     "split_keep_drop",
     "stable_order",
+    "static_windows",
     "strided_targets",
     "take_per_token",
     "threshold_soft_matching",

@@ -202,7 +202,18 @@ def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Te
     if x.dim() == 2:
         assignment, centres = density_peaks(x[None], clusters, neighbours)
         return assignment[0], centres[0]
-    b, n, c = x.shape
+    b, n, _ = x.shape
+    score, dist = density_peak_scores(x, neighbours)
+    centres = stable_order(score)[:, :clusters]
+    assignment = nearest_centre(dist.gather(2, centres[:, None, :].expand(b, n, clusters)), centres)
+    return assignment, centres
+
+
+def density_peak_scores(x: Tensor, neighbours: int) -> tuple[Tensor, Tensor]:
+    """DPC-kNN's centre score of each token of ``x [B, N, C]``: ``density * distance to the nearest denser
+    token`` (see :func:`density_peaks`, which takes the best-scored tokens as centres), and the distances
+    ``[B, N, N]`` (Euclidean over ``sqrt(C)``). Returns ``(score [B, N], dist)``."""
+    n, c = x.shape[1:]
     dist = pairwise_distances(x) / c**0.5
     nearest = dist.topk(min(neighbours, n), dim=-1, largest=False).values
     density = (-(nearest**2).mean(dim=-1)).exp()  # [B, N]
@@ -210,9 +221,7 @@ def density_peaks(x: Tensor, clusters: int, neighbours: int) -> tuple[Tensor, Te
     other, this = density[:, None, :], density[:, :, None]
     denser = (other > this) | ((other == this) & (order[None, :] < order[:, None]))  # [B, i, j]: j denser than i
     parent = torch.where(denser, dist, dist.amax(dim=(1, 2), keepdim=True)).min(dim=-1).values
-    centres = stable_order(parent * density)[:, :clusters]
-    assignment = nearest_centre(dist.gather(2, centres[:, None, :].expand(b, n, clusters)), centres)
-    return assignment, centres
+    return parent * density, dist
 
 
 def grid_cells(grid: tuple[int, int], cells: tuple[int, int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
