@@ -43,6 +43,7 @@ from tokenreduce.core import Selection, cls_attention
 from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
+from tokenreduce.methods.cross_attention import CrossAttentionMethod
 from tokenreduce.methods.llm import LLMMethod
 from tokenreduce.methods.stack import parts
 from tokenreduce.methods.visual import AnyResLayout, VisualContext, VisualMethod
@@ -611,6 +612,11 @@ class HFVLM(Adapter):
 
     # -- checks and installation --------------------------------------------------------------
     def validate(self, model: nn.Module, method: Method) -> None:
+        if isinstance(method, CrossAttentionMethod):
+            raise TypeError(
+                f"method {method.name!r} trims the image features that cross-attention layers read (Llama 3.2 Vision, "
+                f"MllamaForConditionalGeneration); {type(model).__name__} has its visual tokens in the LLM's sequence"
+            )
         before, inside = parts(method)
         if inside is not None:
             self._validate_llm(model, inside)
