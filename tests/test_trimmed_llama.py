@@ -133,3 +133,16 @@ def test_describe_names_the_cross_attention_layers(model):
         text = tokenreduce.describe(model)
     assert "via adapter 'hf-mllama'" in text
     assert "image features read by cross-attention layers 1, 3: chosen at layer 1; each head keeps the top 0.3" in text
+
+
+def test_attention_implementation_kept_and_eager_agrees():
+    kw = mllama_inputs(TEXTS, TILES)
+    sdpa, eager = tiny_mllama(), tiny_mllama()
+    eager.set_attn_implementation("eager")
+    for model in (sdpa, eager):
+        tokenreduce.apply(model, "trimmed_llama", keep_ratio=0.25)
+    assert sdpa.config.text_config._attn_implementation == "sdpa"
+    (sdpa_logits, sdpa_tokens), (eager_logits, eager_tokens) = run(sdpa, kw), run(eager, kw)
+    real = kw["attention_mask"].bool()  # padding rows attend nothing: each kernel fills them its own way
+    torch.testing.assert_close(eager_logits[real], sdpa_logits[real], rtol=1e-4, atol=1e-4)
+    assert torch.equal(eager_tokens, sdpa_tokens)
