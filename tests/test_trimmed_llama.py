@@ -146,3 +146,14 @@ def test_attention_implementation_kept_and_eager_agrees():
     real = kw["attention_mask"].bool()  # padding rows attend nothing: each kernel fills them its own way
     torch.testing.assert_close(eager_logits[real], sdpa_logits[real], rtol=1e-4, atol=1e-4)
     assert torch.equal(eager_tokens, sdpa_tokens)
+
+
+def test_head_received_attention_sums_each_heads_softmax_over_the_chosen_queries():
+    from tokenreduce.core import attention_probs, head_received_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, bias = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 1, 5, 7, generator=g)
+    queries = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    want = (attention_probs(q, k, 0.5, bias) * queries[:, None, :, None]).sum(dim=2)
+    torch.testing.assert_close(head_received_attention(q, k, 0.5, bias, queries), want)
+    torch.testing.assert_close(head_received_attention(q, k, 0.5), attention_probs(q, k, 0.5).sum(dim=2))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
-from tokenreduce.core import attention_probs
+from tokenreduce.core import head_received_attention
 from tokenreduce.methods.base import Method
 from tokenreduce.methods.cross_attention import CrossAttentionContext, CrossAttentionMethod
 from tokenreduce.patch import ATTR, Patch, original_class
@@ -138,15 +138,15 @@ def _check_cache(cache, index: int) -> None:
         )
 
 
-def _attention(layer: nn.Module, hidden: Tensor, states: Tensor, mask: Tensor | None) -> Tensor:
-    """``[B, H, T, N]``: the cross-attention probabilities of ``layer`` on its input ``hidden``, from its
-    own norms and projections, as its attention kernel computes them."""
+def _received(layer: nn.Module, hidden: Tensor, states: Tensor, mask: Tensor | None, readers: Tensor) -> Tensor:
+    """``[B, H, N]``: per head, the cross-attention of ``layer`` each feature of ``states`` receives from
+    the tokens ``readers [B, T]`` of its input ``hidden``, from its own norms and projections."""
     attn = layer.cross_attn
     b, t, _ = hidden.shape
     q = attn.q_proj(layer.input_layernorm(hidden)).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(states).view(b, states.shape[1], attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_norm(k).repeat_interleave(attn.num_key_value_groups, dim=1)
-    return attention_probs(attn.q_norm(q), k, attn.scaling, mask)
+    return head_received_attention(attn.q_norm(q), k, attn.scaling, mask, readers)
 
 
 @loadable
@@ -184,7 +184,7 @@ def _choose(patch: Patch, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tri
     source, mask, rows = (kwargs.get(k) for k in ("cross_attention_states", *MASKS))
     states = source.reshape(hidden.shape[0], -1, source.shape[-1])  # the model passes [B * images * tiles, tokens, D]
     readers = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if rows is None else rows[:, 0, :, 0].bool()
-    ctx = CrossAttentionContext(layer.layer_idx, _attention(layer, hidden, states, mask), readers)
+    ctx = CrossAttentionContext(layer.layer_idx, _received(layer, hidden, states, mask, readers))
     method: CrossAttentionMethod = patch.method  # type: ignore[assignment]
     kept = [selection.index[0] for selection in method.select(ctx)]
     trim = Trim.pad(kept, states.shape[1], states.dtype)

@@ -18,15 +18,14 @@ from tokenreduce.stages import Stage
 class CrossAttentionContext:
     """What a cross-attention method sees at the cross-attention layer ``layer`` that chooses, for a batch.
 
-    ``attention [B, H, T, N]`` is, per head, the float32 softmax attention of each of the ``T`` prompt
-    tokens (the layer's queries) over the ``N`` image features of its row (the layer's keys), under the
-    layer's cross-attention mask; ``readers [B, T]`` is True on the tokens that read the images (their
-    mask row is not fully masked: Mllama masks every token before a row's first image, padding included).
+    ``received [B, H, N]`` is, per head, the softmax attention each of a row's ``N`` image features
+    receives from the prompt tokens that read the images (the layer's queries and keys, under its
+    cross-attention mask), summed over those tokens: the tokens whose mask row is not fully masked
+    (Mllama masks every token before a row's first image, padding included).
     """
 
     layer: int
-    attention: Tensor
-    readers: Tensor
+    received: Tensor
 
 
 class CrossAttentionMethod(Method):

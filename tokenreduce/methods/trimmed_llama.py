@@ -53,10 +53,9 @@ class TrimmedLlama(CrossAttentionMethod):
         return min(features, max(1, round(self.keep_ratio * features)))
 
     def select(self, ctx: CrossAttentionContext) -> list[Selection]:
-        b, _, _, n = ctx.attention.shape
-        scores = (ctx.attention * ctx.readers[:, None, :, None].to(ctx.attention.dtype)).sum(dim=2)  # [B, H, N]
-        top = scores.argsort(dim=-1, descending=True, stable=True)[..., : self.per_head(n)]
-        chosen = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
+        b, _, n = ctx.received.shape
+        top = ctx.received.argsort(dim=-1, descending=True, stable=True)[..., : self.per_head(n)]
+        chosen = torch.zeros(b, n, dtype=torch.bool, device=top.device)
         chosen.scatter_(1, top.flatten(1), True)
         return [keep(row.nonzero()[:, 0][None], n) for row in chosen]
 
