@@ -20,11 +20,13 @@ class TrimmedLlama(CrossAttentionMethod):
     to most; the union over heads is what every cross-attention layer (that one included) reads as keys
     and values from then on, and what their KV cache holds.
 
-    Paper only. The rule implemented is the paper's: "headwise attention scores from language sequences
-    [are used] to remove unimportant image features. In the first cross-attention layer, each head
-    selects the top-k most salient features based on attention scores. The union of these top-k sets
-    across all heads forms the final selection", so that "the pruning ratios are adaptively allocated"
-    (the kept count depends on the prompt); the paper reports 40-50% of the features kept.
+    Paper only (read through its abstract and the authors' summary of the method on the Nota AI blog;
+    the arXiv method section was not read). The rule implemented is theirs: the method "uses headwise
+    attention scores from language sequences to remove unimportant image features. In the first
+    cross-attention layer, each head selects the top-k most salient features based on attention scores.
+    The union of these top-k sets across all heads forms the final selection", so that "the pruning
+    ratios are adaptively allocated" (the kept count depends on the prompt); they report "leveraging
+    40~50% of the image features".
 
     Choices the paper leaves open, made here:
     - a head's score of a feature is the sum, over the prompt tokens that read the image (those whose
@@ -35,7 +37,10 @@ class TrimmedLlama(CrossAttentionMethod):
       that share and at most ``heads * k`` features, so lower ``keep_ratio`` to keep less;
     - equal scores go to the earlier feature; the kept features stay in their order;
     - the first cross-attention layer itself runs on the kept features (it scores them first), so its
-      KV cache is trimmed too, and every image of a prompt is trimmed as one set of features;
+      KV cache is trimmed too (the paper's figure: "Image features are pruned in the first
+      cross-attention block ... The features serve as inputs for the keys and values in subsequent
+      cross-attention layers"; whether that block's own prefill read all of them is not said);
+    - every image of a prompt is trimmed as one set of features;
     - batch > 1: each row keeps its own union; shorter rows are padded to the longest with masked
       copies of a kept feature (no query attends them), so a row gives what it gives alone.
     """
