@@ -157,3 +157,14 @@ def test_head_received_attention_sums_each_heads_softmax_over_the_chosen_queries
     want = (attention_probs(q, k, 0.5, bias) * queries[:, None, :, None]).sum(dim=2)
     torch.testing.assert_close(head_received_attention(q, k, 0.5, bias, queries), want)
     torch.testing.assert_close(head_received_attention(q, k, 0.5), attention_probs(q, k, 0.5).sum(dim=2))
+
+
+def test_without_a_cross_attention_mask_one_row_reads_everything_and_a_batch_is_refused(model):
+    kw = {k: v for k, v in mllama_inputs(TEXTS, TILES).items() if k != "cross_attention_mask"}
+    one = {k: v[1:] for k, v in kw.items()}
+    with tokenreduce.applied(model, "trimmed_llama", keep_ratio=0.25):
+        with torch.no_grad():
+            model(**one)
+        assert len(tokenreduce.record(model).kept[0]) >= round(0.25 * 34)
+        with pytest.raises(ValueError, match="needs its cross_attention_mask"), torch.no_grad():
+            model(**kw)

@@ -48,15 +48,14 @@ class Trim:
     index: Tensor
     real: Tensor
     features: int
-    dtype: torch.dtype  # of the model's masks
 
     @classmethod
-    def pad(cls, kept: list[Tensor], features: int, dtype: torch.dtype) -> Trim:
+    def pad(cls, kept: list[Tensor], features: int) -> Trim:
         """From each row's kept indices (counts may differ)."""
         width = max(k.shape[0] for k in kept)
         index = torch.stack([torch.cat([k, k[:1].expand(width - k.shape[0])]) for k in kept])
         real = torch.arange(width, device=index.device) < torch.tensor([k.shape[0] for k in kept], device=index.device)[:, None]
-        return cls(index, real, features, dtype)
+        return cls(index, real, features)
 
     def states(self, states: Tensor) -> Tensor:
         """``states [B, N, D]`` -> the kept features ``[B, K, D]``."""
@@ -67,14 +66,12 @@ class Trim:
         builds them from a mask over the kept features alone: cut to the kept columns, padding masked,
         and a row none of whose kept features it may read fully masked (its mask zeroed, as the model
         zeroes one; the padding stays masked, so the row reads the real kept features evenly)."""
-        padding = ~self.real[:, None, None, :]
-        if mask is None:
-            if not bool(padding.any()):
-                return None, rows
-            mask = torch.zeros(self.index.shape[0], 1, 1, self.features, dtype=self.dtype, device=self.index.device)
+        if mask is None:  # one row (a batch needs its mask): no padding to mask
+            return None, rows
         if mask.shape[-1] != self.features:
             raise ValueError(f"the cross-attention mask covers {mask.shape[-1]} image features; the prompt had {self.features}")
         low = torch.finfo(mask.dtype).min
+        padding = ~self.real[:, None, None, :]
         cut = mask.gather(-1, self.index[:, None, None, :].expand(*mask.shape[:-1], -1)).masked_fill(padding, low)
         readable = (cut != low).any(dim=-1, keepdim=True)
         if rows is not None:
@@ -183,11 +180,16 @@ def _choose(patch: Patch, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tri
     _check_cache(cache, layer.layer_idx)
     source, mask, rows = (kwargs.get(k) for k in ("cross_attention_states", *MASKS))
     states = source.reshape(hidden.shape[0], -1, source.shape[-1])  # the model passes [B * images * tiles, tokens, D]
+    if rows is None and hidden.shape[0] > 1:
+        raise ValueError(
+            "trimming cross-attended features of a batch needs its cross_attention_mask (as the processor gives it): "
+            "it says which tokens read the images, padding excluded"
+        )
     readers = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if rows is None else rows[:, 0, :, 0].bool()
     ctx = CrossAttentionContext(layer.layer_idx, _received(layer, hidden, states, mask, readers))
     method: CrossAttentionMethod = patch.method  # type: ignore[assignment]
     kept = [selection.index[0] for selection in method.select(ctx)]
-    trim = Trim.pad(kept, states.shape[1], states.dtype)
+    trim = Trim.pad(kept, states.shape[1])
     _thread(patch).record = CrossAttentionRecord(states.shape[1], tuple(kept), layer.layer_idx)
     if cache is not None:
         setattr(cache, TRIM, trim)
