@@ -300,6 +300,59 @@ def tiny_vlm(family: str, seed: int = 0) -> nn.Module:
     return randomize(model, seed).eval()
 
 
+def tiny_mllama(seed: int = 0) -> nn.Module:
+    """A Llama-3.2-Vision-shaped model: a vision model (2 local layers, 1 global) on up to two 32 px tiles
+    of 8 px patches (17 features per tile with its class token), and a 4-layer Llama whose layers 1 and 3
+    cross-attend to the features. Its cross-attention gates are opened (tanh 1), so the image matters."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    vision = T.MllamaVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        max_num_tiles=2,
+        intermediate_layers_indices=[0],
+        vision_output_dim=64,
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )
+    text = T.MllamaTextConfig(**_TEXT, cross_attention_layers=[1, 3], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = T.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
+    model = randomize(T.MllamaForConditionalGeneration(config), seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                p.fill_(1.0)
+    return model.eval()
+
+
+def mllama_inputs(texts: list[list[int]], tiles: list[int] | None = None, side: str = "left", seed: int = 3) -> dict:
+    """One image per prompt, its ``<|image|>`` token after the text ``texts[i]``, then two text tokens;
+    padded on ``side``. Row ``i``'s image has ``tiles[i]`` tiles (1 or 2, default 2; a second tile of
+    a one-tile image is padding) drawn with seed ``seed + i``, so a row can be rebuilt alone; its
+    tokens read the image from the ``<|image|>`` token on (padding reads nothing)."""
+    tiles = tiles or [2] * len(texts)
+    ids, mask = batch([list(t) + [IMAGE_TOKEN, 7, 8] for t in texts], side)
+    pixel_values = torch.zeros(len(texts), 1, 2, 3, 32, 32)
+    cross = torch.zeros(len(texts), ids.shape[1], 1, 2, dtype=torch.long)
+    for i, n in enumerate(tiles):
+        pixel_values[i, 0, :n] = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed + i))
+        reads = (ids[i] == IMAGE_TOKEN).cumsum(0).bool() & mask[i].bool()
+        cross[i, reads, 0, :n] = 1
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixel_values,
+        aspect_ratio_ids=torch.tensor([[1 if n == 1 else 2] for n in tiles]),
+        aspect_ratio_mask=torch.tensor([[[1, int(n == 2)]] for n in tiles]),
+        cross_attention_mask=cross,
+    )
+
+
 def vlm_pixels(family: str, images: int, seed: int = 3) -> dict:
     """Pixel inputs for ``images`` images of a family's tiny config."""
     g = torch.Generator().manual_seed(seed)

@@ -37,6 +37,7 @@ def test_methods_lists_registered_names():
         *("catp", "zoo_prune", "script", "globalcom2", "btp", "vflowopt"),
         *("ficoco_l", "lvlm_csp"),
         *("fastvid", "holitom"),
+        *("trimmed_llama", "ptp"),
     }
 
 

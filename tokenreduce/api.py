@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenreduce.adapters import locate
 from tokenreduce.adapters.diffusers_denoisers import DenoiserRecord
+from tokenreduce.adapters.hf_mllama import CrossAttentionRecord
 from tokenreduce.adapters.hf_vlm import VLMRecord
 from tokenreduce.methods.base import Method
 from tokenreduce.methods.stack import Stack
@@ -179,7 +180,7 @@ def patch_of(model: nn.Module) -> Patch:
     return patch
 
 
-def record(model: nn.Module) -> Record | VLMRecord | DenoiserRecord:
+def record(model: nn.Module) -> Record | VLMRecord | DenoiserRecord | CrossAttentionRecord:
     """What the calling thread's last forward of a patched model did. Each thread sees its own
     forwards, so concurrent callers never mix.
 
@@ -188,7 +189,9 @@ def record(model: nn.Module) -> Record | VLMRecord | DenoiserRecord:
     (a forward with images, or ``generate``'s prefill): what each image sent to the LLM and the
     sequence lengths the LLM read. For a diffusion denoiser (or pipeline), a
     :class:`~tokenreduce.adapters.diffusers_denoisers.DenoiserRecord` of its last call: the blocks that
-    reduced and their token counts."""
+    reduced and their token counts. For Mllama (Llama 3.2 Vision), a
+    :class:`~tokenreduce.adapters.hf_mllama.CrossAttentionRecord` of its last prompt: the image features
+    each row kept."""
     patch = patch_of(model)
     rec = patch.adapter.record(patch)
     if rec is None:

@@ -6,6 +6,7 @@ from torch import nn
 
 from tokenreduce.adapters import (  # noqa: F401  (registration)
     diffusers_denoisers,
+    hf_mllama,
     hf_video,
     hf_vision,
     hf_vlm,

@@ -48,6 +48,7 @@ from tokenreduce.core import Selection, cls_attention
 from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, expand_tokens, expansion_index, image_spans, merge_mean
 from tokenreduce.methods.base import EncoderMethod, Method
+from tokenreduce.methods.cross_attention import CrossAttentionMethod
 from tokenreduce.methods.llm import ImageSpan, LLMMethod
 from tokenreduce.methods.stack import parts
 from tokenreduce.methods.visual import AnyResLayout, VideoLayout, VisualContext, VisualMethod
@@ -761,6 +762,11 @@ class HFVLM(Adapter):
 
     # -- checks and installation --------------------------------------------------------------
     def validate(self, model: nn.Module, method: Method) -> None:
+        if isinstance(method, CrossAttentionMethod):
+            raise TypeError(
+                f"method {method.name!r} trims the image features that cross-attention layers read (Llama 3.2 Vision, "
+                f"MllamaForConditionalGeneration); {type(model).__name__} has its visual tokens in the LLM's sequence"
+            )
         before, inside = parts(method)
         for part in (before, inside):
             self._validate_modalities(model, part)

@@ -4,6 +4,7 @@ from tokenreduce.core.agglomerative import agglomerative_clustering, merge_clust
 from tokenreduce.core.attention import (
     attention_probs,
     cls_attention,
+    head_received_attention,
     head_rms,
     merge_attention,
     received_attention,
@@ -133,6 +134,7 @@ __all__ = [
     "grid_resize",
     "hash_normal",
     "hash_scores",
+    "head_received_attention",
     "head_rms",
     "index_only",
     "image_spans",

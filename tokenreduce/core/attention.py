@@ -64,6 +64,24 @@ def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None =
     return total / q.shape[1]
 
 
+def head_received_attention(
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, queries: Tensor | None = None
+) -> Tensor:
+    """Per head, the softmax attention each of the ``N`` keys receives, summed over the queries marked in
+    ``queries [B, Q]`` (all of them when ``None``): ``[B, H, N]`` float32, for ``q [B, H, Q, D]``, ``k [B,
+    H, N, D]`` and the layer's additive ``bias [B, 1 or H, Q, N]``. Head by head, beside the layer's own
+    attention: the cross-attention saliency of image features (Trimmed Llama)."""
+    weight = None if queries is None else queries.float()[:, :, None]
+    heads = []
+    for h in range(q.shape[1]):
+        logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias[:, min(h, bias.shape[1] - 1)].float()
+        probs = logits.softmax(dim=-1)
+        heads.append((probs if weight is None else probs * weight).sum(dim=1))
+    return torch.stack(heads, dim=1)
+
+
 def row_attention(query: Tensor, k: Tensor, rows: Tensor, key_mask: Tensor, scale: float) -> Tensor:
     """Causal softmax attention of one query per sample to every token, averaged over heads: ``[B, L]``.
     ``query [B, H, D]`` is the query of position ``rows [B]``; ``k [B, H_kv, L, D]`` the keys (grouped-query

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core import Selection, apportion, keep
-from tokenreduce.methods.visual import AnyResLayout, VisualContext, VisualMethod
+from tokenreduce.methods.visual import AnyResLayout, AnyResRegions, VisualContext
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_real
 
 
 @register_method
 @dataclass
-class GlobalCom2(VisualMethod):
+class GlobalCom2(AnyResRegions):
     """On AnyRes prompts (LLaVA-NeXT; LLaVA-OneVision with a class-token tower), the base image
     (thumbnail) decides how many tokens each crop keeps, then each crop keeps its best tokens.
 
@@ -58,38 +58,19 @@ class GlobalCom2(VisualMethod):
         "Liu et al., Global Compression Commander: Plug-and-Play Inference Acceleration for High-Resolution "
         "Large Vision-Language Models, AAAI 2026"
     )
-    needs_cls_attention = True
-    needs_anyres = True
     default_keep_ratio = 0.25
 
     temperature: float = 10.0  # of the softmax over the crops' summed thumbnail attention
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep_tokens is not None:
-            raise ValueError(
-                "globalcom2's budget is keep_ratio, the share each part of an AnyRes image keeps; "
-                f"got keep_tokens={self.keep_tokens!r}"
-            )
         self.temperature = as_real("temperature", self.temperature, 0, math.inf, low_open=True)
-
-    def part_budgets(self, layout: AnyResLayout) -> tuple[int, int, int]:
-        """(thumbnail tokens kept, crop tokens kept in all, newline tokens) of a span laid out as ``layout``."""
-        thumbnail = layout.side * layout.side
-        crops = int((layout.part > 0).sum())
-        return self.num_kept(thumbnail, None), (self.num_kept(crops, None) if crops else 0), int((layout.part < 0).sum())
-
-    def num_kept_anyres(self, layout: AnyResLayout) -> int:
-        return sum(self.part_budgets(layout))
 
     def crop_budgets(self, thumbnail: Tensor, layout: AnyResLayout) -> Tensor:
         """``[M, rows * cols]`` long: tokens each crop keeps, from the thumbnail's class-token
         attention ``thumbnail [M, side * side]`` (raster order); rows sum to the crops' total."""
         rows, cols = layout.crops
-        side = layout.side
-        t = torch.arange(side * side, device=thumbnail.device)
-        block_rows, block_cols = max(side // rows, 1), max(side // cols, 1)
-        region = (t // side // block_rows).clamp(max=rows - 1) * cols + (t % side // block_cols).clamp(max=cols - 1)
+        region = self.thumbnail_regions(layout, thumbnail.device)
         summed = thumbnail.new_zeros(thumbnail.shape[0], rows * cols).index_add_(1, region, thumbnail)
         p = (summed / self.temperature).softmax(dim=1)
         scale = (self.keep_ratio * (1 + p - p.mean(dim=1, keepdim=True))).clamp(max=1)

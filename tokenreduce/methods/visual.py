@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from tokenreduce.core import Selection, received_attention
@@ -226,3 +227,42 @@ class VisualMethod(Method):
     @abstractmethod
     def select(self, ctx: VisualContext) -> Selection:
         """``ctx.features [M, N, D] -> ctx.keep`` tokens per image."""
+
+
+@dataclass
+class AnyResRegions(VisualMethod):
+    """A pre-LLM method that shares each AnyRes image's budget among its regions (LLaVA-NeXT, OneVision
+    with a class-token tower): the base image (thumbnail) keeps ``round(keep_ratio * its tokens)``, the
+    crops ``round(keep_ratio * their tokens left after unpadding)`` in all (split by the method), and
+    every newline token stays, so images of one size keep one count and batch together."""
+
+    needs_cls_attention = True
+    needs_anyres = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep_tokens is not None:
+            raise ValueError(
+                f"{self.name}'s budget is keep_ratio, the share each part of an AnyRes image keeps; "
+                f"got keep_tokens={self.keep_tokens!r}"
+            )
+
+    def part_budgets(self, layout: AnyResLayout) -> tuple[int, int, int]:
+        """(thumbnail tokens kept, crop tokens kept in all, newline tokens) of a span laid out as ``layout``."""
+        thumbnail = layout.side * layout.side
+        crops = int((layout.part > 0).sum())
+        return self.num_kept(thumbnail, None), (self.num_kept(crops, None) if crops else 0), int((layout.part < 0).sum())
+
+    def num_kept_anyres(self, layout: AnyResLayout) -> int:
+        return sum(self.part_budgets(layout))
+
+    @staticmethod
+    def thumbnail_regions(layout: AnyResLayout, device: torch.device) -> Tensor:
+        """``[side * side]`` long: the crop whose region of the thumbnail each thumbnail patch (raster order)
+        lies in: the thumbnail grid cut in ``rows x cols`` blocks of ``max(side // rows, 1)`` by
+        ``max(side // cols, 1)`` patches, the last block of a row or column taking the remainder."""
+        rows, cols = layout.crops
+        side = layout.side
+        t = torch.arange(side * side, device=device)
+        block_rows, block_cols = max(side // rows, 1), max(side // cols, 1)
+        return (t // side // block_rows).clamp(max=rows - 1) * cols + (t % side // block_cols).clamp(max=cols - 1)
