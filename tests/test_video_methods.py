@@ -13,11 +13,17 @@ from naive_fastvid import fastvid as naive_fastvid
 from naive_holitom import holitom as naive_holitom
 from naive_holitom import inner_merge
 from tokenreduce.core import cut_segments, static_windows
+from tokenreduce.methods.holitom import HoliTomInner, HoliTomOuter
 from tokenreduce.methods.llm import ImageSpan, LLMContext
 from tokenreduce.methods.visual import VideoLayout, VisualContext
 
 LAYOUT = VideoLayout(frames=8, grid=(5, 5))
 NAIVE = {"fastvid": naive_fastvid, "holitom": naive_holitom}
+
+
+def pre_llm(name: str, **config):
+    """The pre-LLM method the name stands for: ``holitom``'s first part (the name is the whole stack)."""
+    return HoliTomOuter(**config) if name == "holitom" else tokenreduce.make_method(name, **config)
 
 
 def clip(videos: int = 1, seed: int = 0, dim: int = 16, scenes: tuple[int, ...] = (3, 5)) -> torch.Tensor:
@@ -55,7 +61,7 @@ CASES = [
 @pytest.mark.parametrize("name,config", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_naive_oracle(name, config, seed):
-    method = tokenreduce.make_method(name, **config)
+    method = pre_llm(name, **config)
     x = clip(seed=seed)
     selection = method.select(context(x, method))
     index, out = NAIVE[name](x[0], LAYOUT.frames, method.num_kept_video(LAYOUT), **config_of(method))
@@ -80,7 +86,7 @@ def test_clip_has_what_the_cases_exercise():
 
 @pytest.mark.parametrize("name", ["fastvid", "holitom"])
 def test_count_depends_on_the_layout_alone(name):
-    method = tokenreduce.make_method(name, keep_ratio=0.3)
+    method = pre_llm(name, keep_ratio=0.3)
     clips = [clip(seed=0, scenes=(8,)), clip(seed=1, scenes=(1,) * 8), clip(seed=2, scenes=(3, 5))]
     counts = {method.select(context(x, method)).num_out for x in clips}
     assert counts == {method.num_kept_video(LAYOUT)}
@@ -88,12 +94,12 @@ def test_count_depends_on_the_layout_alone(name):
 
 def test_fastvid_count_is_the_reference_per_frame_count():
     assert tokenreduce.make_method("fastvid").num_kept_video(VideoLayout(32, (14, 14))) == 32 * 19  # int(196 * 0.1)
-    assert tokenreduce.make_method("holitom").num_kept_video(VideoLayout(32, (14, 14))) == round(0.15 * 32 * 196)
+    assert HoliTomOuter().num_kept_video(VideoLayout(32, (14, 14))) == round(0.15 * 32 * 196)
 
 
 @pytest.mark.parametrize("name", ["fastvid", "holitom"])
 def test_keep_all_is_identity(name):
-    method = tokenreduce.make_method(name, keep_ratio=1.0)
+    method = pre_llm(name, keep_ratio=1.0)
     x = clip(videos=2)
     selection = method.select(context(x, method))
     assert torch.equal(selection.apply(x), x)
@@ -101,7 +107,7 @@ def test_keep_all_is_identity(name):
 
 @pytest.mark.parametrize("name,config", [CASES[0], CASES[4]])
 def test_batch_equals_rows_alone(name, config):
-    method = tokenreduce.make_method(name, **config)
+    method = pre_llm(name, **config)
     x = clip(videos=3, seed=4)
     together = method.select(context(x, method))
     for i in range(3):
@@ -112,7 +118,7 @@ def test_batch_equals_rows_alone(name, config):
 
 @pytest.mark.parametrize("name", ["fastvid", "holitom"])
 def test_acts_on_videos_only(name):
-    method = tokenreduce.make_method(name)
+    method = pre_llm(name)
     assert method.modalities == frozenset({"video"})
     images = VisualContext(features=torch.randn(1, 25, 16), keep=5, num_prefix=0, grid=(5, 5))
     with pytest.raises(ValueError, match="videos"):
@@ -133,7 +139,7 @@ def test_acts_on_videos_only(name):
 )
 def test_config_errors_name_the_argument(name, config, match):
     with pytest.raises(ValueError, match=match):
-        tokenreduce.make_method(name, **config)
+        pre_llm(name, **config)
 
 
 # End to end on tiny Qwen2-VL (M-RoPE, 4 frames of 4x4 tokens) and LLaVA-OneVision (1-D positions, 4 frames of
@@ -152,7 +158,7 @@ def test_the_llm_reads_the_oracle_tokens(family, name, config):
         features = model.model.get_video_features(**vlm_video(family, 1)).pooler_output[0]
     qwen = family.startswith("qwen")
     frames_tokens = features.shape[0] - (0 if qwen else 1)
-    method = tokenreduce.make_method(name, **config)
+    method = pre_llm(name, **config)
     index, out = NAIVE[name](
         features[:frames_tokens], 4, method.num_kept_video(VideoLayout(4, (4, 4) if qwen else (2, 2))), **config_of(method)
     )
@@ -177,14 +183,14 @@ def test_on_a_vlm_keep_all_batch_and_remove(family, name, config):
     model = tiny_vlm(family)
     kw = vlm_video_inputs(family, TEXTS)
     logits, tokens = vlm_logits(model, kw), vlm_generate(model, kw)
-    tokenreduce.apply(model, name, **{**config, "keep_ratio": 1.0})
+    tokenreduce.apply(model, pre_llm(name, **{**config, "keep_ratio": 1.0}))
     assert torch.equal(vlm_logits(model, kw), logits)
     assert torch.equal(vlm_generate(model, kw), tokens)
-    tokenreduce.apply(model, name, **config)
+    tokenreduce.apply(model, pre_llm(name, **config))
     batched = vlm_generate(model, kw)
     layout = VideoLayout(4, (4, 4) if family.startswith("qwen") else (2, 2))
     newline = 0 if family.startswith("qwen") else 1
-    kept = tokenreduce.make_method(name, **config).num_kept_video(layout) + newline
+    kept = pre_llm(name, **config).num_kept_video(layout) + newline
     assert [v.kept for v in tokenreduce.record(model).videos] == [kept] * 2
     for row in range(2):
         single = vlm_video_inputs(family, TEXTS[row : row + 1], seed=7 + row)
@@ -195,7 +201,7 @@ def test_on_a_vlm_keep_all_batch_and_remove(family, name, config):
 
 
 def test_holitom_inner_merge_matches_naive_oracle():
-    method = tokenreduce.make_method("holitom", layer=2, merge_ratio=0.6)
+    method = HoliTomInner(layer=2, merge_ratio=0.6)
     gen = torch.Generator().manual_seed(5)
     hidden, attention = torch.randn(2, 30, 16, generator=gen), torch.rand(2, 30, generator=gen)
     spans = [ImageSpan(0, 3, 20, 4, (2, 2)), ImageSpan(1, 5, 17, 4, (2, 2))]
@@ -213,13 +219,13 @@ def test_holitom_outer_and_inner_on_a_vlm(family):
     model = tiny_vlm(family)
     kw = vlm_video_inputs(family, TEXTS)
     logits, tokens = vlm_logits(model, kw), vlm_generate(model, kw)
-    tokenreduce.apply(model, [("holitom", dict(keep_ratio=1.0)), ("holitom", dict(layer=2, merge_ratio=0.0))])
+    tokenreduce.apply(model, "holitom", keep_ratio=1.0, layer=2, merge_ratio=0.0)
     assert torch.equal(vlm_logits(model, kw), logits)
     assert torch.equal(vlm_generate(model, kw), tokens)
-    tokenreduce.apply(model, [("holitom", dict(keep_ratio=0.5, tau=0.5)), ("holitom", dict(layer=2))])
+    tokenreduce.apply(model, "holitom", keep_ratio=0.5, tau=0.5, layer=2)
     batched = vlm_generate(model, kw)
     layout = VideoLayout(4, (4, 4) if family.startswith("qwen") else (2, 2))
-    outer = tokenreduce.make_method("holitom", keep_ratio=0.5).num_kept_video(layout) + (0 if family.startswith("qwen") else 1)
+    outer = HoliTomOuter(keep_ratio=0.5).num_kept_video(layout) + (0 if family.startswith("qwen") else 1)
     assert [v.kept for v in tokenreduce.record(model).videos] == [round(outer * 0.5)] * 2
     for row in range(2):
         single = vlm_video_inputs(family, TEXTS[row : row + 1], seed=7 + row)
@@ -232,7 +238,7 @@ def test_holitom_outer_and_inner_on_a_vlm(family):
 def test_generates_as_the_unpatched_model_fed_the_reduced_prompt(name, config):
     model = tiny_vlm("llava_onevision")
     kw = vlm_video_inputs("llava_onevision", TEXTS[:1])
-    tokenreduce.apply(model, name, **{**config, "positions": "reindex"})
+    tokenreduce.apply(model, pre_llm(name, **{**config, "positions": "reindex"}))
     embeds, _ = llm_input(model, kw)
     want = vlm_generate(model, kw)
     tokenreduce.remove(model)

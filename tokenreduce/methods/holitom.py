@@ -1,10 +1,16 @@
-"""``holitom``: HoliTom's merging before the LLM (Shao et al., "HoliTom: Holistic Token Merging for Fast
-Video Large Language Models", NeurIPS 2025, arXiv 2505.21334)."""
+"""``holitom``: HoliTom (Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language
+Models", NeurIPS 2025, arXiv 2505.21334): merging before the LLM (:class:`HoliTomOuter`), then inside it
+(:class:`HoliTomInner`).
+
+One name, two places, as ``todre``: ``tokenreduce.apply(vlm, "holitom")`` builds :class:`HoliTom`, a
+preset :class:`~tokenreduce.methods.stack.Stack` of both parts; each part alone is its class
+(``apply(vlm, HoliTomOuter(keep_ratio=0.15))``, or stacked with another in-LLM method), not registered
+under the name, since a name registered at two stages resolves to the pre-LLM one by default."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +18,8 @@ from torch import Tensor
 
 from tokenreduce.core import Selection, apportion, density_peaks, received_attention, static_windows, top_k_positions
 from tokenreduce.methods.fastvid import each_video, identity
-from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_layer
+from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, LLMMethod, check_layer
+from tokenreduce.methods.stack import Stack
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_real
@@ -22,9 +29,11 @@ from tokenreduce.validate import as_int, as_real
 Part = tuple[list[int], Tensor]
 
 
-@register_method
+PAPER = "Shao et al., HoliTom: Holistic Token Merging for Fast Video Large Language Models, NeurIPS 2025"
+
+
 @dataclass
-class HoliTom(VisualMethod):
+class HoliTomOuter(VisualMethod):
     """Temporal windows of static tokens merged over time, then the salient and density-peak tokens of
     each part, on the projected tokens of each video.
 
@@ -49,9 +58,7 @@ class HoliTom(VisualMethod):
 
     Defaults: ``keep_ratio=0.15``, ``tau=0.8`` (the README's evaluation; the code's defaults are 0.1 and
     0.8), ``neighbours=7``, ``beta=0.6``, ``contextual=0``, no window limit (the reference's 1024).
-    HoliTom's second part, merging inside the LLM, is ``holitom`` at stage ``llm``
-    (:class:`HoliTomInner`); the whole method is the stack ``apply(model, ["holitom", ("holitom",
-    dict(layer=18))])``.
+    HoliTom's second part, merging inside the LLM, is :class:`HoliTomInner`; ``holitom`` is both.
 
     Choices this implementation makes where the reference leaves them open or depends on content: the
     reference's budget is content-dependent (its ratio is raised by the share merged over time, then
@@ -68,8 +75,8 @@ class HoliTom(VisualMethod):
     noise); keeping every token is the identity.
     """
 
-    name = "holitom"
-    paper = "Shao et al., HoliTom: Holistic Token Merging for Fast Video Large Language Models, NeurIPS 2025"
+    name = "holitom_outer"
+    paper = PAPER
     modalities: ClassVar[frozenset[str]] = frozenset({"video"})
     default_keep_ratio = 0.15
 
@@ -158,7 +165,6 @@ def _parts(static: Tensor, windows: list[tuple[int, int]], p: int) -> list[Part]
     return parts
 
 
-@register_method
 @dataclass
 class HoliTomInner(AttentionRankPrune):
     """HoliTom's merging inside the LLM: before layer ``layer`` (k), each video keeps the
@@ -170,27 +176,32 @@ class HoliTomInner(AttentionRankPrune):
     over the other tokens in order, each halving into its target in place, ``h <- (h + h') / 2`` (so a
     target that takes ``m1 .. mj`` becomes ``h / 2^j + sum_i m_i / 2^(j - i + 1)``), with the
     similarities computed once before merging; the kept tokens keep their positions
-    (``position_ids = keep_indexs``). Defaults: ``layer=18`` (the README's evaluation; the code's default
+    (``position_ids = keep_indexs``). Defaults: ``layer=None``: 18 of 28 layers scaled to the LLM's depth,
+    ``max(1, round(18 * depth / 28))`` (the README's evaluation on LLaVA-OneVision-7B, whose Qwen2 has 28
+    layers: ours to scale it; the code's default
     is 3; ``HOLITOM_k``), ``merge_ratio=0.5`` (``HOLITOM_r``). Choices the reference leaves open: every
     video of a batch is ranked and merged on its own (the reference takes batch 1 and one video; its
     span includes LLaVA-OneVision's newline token, as here); of equally similar kept tokens the earliest
     takes the merge (the reference: the first in attention order); the kept count is at least 1.
     """
 
-    name = "holitom"
-    paper = HoliTom.paper
+    name = "holitom_inner"
+    paper = PAPER
     modalities: ClassVar[frozenset[str]] = frozenset({"video"})
 
-    layer: int = 18  # k: the first layer that reads the merged tokens
+    layer: int | None = None  # k: the first layer that reads the merged tokens (None: 18 of 28, scaled)
     merge_ratio: float = 0.5  # r: the share of each video's tokens merged away
     positions: str = "keep"
 
     def __post_init__(self) -> None:
-        self.layer = as_int("layer", self.layer, 1)
+        if self.layer is not None:
+            self.layer = as_int("layer", self.layer, 1)
         self.merge_ratio = as_real("merge_ratio", self.merge_ratio, 0, 1, high_open=True)
         self.check_positions()
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
+        if self.layer is None:
+            return (min(depth - 1, max(1, round(18 * depth / 28))),)
         check_layer("layer", self.layer, depth)
         return (self.layer,)
 
@@ -214,3 +225,42 @@ class HoliTomInner(AttentionRankPrune):
             weight = weight.index_copy(0, kept, 0.5 ** torch.bincount(target, minlength=count).float())
             out.append(Selection(slot[None], kept[None], weight[None]))
         return out
+
+
+@register_method
+@dataclass
+class HoliTom(Stack):
+    """HoliTom: each video's tokens merged over time windows and clustered before the LLM
+    (:class:`HoliTomOuter`: ``keep_ratio``, ``tau``, ``neighbours``, ``beta``, ``contextual``,
+    ``max_window``, ``positions``), then merged once more inside the LLM before layer ``layer``
+    (:class:`HoliTomInner`: ``layer``, ``merge_ratio``; its kept tokens keep their positions, as the
+    reference). Acts on videos only; images pass through. Defaults as the two parts'."""
+
+    name = "holitom"
+    paper = PAPER
+
+    before: VisualMethod = field(init=False, repr=False)
+    inside: LLMMethod = field(init=False, repr=False)
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    tau: float = 0.8
+    neighbours: int = 7
+    beta: float | None = 0.6
+    contextual: float = 0.0
+    max_window: int | None = None
+    layer: int | None = None
+    merge_ratio: float = 0.5
+    positions: str = "auto"
+
+    def __post_init__(self) -> None:
+        outer = ("keep_ratio", "keep_tokens", "positions", "tau", "neighbours", "beta", "contextual", "max_window")
+        self.before = HoliTomOuter(**{k: getattr(self, k) for k in outer})
+        self.inside = HoliTomInner(layer=self.layer, merge_ratio=self.merge_ratio)
+        self.keep_ratio, self.keep_tokens = self.before.keep_ratio, self.before.keep_tokens
+        super().__post_init__()
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def __str__(self) -> str:
+        return f"holitom({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
