@@ -289,6 +289,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
     ctx.queries, ctx.scale = run.queries, run.scale
+    ctx.inputs = run.inputs
     selections = run.method.select(ctx)
     hidden = hidden.clone()
     keeps = []

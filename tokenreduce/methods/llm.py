@@ -24,6 +24,8 @@ class ImageSpan:
     row: int
     start: int
     length: int
+    frames: int = 1
+    grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -50,6 +52,7 @@ class LLMContext:
     scores: list[Tensor] | None = None  # per span, its tokens' scores from its raters' (text or own) attention
     norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
     visual: Tensor | None = None  # [B, L] True on every image's tokens
+    inputs: list[int] | None = None  # per span, its visual tokens at the LLM's input
 
 
 class LLMMethod(Method):
