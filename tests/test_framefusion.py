@@ -10,15 +10,18 @@ import torch
 
 import tokenreduce
 from conftest import IMAGE_TOKEN, tiny_llava, vlm_generate, vlm_inputs, vlm_logits
-from naive_framefusion import llava_prefill_and_decode, merge_groups, prune_count
-from tokenreduce.core.frames import merge_into_previous_frames, previous_frame_similarity
-from tokenreduce.methods.framefusion import FrameFusion
+from naive_framefusion import budget, frame_labels, llava_prefill_and_decode, merge_groups, prune_count
+from tokenreduce.core.frames import merge_into_previous_same_patch, patch_labels, previous_same_patch_similarity
+from tokenreduce.methods.framefusion import FrameFusion, VideoState
 from tokenreduce.methods.llm import ImageSpan, LLMContext
 
 pytest.importorskip("transformers")
 
 TOKENS = 4  # generated per prompt
-THRESHOLD = dict(layer=1, cost=0.3, similarity_lower_bound=0.1)  # about half the tokens merge: under the cap
+# LLaVA's 16 tokens as 4 frames of 4: 9 merge at layer 1, 2 of the 7 left at layer 2 (a share under 0.3:
+# merging stops), the prune at layer 3 (counting the model's own 4 layers in the cost: it drops one more)
+PROGRESSIVE = dict(layer=1, cost=0.3, similarity_lower_bound=0.1, ratio_lower_bound=0.3, num_layers=4)
+ONCE = dict(PROGRESSIVE, ratio_lower_bound=0.9)  # one merge layer, then the prune
 CAPPED = dict(layer=1, cost=0.3, similarity_lower_bound=-1.0)  # every later-frame token qualifies: the cap binds
 
 
@@ -34,51 +37,76 @@ def selection_groups(sel) -> list[list[int]]:
     return [[i for i, s in enumerate(slot) if s == j] for j in range(sel.num_out)]
 
 
-@pytest.mark.parametrize("threshold, frames, extra", [(0.2, 4, 0), (-1.0, 3, 1), (0.9, 5, 0)])
-def test_merge_matches_the_naive_loop(threshold, frames, extra):
+def video(frames: int, patches: int, extra: int, seed: int = 0) -> torch.Tensor:
+    """Frames alike but not equal, and ``extra`` trailing (newline) tokens."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(patches, 8, generator=g).repeat(frames, 1) + 0.8 * torch.randn(frames * patches, 8, generator=g)
+    return torch.cat([x, torch.randn(extra, 8, generator=g)])
+
+
+@pytest.mark.parametrize("threshold, frames, extra", [(0.6, 4, 0), (0.5, 3, 1), (-1.0, 3, 1), (0.9, 5, 0)])
+def test_merge_matches_the_naive_loop_twice(threshold, frames, extra):
     patches = 6
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(patches, 8, generator=g)
-    x = base.repeat(frames, 1) + 0.8 * torch.randn(frames * patches, 8, generator=g)  # frames alike, not equal
-    x = torch.cat([x, torch.randn(extra, 8, generator=g)])  # a trailing newline token never merges
+    x = video(frames, patches, extra)
     method = FrameFusion(similarity_lower_bound=threshold, cost=0.3)
-    span = ImageSpan(0, 0, x.shape[0], frames=frames, grid=(2, 3))
-    sel = method.merge(x, span)
-    want = merge_groups(x, frames, patches, threshold, 0.3)
-    assert selection_groups(sel) == want
-    assert 0 < sum(len(g) - 1 for g in want) < x.shape[0] - patches or threshold == -1.0  # some merge, not all
-    assert sel.index[0].tolist() == [g[0] for g in want]
-    torch.testing.assert_close(sel.apply(x[None])[0], torch.stack([x[g].mean(0) for g in want]))
+    state = VideoState(patch_labels(x.shape[0], frames, patches))
+    labels = frame_labels(x.shape[0], frames, patches)
+    for _ in range(2):  # the second merge pairs tokens with the nearest earlier frame left at their patch
+        cap = budget(state.sparsity, 0.3, 28)
+        assert cap == method.pruning_ratio(state.sparsity)
+        want, capped, share = merge_groups(x, labels, threshold, cap)
+        sel = method.merge(x, state)
+        assert selection_groups(sel) == want
+        assert (state.pruned, state.sparsity[-1] if not capped else None) == (capped, None if capped else share)
+        assert sel.index[0].tolist() == [g[0] for g in want]
+        torch.testing.assert_close(sel.apply(x[None])[0], torch.stack([x[g].mean(0) for g in want]))
+        if capped:
+            break
+        x, state.patch, labels = (
+            sel.apply(x[None])[0] + 0.3 * x[sel.index[0]],
+            state.patch[sel.index[0]],
+            [labels[g[0]] for g in want],
+        )
 
 
 def test_capped_merge_takes_the_most_similar():
     x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
-    sim = previous_frame_similarity(x, 3, 4)
+    sim = previous_same_patch_similarity(x, patch_labels(12, 3, 4))
     assert torch.isinf(sim[:4]).all() and sim[4:].isfinite().all()
-    sel = FrameFusion(similarity_lower_bound=-1.0, cost=0.5).merge(x, ImageSpan(0, 0, 12, frames=3, grid=(2, 2)))
+    state = VideoState(patch_labels(12, 3, 4))
+    sel = FrameFusion(similarity_lower_bound=-1.0, cost=0.5).merge(x, state)
     merged = sorted(set(range(12)) - set(sel.index[0].tolist()))
     assert merged == sorted(sim.topk(6).indices.tolist())  # int(0.5 * 12)
+    assert state.pruned and not state.merging and state.sparsity == []
 
 
-def test_merge_refuses_first_frame_tokens():
-    with pytest.raises(ValueError, match="only tokens of frames after the first"):
-        merge_into_previous_frames(torch.tensor([True, False, False, False]), 2, 2)
+def test_merge_refuses_a_token_without_an_earlier_one_of_its_patch():
+    with pytest.raises(ValueError, match="only a token with an earlier token of its patch can merge"):
+        merge_into_previous_same_patch(torch.tensor([True, False, False, False]), patch_labels(4, 2, 2))
 
 
 def test_prune_stage_keeps_the_budgeted_most_attended():
     method = FrameFusion(cost=0.3)
     attention = torch.rand(1, 20, generator=torch.Generator().manual_seed(2))
-    span = ImageSpan(0, 3, 10)  # 16 tokens entered the LLM, 6 merged
-    ctx = LLMContext(2, 1, torch.zeros(1, 20, 4), [span], [0], attention, torch.ones(1, 20), inputs=[16])
+    span = ImageSpan(0, 3, 10)
+    state = VideoState(torch.arange(10), [0.375], merging=False)  # 16 tokens, 6 merged at one layer
+    ctx = LLMContext(2, 1, torch.zeros(1, 20, 4), [span], [0], attention, torch.ones(1, 20), memory=[state])
     (sel,) = method.select(ctx)
-    count = prune_count(16, 6, 0.3, 28)
-    assert 0 < count < 10
+    count = prune_count(10, [0.375], 0.3, 28)
+    assert 0 < count < 10 and state.pruned
     scores = attention[0, 3:13].tolist()
     assert sel.index[0].tolist() == sorted(sorted(range(10), key=lambda i: -scores[i])[:count])
+    ctx = LLMContext(3, 2, torch.zeros(1, 20, 4), [ImageSpan(0, 3, count)], [0], attention, torch.ones(1, 20), memory=[state])
+    (again,) = method.select(ctx)  # pruned once: later layers keep everything
+    assert again.gather_only and again.index[0].tolist() == list(range(count))
 
 
-@pytest.mark.parametrize("config", [THRESHOLD, CAPPED], ids=["threshold", "capped"])
-def test_prefill_and_generate_equal_the_naive_eager_loop(config):
+@pytest.mark.parametrize(
+    "config, merges, pruned",
+    [(PROGRESSIVE, 2, True), (ONCE, 1, True), (CAPPED, 1, False)],
+    ids=["progressive", "once", "capped"],
+)
+def test_prefill_and_generate_equal_the_naive_eager_loop(config, merges, pruned):
     model, base = tiny_llava(), tiny_llava()
     base.set_attn_implementation("eager")
     kw = vlm_inputs(model, "llava", [[1, 5, 6]])
@@ -86,10 +114,13 @@ def test_prefill_and_generate_equal_the_naive_eager_loop(config):
     got, generated = vlm_logits(model, kw)[0, -1], vlm_generate(model, kw, TOKENS)
     rec = tokenreduce.record(model)
     logits, kept, want = llava_prefill_and_decode(base, kw["input_ids"], kw["pixel_values"], IMAGE_TOKEN, 4, 4, config, TOKENS)
-    merged = 16 - rec.steps[0].kept[0].shape[0]
-    assert merged == (11 if config is CAPPED else 9)  # int(0.7 * 16) when capped
-    assert rec.steps[1].kept[0].tolist() == kept
-    assert rec.images[0].kept == len(kept) == prune_count(16, merged, 0.3, 28)
+    counts = [16] + [step.kept[0].shape[0] for step in rec.steps]
+    assert rec.steps[-1].kept[0].tolist() == kept
+    # the scenario each config is for: merge layers (counts fall), then a prune, then nothing
+    changes = [i for i in range(1, len(counts)) if counts[i] < counts[i - 1]]
+    assert len(changes) == merges + pruned, counts
+    if config is CAPPED:
+        assert counts[1] == 16 - int(0.7 * 16)
     torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-5)
     assert generated[0].tolist() == want
 
@@ -101,7 +132,7 @@ def test_keep_all_is_identity_and_remove_restores():
     tokenreduce.apply(model, RowsAsFrames(cost=1.0, similarity_lower_bound=1.5))
     assert torch.equal(vlm_logits(model, kw), before)
     assert torch.equal(vlm_generate(model, kw, TOKENS), generated)
-    tokenreduce.apply(model, RowsAsFrames(**THRESHOLD))
+    tokenreduce.apply(model, RowsAsFrames(**PROGRESSIVE))
     assert not torch.allclose(vlm_logits(model, kw)[:, -1], before[:, -1])
     tokenreduce.remove(model)
     assert torch.equal(vlm_logits(model, kw), before)
@@ -109,7 +140,7 @@ def test_keep_all_is_identity_and_remove_restores():
 
 def test_batch_equals_singles():
     texts = [[1, 5], [1, 5, 6, 9, 4]]
-    model = tokenreduce.apply(tiny_llava(), RowsAsFrames(**THRESHOLD))
+    model = tokenreduce.apply(tiny_llava(), RowsAsFrames(**PROGRESSIVE))
     kw = vlm_inputs(model, "llava", texts)
     positions = (kw["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate counts a left-padded row
     batched, last = vlm_generate(model, kw, TOKENS), vlm_logits(model, {**kw, "position_ids": positions})[:, -1]
@@ -129,6 +160,7 @@ def test_batch_equals_singles():
         (dict(num_layers=1), r"num_layers must be an integer >= 2"),
         (dict(similarity_lower_bound=-2), r"similarity_lower_bound must be a number >= -1"),
         (dict(layer=3), r"layer must be in \[1, 2\] for an LLM of 4 layers"),
+        (dict(ratio_lower_bound=1.5), r"ratio_lower_bound must be a number in \[0, 1\]"),
         (dict(positions="nope"), r"positions must be one of"),
     ],
 )

@@ -88,6 +88,7 @@ class LLMRun:
     projected_keys: Tensor | None = None  # [B, L, D_kv] the scoring layer's key projection, before norms and rotary
     score_layer: int | None = None
     substitutes: dict[int, object] = field(default_factory=dict)
+    memory: list = field(default_factory=list)  # per image, what the method carries between its stages
 
     def next_score_layer(self) -> int | None:
         """The layer whose attention kernel reads the next stage's scores (``"own"`` scores are computed
@@ -204,6 +205,7 @@ def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int
     origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
     run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long(), norm=text.norm)
     run.owner = [o.clone() for o in origin]
+    run.memory = [None] * len(spans)
     run.score_layer = run.next_score_layer()
     return run
 
@@ -289,7 +291,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
     ctx.queries, ctx.scale = run.queries, run.scale
-    ctx.inputs = run.inputs
+    ctx.memory = run.memory  # the method writes each span's entry: it lives as long as the run
     selections = run.method.select(ctx)
     hidden = hidden.clone()
     keeps = []

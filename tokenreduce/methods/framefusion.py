@@ -3,13 +3,14 @@ Token Reduction on Large Visual Language Models", ICCV 2025)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from tokenreduce.core import Selection, keep
-from tokenreduce.core.frames import merge_into_previous_frames, previous_frame_similarity
+from tokenreduce.core.frames import merge_into_previous_same_patch, patch_labels, previous_same_patch_similarity
 from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_real
@@ -17,41 +18,55 @@ from tokenreduce.validate import as_int, as_real
 REFERENCE_DEPTH = 28  # the reference's cost formula counts Qwen2-7B's 28 layers, whatever the model
 
 
+@dataclass
+class VideoState:
+    """One video's FrameFusion state from one pruning layer to the next."""
+
+    patch: Tensor  # [N] the patch each current token shows (-1: none, e.g. a newline token)
+    sparsity: list[float] = field(default_factory=list)  # merged share at each merge layer (the reference's sparsity_list)
+    merging: bool = True
+    pruned: bool = False
+
+
 @register_method
 @dataclass
 class FrameFusion(LLMMethod):
-    """Merge each video's tokens that repeat the same patch of the previous frame before LLM layer
-    ``layer``, then keep the most attended of the rest before layer ``layer + 1``.
+    """From LLM layer ``layer`` on, merge each video's tokens that repeat their patch in the previous
+    frame, layer after layer while that pays, then keep once the most attended of the rest.
 
-    From the reference (``thu-nics/FrameFusion`` at fbec1d2, ``framefusion/main.py``):
+    From the reference (``thu-nics/FrameFusion`` at fbec1d2, ``framefusion/main.py``), per video of ``N``
+    current tokens, at each layer while merging:
 
-    - Merge: every token of frame ``t > 0`` is compared (cosine, on the hidden states) with the token
-      at the same patch in frame ``t - 1``. With ``N`` video tokens and the budget cap
-      ``u = 1 - cost``, the tokens with similarity ``>= similarity_lower_bound`` merge if they are
-      fewer than ``u * N``; otherwise the ``int(u * N)`` most similar merge. A run of merged frames
-      joins the unmerged token before it at that patch, as the plain average of the group (the
-      reference's ``index_add_`` then ``/= (merge_nums + 1)``), at that token's position.
-    - Prune: the pruning ratio ``p`` is the reference's ``_compute_pruning_ratio([r], cost)`` for the
-      merged share ``r = merged / N``: with ``s = 1 - r``, ``p = 1 - (L * cost - s) / ((L - 1) * s)``
-      (0 when that is negative), ``L = num_layers`` (the reference hard-codes 28). The video keeps the
-      ``round((N - merged) * (1 - p))`` tokens (at least 1) that the last prompt token attends to most
-      at layer ``layer`` (softmax over the whole row, mean over heads), in order, at their positions.
+    - every token is compared (cosine, on the hidden states) with the previous token that still
+      shows its patch (at first the same patch of the previous frame). The reference's budget
+      ``u = _compute_pruning_ratio(sparsity, cost)`` caps the merge: the tokens with similarity
+      ``>= similarity_lower_bound`` merge if their share ``r`` is below ``u`` (then ``r`` joins
+      ``sparsity``, and merging stops after this layer if ``r < ratio_lower_bound``); otherwise the
+      ``int(u * N)`` most similar merge and the video is done (no prune). A run of merged tokens joins
+      the unmerged token before it at that patch as the plain average of the group (the reference's
+      ``index_add_`` then ``/= (merge_nums + 1)``, so an earlier merge carries no extra weight), at
+      that token's position.
+    - at the layer after merging stopped, the video keeps the ``round(N * (1 - p))`` tokens (at least
+      1), ``p = _compute_pruning_ratio(sparsity, cost)``, that the last prompt token attended to most
+      at the layer before (softmax over the whole row, mean over heads), in order, at their positions.
 
-    Departures, for the engine's fixed pruning layers: the reference merges on layer 0's input and
-    again after the attention of each following layer while the merged share stays
-    ``>= ratio_lower_bound`` (0.1), then prunes after the attention of the next layer. Here the merge
-    runs once, on the input of ``layer`` (default 1, layer 0's output: the first point the engine
-    offers), and the prune on the input of ``layer + 1``, so ``ratio_lower_bound`` has no role and
-    there is no such argument. When the cap binds the reference skips the prune; here it still runs
-    with the ratio above, which then drops at most one token. The reference's Qwen2-VL path averages
-    the attention of the last 4 prompt tokens, its Qwen2 path (LLaVA-Video, MiniCPM-V, NVILA) the last
-    one: here the last one. Choices it leaves open: each video of a batch row merges and prunes on its
-    own (the reference has one video and batch 1); first-frame tokens and a trailing newline token
-    never merge (the reference's top-k could pick a first-frame token and merge it across patches);
-    the cosine is computed in float32.
+    ``_compute_pruning_ratio``: with ``s`` the product of ``1 - r`` over ``sparsity``, ``T`` the sum of
+    those partial products and ``L = num_layers`` (the reference hard-codes 28, Qwen2-7B's depth),
+    ``1 - (L * cost - T) / ((L - len(sparsity)) * s)``, or 0 when that is negative.
 
-    The counts depend on the content (how many tokens merge): rows are re-padded after each stage.
-    ``kept`` gives the most a video can keep.
+    Departures, for the engine's layer boundaries: the reference merges on layer 0's input and after
+    the attention of each layer (before its MLP); here the merges and the prune act on the input of
+    each layer from ``layer`` on (default 1, layer 0's output: the first point the engine offers),
+    so its first two merge points become one and every stage sees the previous layer's MLP output. The
+    reference's Qwen2-VL path averages the attention of the last 4 prompt tokens, its Qwen2 path
+    (LLaVA-Video, MiniCPM-V, NVILA) the last one: here the last one. Where the merges alone spend the
+    budget the reference raises ("The cost is too small"); here the prune then keeps one token.
+    Choices it leaves open: each video of a batch merges and prunes on its own (the reference has one
+    video and batch 1), so rows keep different counts and are re-padded; the capped top-k never takes
+    a first-frame or newline token (the reference's could, merging it across patches); cosines are
+    computed in float32.
+
+    ``kept`` gives the counts of a video none of whose tokens merge: all of them, then the prune's.
     """
 
     name = "framefusion"
@@ -61,9 +76,10 @@ class FrameFusion(LLMMethod):
     )
     modalities: ClassVar[frozenset[str]] = frozenset({"video"})
 
-    layer: int = 1  # merge before this layer, prune before the next one
+    layer: int = 1  # the first layer whose input merges; every later layer may merge or prune
     cost: float = 0.3  # the share of the LLM's visual-token compute left (the reference's budget)
-    similarity_lower_bound: float = 0.6  # S_th: merge tokens at least this similar to the previous frame
+    similarity_lower_bound: float = 0.6  # S_th: merge tokens at least this similar to their previous frame
+    ratio_lower_bound: float = 0.1  # stop merging after a layer that merged a smaller share
     num_layers: int = REFERENCE_DEPTH  # the depth the cost formula counts
     positions: str = "keep"
 
@@ -72,56 +88,76 @@ class FrameFusion(LLMMethod):
         self.num_layers = as_int("num_layers", self.num_layers, 2)
         self.cost = as_real("cost", self.cost, 1 / self.num_layers, 1, low_open=True)
         self.similarity_lower_bound = as_real("similarity_lower_bound", self.similarity_lower_bound, -1)
+        self.ratio_lower_bound = as_real("ratio_lower_bound", self.ratio_lower_bound, 0, 1)
         self.check_positions()
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
         if not 1 <= self.layer <= depth - 2:
             raise ValueError(
-                f"layer must be in [1, {depth - 2}] for an LLM of {depth} layers (FrameFusion prunes before layer + 1), "
-                f"got {self.layer}"
+                f"layer must be in [1, {depth - 2}] for an LLM of {depth} layers (FrameFusion merges there and "
+                f"prunes at a later layer), got {self.layer}"
             )
-        return (self.layer, self.layer + 1)
+        return tuple(range(self.layer, depth))
 
-    def merge_cap(self, tokens: int) -> int:
-        """The most of ``tokens`` video tokens that may merge: ``int((1 - cost) * tokens)``."""
-        return int((1 - self.cost) * tokens)
+    def pruning_ratio(self, sparsity: list[float]) -> float:
+        """The reference's ``_compute_pruning_ratio(sparsity, cost, num_layers)`` (1 where it raises)."""
+        s, total = 1.0, 0.0
+        for r in sparsity:
+            s *= 1 - r
+            total += s
+        remain = self.num_layers * self.cost - total
+        if remain < 0:
+            return 1.0
+        share = remain / (max(1, self.num_layers - len(sparsity)) * s)
+        return 0.0 if share > 1 else 1 - share
 
-    def pruned_count(self, tokens: int, merged: int) -> int:
-        """Tokens a video of ``tokens`` keeps after the prune, when ``merged`` of them merged."""
-        s = 1 - merged / tokens
-        remain = (self.num_layers * self.cost - s) / ((self.num_layers - 1) * s)
-        ratio = 0.0 if remain > 1 else 1 - remain
-        return min(tokens - merged, max(1, round((tokens - merged) * (1 - ratio))))
+    def pruned_count(self, tokens: int, sparsity: list[float]) -> int:
+        """What the prune keeps of ``tokens`` after merges of the shares ``sparsity``."""
+        return min(tokens, max(1, round(tokens * (1 - self.pruning_ratio(sparsity)))))
 
     def kept(self, tokens: int, stage: int) -> int:
-        # at most: nothing merges at stage 0; the prune keeps the most when the merge takes its cap
-        return tokens if stage == 0 else self.pruned_count(tokens, self.merge_cap(tokens))
+        return tokens if stage == 0 else self.pruned_count(tokens, [0.0])
 
     def frame_layout(self, span: ImageSpan) -> tuple[int, int]:
         """``(frames, patches per frame)`` of a whole video span (one frame for an image)."""
         patches = span.grid[0] * span.grid[1] if span.grid is not None else span.length // span.frames
         return span.frames, patches
 
-    def merge(self, tokens: torch.Tensor, span: ImageSpan) -> Selection:
-        """The merge of one video's tokens ``[N, D]`` (see the class docstring)."""
-        frames, patches = self.frame_layout(span)
-        similarity = previous_frame_similarity(tokens, frames, patches)
+    def merge(self, tokens: Tensor, state: VideoState) -> Selection:
+        """One merge layer on a video's current tokens ``[N, D]``; updates ``state``."""
         n = tokens.shape[0]
+        cap = self.pruning_ratio(state.sparsity)  # the reference's sparsity_upper_bound
+        similarity = previous_same_patch_similarity(tokens, state.patch)
         merged = similarity >= self.similarity_lower_bound
-        if int(merged.sum()) / n >= 1 - self.cost:  # the reference's `above_k_ratio < sparsity_upper_bound` fails
-            count = min(self.merge_cap(n), (frames - 1) * patches)
+        share = int(merged.sum()) / n
+        if share < cap:
+            state.sparsity.append(share)
+            state.merging = share >= self.ratio_lower_bound
+        else:
+            count = min(int(cap * n), int(similarity.isfinite().sum()))
             merged = torch.zeros_like(merged)
             merged[similarity.topk(count).indices] = True
-        return merge_into_previous_frames(merged, frames, patches)
+            state.merging, state.pruned = False, True
+        return merge_into_previous_same_patch(merged, state.patch)
 
     def select(self, ctx: LLMContext) -> list[Selection]:
+        assert ctx.memory is not None
         out = []
-        for span, inputs in zip(ctx.spans, ctx.inputs):
-            if ctx.stage == 0:
-                out.append(self.merge(ctx.hidden[span.row, span.start : span.start + span.length], span))
-                continue
-            assert ctx.attention is not None
-            scores = ctx.attention[span.row, span.start : span.start + span.length]
-            count = self.pruned_count(inputs, inputs - span.length)
-            out.append(keep(scores.topk(count).indices.sort().values[None], span.length))
+        for i, span in enumerate(ctx.spans):
+            tokens = ctx.hidden[span.row, span.start : span.start + span.length]
+            if ctx.memory[i] is None:  # the first stage: the span is still the whole video
+                ctx.memory[i] = VideoState(patch_labels(span.length, *self.frame_layout(span), device=tokens.device))
+            state = ctx.memory[i]
+            if state.merging:
+                selection = self.merge(tokens, state)
+            elif not state.pruned:
+                assert ctx.attention is not None
+                scores = ctx.attention[span.row, span.start : span.start + span.length]
+                count = self.pruned_count(span.length, state.sparsity)
+                selection = keep(scores.topk(count).indices.sort().values[None], span.length)
+                state.pruned = True
+            else:
+                selection = keep(torch.arange(span.length, device=tokens.device)[None], span.length)
+            state.patch = state.patch[selection.index[0]]
+            out.append(selection)
         return out
