@@ -377,3 +377,41 @@ def reduce_batch_and_singles(family: str, method: str, **config):
     tokenreduce.remove(model)
     assert torch.equal(vlm_logits(model, kw), before)
     return rec
+
+
+VIDEO_TOKEN = 998
+
+
+def vlm_video(family: str, videos: int, frames: int = 4, seed: int = 7) -> dict:
+    """Video inputs for ``videos`` videos of ``frames`` frames: Qwen2/2.5-VL ``frames`` temporal patches
+    of 8x8 patches (4x4 tokens per frame after the merger), OneVision ``frames`` 32 px frames (2x2 tokens
+    per frame after pooling, then one newline token per video)."""
+    g = torch.Generator().manual_seed(seed)
+    if family.startswith("qwen"):
+        rows = torch.randn(videos * frames * 64, 3 * 2 * 14 * 14, generator=g)
+        return dict(pixel_values_videos=rows, video_grid_thw=torch.tensor([[frames, 8, 8]] * videos))
+    return dict(pixel_values_videos=torch.randn(videos, frames, 3, 32, 32, generator=g))
+
+
+def vlm_video_tokens(family: str, frames: int = 4) -> int:
+    return 16 * frames if family.startswith("qwen") else 4 * frames + 1
+
+
+def vlm_video_inputs(
+    family: str, texts: list[list[int]], frames: int = 4, side: str = "left", seed: int = 7, image: bool = False
+) -> dict:
+    """One video per prompt, after the text ``texts[i]`` (and, with ``image``, one image before the video,
+    Qwen only), framed as the family's processor frames them, then two text tokens; padded on ``side``.
+    Row ``i``'s video is drawn with seed ``seed + i`` (its image with ``3 + i``), so a row can be rebuilt alone."""
+    qwen = family.startswith("qwen")
+    video = ([996] if qwen else []) + [VIDEO_TOKEN] * vlm_video_tokens(family, frames) + ([997] if qwen else [])
+    picture = [996, *[IMAGE_TOKEN] * 4, 997] if image else []
+    ids, mask = batch([list(t) + picture + video + [7, 8] for t in texts], side)
+    rows = [vlm_video(family, 1, frames, seed + i) for i in range(len(texts))]
+    kw = dict(input_ids=ids, attention_mask=mask, **{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+    if image:
+        pics = [vlm_pixels(family, 1, 3 + i) for i in range(len(texts))]
+        kw.update({k: torch.cat([p[k] for p in pics]) for k in pics[0]})
+    if qwen:
+        kw["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long() + 2 * (ids == VIDEO_TOKEN).long()
+    return kw

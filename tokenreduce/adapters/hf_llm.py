@@ -19,6 +19,7 @@ steps the layers after a pruning layer get the mask's columns cut to their short
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -198,12 +199,13 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
             patch.replace_attr(attention, "config", config)
 
 
-def open_run(method: LLMMethod, text: nn.Module, spans: list[tuple[int, int, int]], mask: Tensor, reindex: bool) -> LLMRun:
-    """The pruning state of one prefill of ``text`` whose prompt has image ``spans`` and 2-D ``mask``."""
+def open_run(method: LLMMethod, text: nn.Module, spans: list[ImageSpan], mask: Tensor, reindex: bool) -> LLMRun:
+    """The pruning state of one prefill of ``text`` whose prompt has image (and video) ``spans`` and 2-D ``mask``."""
     layers = method.prune_layers(len(text.layers))
-    images = [ImageSpan(r, s, n) for r, s, n in spans]
-    origin = [torch.arange(n, device=mask.device) for _, _, n in spans]
-    run = LLMRun(method, layers, reindex, text.rotary_emb, [n for _, _, n in spans], images, origin, mask.long(), norm=text.norm)
+    origin = [torch.arange(sp.length, device=mask.device) for sp in spans]
+    run = LLMRun(
+        method, layers, reindex, text.rotary_emb, [sp.length for sp in spans], list(spans), origin, mask.long(), norm=text.norm
+    )
     run.owner = [o.clone() for o in origin]
     run.memory = [None] * len(spans)
     run.score_layer = run.next_score_layer()
@@ -307,8 +309,13 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
             )
         else:
             run.projected_keys = None
-    run.spans = [  # a span that kept nothing has no place left: it starts nowhere (0) and is empty
-        ImageSpan(sp.row, int((step.embed_index[sp.row] == sp.start).nonzero()[0]) if sel.num_out else 0, sel.num_out)
+    run.spans = [  # a span that kept nothing has no place left: it starts nowhere (0) and is empty; no grid once cut
+        dataclasses.replace(
+            sp,
+            start=int((step.embed_index[sp.row] == sp.start).nonzero()[0]) if sel.num_out else 0,
+            length=sel.num_out,
+            grid=None,
+        )
         for sp, sel in zip(run.spans, selections)
     ]
     run.origin = [o[sel.index[0]] for o, sel in zip(run.origin, selections)]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -43,9 +44,9 @@ from tokenreduce.core import Selection, cls_attention
 from tokenreduce.core.selection import first_inputs
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.methods.base import EncoderMethod, Method
-from tokenreduce.methods.llm import LLMMethod
+from tokenreduce.methods.llm import ImageSpan, LLMMethod
 from tokenreduce.methods.stack import parts
-from tokenreduce.methods.visual import AnyResLayout, VisualContext, VisualMethod
+from tokenreduce.methods.visual import AnyResLayout, VideoLayout, VisualContext, VisualMethod
 from tokenreduce.patch import ATTR, CaptureOutput, Patch, original_class
 from tokenreduce.registry import loadable, register_adapter
 from tokenreduce.stages import Stage
@@ -61,7 +62,8 @@ class ImageRecord:
     ``placeholders``: its visual tokens before reduction; ``kept``: the tokens the LLM read for it;
     ``owner [placeholders]``: the kept token covering each original visual token (-1 where dropped);
     ``position [kept]``: the original visual token whose position each kept token took;
-    ``grid``: (rows, cols) of the visual tokens when they form one.
+    ``grid``: (rows, cols) of the visual tokens when they form one (a video's: of each of its
+    ``frames`` frames).
     """
 
     placeholders: int
@@ -69,6 +71,7 @@ class ImageRecord:
     owner: Tensor
     position: Tensor
     grid: tuple[int, int] | None
+    frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class VLMRecord:
     and did read. ``positions``: ``"keep"`` or ``"reindex"``. ``encoder``: the vision encoder's record
     when an encoder-stage method ran. In-LLM methods: ``layer_lengths`` per decoder layer the real
     tokens of each row it read, ``steps`` what each pruning layer kept, and ``images`` what the last
-    layers read of each image.
+    layers read of each image. ``videos``: what each video sent to the LLM, as ``images`` (when a part
+    of the method acts on videos).
     """
 
     images: tuple[ImageRecord, ...]
@@ -89,6 +93,7 @@ class VLMRecord:
     encoder: Record | None
     layer_lengths: tuple[tuple[int, ...], ...] = ()
     steps: tuple[LLMStep, ...] = ()
+    videos: tuple[ImageRecord, ...] = ()
 
 
 @dataclass
@@ -101,7 +106,35 @@ class VisualState:
     reindex: bool  # tokens kept before the LLM get consecutive position ids
     llm_reindex: bool  # tokens kept inside the LLM get consecutive position ids
     text: Tensor | None = None  # [B, L] True on the prompt's text tokens, for methods that read them
+    video: Tensor | None = None  # [B, L] True on video tokens, when a part of the method acts on videos
+    videos: list[VideoLayout] = dataclasses.field(default_factory=list)  # per video of the prompt, in order
+    video_tail: int = 0  # tokens after each video's frames in its span (OneVision's newline)
     active: bool = True
+
+    def is_prompt(self, embeds: Tensor) -> bool:
+        """Whether the LLM's input ``embeds`` is this forward's prompt with visual tokens to route."""
+        if not self.active or self.placeholder is None or embeds.shape[1] != self.placeholder.shape[1]:
+            return False
+        return bool(self.placeholder.any()) or (self.video is not None and bool(self.video.any()))
+
+    def video_spans(self) -> list[tuple[int, int, int]]:
+        """``(row, start, tokens)`` of every video's span, in prompt order (runs of video tokens cut by
+        the videos' token counts, which :attr:`videos` gives)."""
+        assert self.video is not None
+        counts = [layout.tokens + self.video_tail for layout in self.videos]
+        spans, runs = [], image_spans(self.video)
+        for row, start, length in runs:
+            while length > 0:
+                if len(spans) == len(counts) or counts[len(spans)] > length:
+                    raise ValueError(
+                        f"the prompt's video token runs {[n for _, _, n in runs]} do not hold videos of {counts} tokens"
+                    )
+                n = counts[len(spans)]
+                spans.append((row, start, n))
+                start, length = start + n, length - n
+        if len(spans) != len(counts):
+            raise ValueError(f"the prompt has video token runs for {len(spans)} videos, and {len(counts)} videos were given")
+        return spans
 
     def prompt_mask(self, embeds: Tensor) -> Tensor:
         """The prompt's 2-D mask, all ones when the call passed none."""
@@ -141,6 +174,7 @@ class VLMThread:
     anyres: list[AnyResLayout] | None = None  # the last packed images' span layouts, for methods that read them
     llm: LLMRun | None = None  # the prefill being pruned inside the LLM
     images: bool = False  # inside get_image_features (Qwen: the vision tower also encodes videos)
+    video_grid: Tensor | None = None  # Qwen: the video_grid_thw of the videos generate() encoded before the prefill
 
 
 def _thread(patch: Patch) -> VLMThread:
@@ -184,6 +218,7 @@ class Family:
     frame: tuple[str, str] | None = None  # config ids of the tokens around an image's span
     type_ids: str | None = None  # the forward argument marking image tokens (1) among text (0)
     tiles: bool = False  # pixel_values [B, tiles, 3, H, W] (Idefics3)
+    video: str | None = None  # how videos are laid out: "thw" (Qwen's video_grid_thw), "frames" (OneVision)
 
 
 _QWEN = Family(
@@ -194,13 +229,14 @@ _QWEN = Family(
     frame=("vision_start_token_id", "vision_end_token_id"),
     type_ids="mm_token_type_ids",
 )
+_QWEN_VIDEO = dataclasses.replace(_QWEN, video="thw")
 _IDEFICS = Family(text="text_model", vision="vision_model", projector=None, tile="image_seq_len", tiles=True)
 FAMILIES = {
     "transformers.models.llava.modeling_llava.LlavaModel": Family(tile="tower"),
     "transformers.models.llava_next.modeling_llava_next.LlavaNextModel": Family(anyres=True),
-    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel": Family(anyres=True),
-    "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLModel": _QWEN,
-    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLModel": _QWEN,
+    "transformers.models.llava_onevision.modeling_llava_onevision.LlavaOnevisionModel": Family(anyres=True, video="frames"),
+    "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLModel": _QWEN_VIDEO,
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLModel": _QWEN_VIDEO,
     "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLModel": _QWEN,
     "transformers.models.idefics3.modeling_idefics3.Idefics3Model": _IDEFICS,
     "transformers.models.smolvlm.modeling_smolvlm.SmolVLMModel": _IDEFICS,
@@ -219,6 +255,7 @@ FAMILY_NAMES = (
     "Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, InternVLForConditionalGeneration, "
     "Gemma3ForConditionalGeneration"
 )
+VIDEO_FAMILY_NAMES = "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, LlavaOnevisionForConditionalGeneration"
 
 
 def _family(model: nn.Module) -> Family | None:
@@ -281,6 +318,17 @@ def _front(kept: Tensor, length: int) -> Tensor:
     return torch.cat([kept, kept.new_zeros(kept.shape[0], length - kept.shape[1], kept.shape[2])], dim=1)
 
 
+def _whole(n: int, grid: tuple[int, int] | None, frames: int = 1, device: torch.device | None = None) -> ImageRecord:
+    """The record of an image or video span of ``n`` tokens that the LLM reads whole."""
+    every = torch.arange(n, device=device)
+    return ImageRecord(n, n, every, every, grid, frames)
+
+
+def _modalities(method: Method | None) -> frozenset[str]:
+    """What a part of a method acts on (encoder-stage methods: images)."""
+    return frozenset() if method is None else getattr(method, "modalities", frozenset({"image"}))
+
+
 @loadable
 class VLMModel:
     """Mixed in front of ``XModel``: opens the forward's :class:`VisualState`."""
@@ -289,9 +337,8 @@ class VLMModel:
         patch: Patch = getattr(self, ATTR)
         adapter: HFVLM = patch.adapter  # type: ignore[assignment]
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        images = kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None or bool(
-            kwargs.get("mm_encoder_outputs")
-        )
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        images = kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None or encoded.get("image") is not None
         if images and input_ids is None:
             raise ValueError("token reduction in a VLM needs input_ids (to find the image tokens), not only inputs_embeds")
         placeholder = None if input_ids is None else input_ids == getattr(self.config, adapter.spec(self).image_token)
@@ -301,6 +348,10 @@ class VLMModel:
         grids = adapter.grids(self, kwargs.get("image_grid_thw"))
         before, inside = parts(patch.method)
         state = VisualState(placeholder, mask, grids, adapter.reindex(self, before), adapter.reindex(self, inside))
+        videos = kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
+        if videos and input_ids is not None and any("video" in _modalities(m) for m in (before, inside)):
+            state.video = input_ids == self.config.video_token_id
+            state.videos, state.video_tail = adapter.video_layouts(self, patch, kwargs)
         if images and getattr(before, "needs_text", False):  # the prompt, not a decode step
             state.text = _text_tokens(self.config, input_ids, placeholder, mask)
         _thread(patch).state = state
@@ -308,6 +359,17 @@ class VLMModel:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         finally:
             state.active = False
+
+
+@loadable
+class GridVLMModel(VLMModel):
+    """:class:`VLMModel` of a Qwen family: ``generate`` encodes videos before the prefill and then passes
+    their features without ``video_grid_thw``, so the grid is kept for the prompt that reads them."""
+
+    # Qwen's own signature: generate() reads it to pass the video inputs.
+    def get_video_features(self, pixel_values_videos: Tensor, video_grid_thw: Tensor | None = None, **kwargs):
+        _thread(getattr(self, ATTR)).video_grid = video_grid_thw
+        return super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)  # type: ignore[misc]
 
 
 @loadable
@@ -336,7 +398,7 @@ class TracingVLMModel(VLMModel):
 
 
 @loadable
-class MergingVLMModel(VLMModel):
+class MergingVLMModel(GridVLMModel):
     """:class:`VLMModel` of a Qwen family when a method selects among the vision encoder's states:
     image features are reduced before Qwen's patch merger (see :meth:`HFVLM.merge_reduced`)."""
 
@@ -398,8 +460,7 @@ class CompactingLLM:
         patch: Patch = getattr(self, ATTR)
         state = _thread(patch).state
         cache = kwargs.get("cache")
-        prompt = state is not None and state.active and state.placeholder is not None and bool(state.placeholder.any())
-        if prompt and kwargs["inputs_embeds"].shape[1] == state.placeholder.shape[1]:
+        if state is not None and state.is_prompt(kwargs["inputs_embeds"]):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(
                     "pre-LLM token reduction needs the prompt to start an empty cache; continuing a cache is not supported"
@@ -526,6 +587,30 @@ class HFVLM(Adapter):
         m = int(_config_path(model.config, merge))
         return [(int(h) // m, int(w) // m) if int(t) == 1 else None for t, h, w in image_grid_thw.tolist()]
 
+    def video_layouts(self, model: nn.Module, patch: Patch, kwargs: dict) -> tuple[list[VideoLayout], int]:
+        """Per video of a forward's inputs ``kwargs``, its tokens' layout at the LLM's input, and the tokens
+        that follow each video's frames in its span: Qwen2/2.5-VL, ``video_grid_thw`` (t, h, w) merged by
+        the patch merger to ``t`` frames of ``(h / m, w / m)`` tokens (``generate``: the grid its video
+        encoding recorded), none after; LLaVA-OneVision, the frames of ``pixel_values_videos [videos,
+        frames, C, H, W]`` (or of the encoded videos' token counts) pooled 2x2 (``apply_pooling``: ceil
+        of half the tower's patch grid), one newline token after."""
+        if self.spec(model).video == "thw":
+            thread = _thread(patch)
+            thw = kwargs.get("video_grid_thw")
+            thw, thread.video_grid = (thread.video_grid if thw is None else thw), None
+            if thw is None:
+                raise ValueError(f"{type(model).__name__} needs video_grid_thw to lay out its videos")
+            m = int(_config_path(model.config, self.spec(model).merge))
+            return [VideoLayout(int(t), (int(h) // m, int(w) // m)) for t, h, w in thw.tolist()], 0
+        vision = model.config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        pixels = kwargs.get("pixel_values_videos")
+        if pixels is not None:
+            frames = [int(pixels.shape[1])] * int(pixels.shape[0])
+        else:
+            frames = [(int(v.shape[0]) - 1) // (side * side) for v in kwargs["mm_encoder_outputs"]["video"].pooler_output]
+        return [VideoLayout(f, (side, side)) for f in frames], 1
+
     def example_images(self, model: nn.Module, count: int, generator: torch.Generator) -> dict[str, Tensor]:
         """Random pixel inputs for ``count`` images of the tower's native size, laid out as the
         family's processor lays them out (AnyRes: a 2x2 crop grid and the base image; Qwen: a 24x24
@@ -612,10 +697,26 @@ class HFVLM(Adapter):
     # -- checks and installation --------------------------------------------------------------
     def validate(self, model: nn.Module, method: Method) -> None:
         before, inside = parts(method)
+        for part in (before, inside):
+            self._validate_modalities(model, part)
         if inside is not None:
             self._validate_llm(model, inside)
         if before is not None:
             self._validate_before(model, before)
+
+    def _validate_modalities(self, model: nn.Module, method: Method | None) -> None:
+        """A part acting on videos alone needs a family whose videos tokenreduce routes; a pre-LLM part
+        acting on videos selects among their projected tokens."""
+        acts = _modalities(method)
+        if "video" not in acts:
+            return
+        if "image" not in acts and self.spec(model).video is None:
+            raise TypeError(
+                f"{method.name!r} acts on videos, and {type(model).__name__} has no video input tokenreduce routes: "
+                f"use one of {VIDEO_FAMILY_NAMES}"
+            )
+        if isinstance(method, VisualMethod) and method.space != "projected":
+            raise TypeError(f"{method.name!r} acts on videos, which tokenreduce gives only to projected-space pre-LLM methods")
 
     def _validate_before(self, model: nn.Module, method: Method) -> None:
         if isinstance(method, EncoderMethod):
@@ -769,7 +870,8 @@ class HFVLM(Adapter):
         patch.set_attr(text, "_tokenreduce_tile", tile)
         patch.swap_class(text, CompactingLLM)
         if not isinstance(model, VLMModel):
-            patch.swap_class(model, VLMModel)
+            videos = spec.video == "thw" and any("video" in _modalities(m) for m in (method, inside))
+            patch.swap_class(model, GridVLMModel if videos else VLMModel)
 
     def _capture_qk(self, vision: nn.Module, layer_index: int, patch: Patch, holder: nn.Module) -> None:
         """Store the queries and keys of vision layer ``layer_index`` in the thread on every vision
@@ -1056,11 +1158,16 @@ class HFVLM(Adapter):
         tokens (embeddings, masks, position ids, per-visual-token inputs); record what was done. Image
         spans are runs of image tokens, cut in ``chunk``-token pieces when every image has that many;
         a span of ``tile`` tokens is a square grid; ``scale``: the attention scale of the vision layer
-        whose class-token attention the method reads, when it reads it."""
+        whose class-token attention the method reads, when it reads it. Videos (when a part of the
+        method acts on them) are reduced by a pre-LLM method that acts on videos, else pass whole."""
         embeds = kwargs["inputs_embeds"]
         method, thread = parts(patch.method)[0], _thread(patch)
         spans = image_spans(state.placeholder, chunk)
-        if isinstance(method, VisualMethod) and method.space == "projected":
+        if not spans or "image" not in _modalities(method):
+            embeds = embeds.clone()
+            images = [_whole(n, _grid(state, i, n, tile), device=embeds.device) for i, (_, _, n) in enumerate(spans)]
+            encoder, deepstack = None, _deepstack(kwargs, embeds)
+        elif isinstance(method, VisualMethod) and method.space == "projected":
             embeds = embeds.clone()
             deepstack = _deepstack(kwargs, embeds)
             cls, layouts = None, None
@@ -1087,8 +1194,17 @@ class HFVLM(Adapter):
         thread.reduced = None
         if len(images) != len(spans):
             raise ValueError(f"the prompt has {len(spans)} image token spans for {len(images)} images")
+        videos, video_spans = [], []
+        if state.video is not None:
+            video_spans = state.video_spans()
+            if "video" in _modalities(method):
+                videos = self._select_videos(method, state, video_spans, embeds)
+            else:
+                videos = [_whole(n, lay.grid, lay.frames, embeds.device) for (_, _, n), lay in zip(video_spans, state.videos)]
         mask2d = state.prompt_mask(embeds)
-        keeps = [SpanKeep(row, start, n, im.kept, im.position) for (row, start, n), im in zip(spans, images)]
+        keeps = [
+            SpanKeep(row, start, n, im.kept, im.position) for (row, start, n), im in zip(spans + video_spans, images + videos)
+        ]
         compaction = compact(mask2d, keeps, state.reindex)
         _shorten(compaction, kwargs, embeds, deepstack)
         thread.record = VLMRecord(
@@ -1097,24 +1213,73 @@ class HFVLM(Adapter):
             llm_lengths=tuple(int(v) for v in compaction.mask.sum(1).tolist()),
             positions="reindex" if state.reindex else "keep",
             encoder=encoder,
+            videos=tuple(videos),
         )
         return compaction
 
+    def _select_videos(self, method: VisualMethod, state: VisualState, spans: list, embeds: Tensor) -> list[ImageRecord]:
+        """Run a pre-LLM video method on every video span of the prompt's embeddings ``embeds`` (written
+        in place), videos of one layout together: each span's kept tokens go to its front, followed by
+        the span's tail (OneVision's newline token, always kept, taking its own position). Returns each
+        video's record, in prompt order."""
+        records: list[ImageRecord | None] = [None] * len(spans)
+        groups: dict[VideoLayout, list[int]] = {}
+        for i, layout in enumerate(state.videos):
+            groups.setdefault(layout, []).append(i)
+        for layout, members in groups.items():
+            n, keep = layout.tokens, method.num_kept_video(layout)
+            if not 0 <= keep <= n:
+                raise ValueError(
+                    f"{method.name!r} keeps {keep} tokens of a video of {n} ({layout}); expected a count in [0, {n}]"
+                )
+            features = torch.stack([embeds[spans[i][0], spans[i][1] : spans[i][1] + n] for i in members])
+            selection = method.select(VisualContext(features, keep, 0, layout.grid, video=layout))
+            kept = selection.apply(features)
+            tail = torch.arange(n, n + state.video_tail, device=embeds.device)
+            for j, (i, record) in enumerate(zip(members, _records(selection, 0, n, layout.grid))):
+                row, start, _ = spans[i]
+                embeds[row, start + selection.num_out : start + selection.num_out + state.video_tail] = embeds[row, start + tail]
+                embeds[row, start : start + selection.num_out] = kept[j]
+                owner = torch.cat([record.owner, selection.num_out + tail - n])
+                position = torch.cat([record.position, tail])
+                records[i] = ImageRecord(
+                    n + state.video_tail, selection.num_out + state.video_tail, owner, position, layout.grid, layout.frames
+                )
+        return records  # type: ignore[return-value]
+
     def pruned_prefill(self, text: nn.Module, patch: Patch, state: VisualState, before: Compaction | None, kwargs: dict, forward):
-        """Run the LLM's prompt with an in-LLM method pruning its image tokens (see :mod:`hf_llm`);
-        ``before``: how a pre-LLM method already shortened the prompt (its record is extended)."""
+        """Run the LLM's prompt with an in-LLM method pruning its image (and, when it acts on them, video)
+        tokens (see :mod:`hf_llm`); ``before``: how a pre-LLM method already shortened the prompt (its
+        record is extended)."""
         hf_llm.check_cache(kwargs.get("cache"))
         embeds = kwargs["inputs_embeds"]
+        inside, thread = parts(patch.method)[1], _thread(patch)
         spans = image_spans(state.placeholder, text._tokenreduce_chunk)
-        thread = _thread(patch)
+        video_spans = state.video_spans() if state.video is not None else []
         if before is None:
             mask = state.prompt_mask(embeds)
-            entering = spans
-        else:  # each image's kept tokens sit at the front of where its span went
-            mask, kept = before.mask, [im.kept for im in thread.record.images]
-            entering = [(r, int((before.embed_index[r] == s).nonzero()[0]), k) for (r, s, _), k in zip(spans, kept)]
+            lengths = tuple(int(v) for v in mask.sum(1).tolist())
+            tile, device = text._tokenreduce_tile, embeds.device
+            images = [_whole(n, _grid(state, i, n, tile), device=device) for i, (_, _, n) in enumerate(spans)]
+            videos = [_whole(n, lay.grid, lay.frames, device) for (_, _, n), lay in zip(video_spans, state.videos)]
+            positions = "reindex" if state.llm_reindex else "keep"
+            thread.record = VLMRecord(tuple(images), lengths, lengths, positions, None, videos=tuple(videos))
+        else:
+            mask = before.mask
+        records = [*thread.record.images, *thread.record.videos]
+        layouts = [None] * len(spans) + list(state.videos)
+        acts = ["image" in inside.modalities] * len(spans) + ["video" in inside.modalities] * len(video_spans)
+        entering = []
+        for (row, start, _), record, layout, on in zip(spans + video_spans, records, layouts, acts):
+            if not on:
+                continue
+            if before is not None:  # each span's kept tokens sit at the front of where it went
+                start = int((before.embed_index[row] == start).nonzero()[0]) if record.kept else 0
+            whole = record.kept == record.placeholders
+            frames, grid = (1, None) if layout is None else (layout.frames, layout.grid if whole else None)
+            entering.append(ImageSpan(row, start, record.kept, frames, grid))
         thread.reduced = None
-        run = hf_llm.open_run(parts(patch.method)[1], text, entering, mask, state.llm_reindex)
+        run = hf_llm.open_run(inside, text, entering, mask, state.llm_reindex)
         thread.llm = run
         try:
             out = forward()
@@ -1122,22 +1287,18 @@ class HFVLM(Adapter):
             thread.llm = None
         if out.cache is not None:
             setattr(out.cache, hf_llm.STAGES, hf_llm.Pruned(tuple(run.stages), run.rotary))
-        if before is None:
-            lengths = tuple(int(v) for v in mask.sum(1).tolist())
-            first = [
-                ImageRecord(n, n, torch.arange(n, device=embeds.device), torch.arange(n, device=embeds.device), None)
-                for _, _, n in spans
-            ]
-            thread.record = VLMRecord((), lengths, lengths, "reindex" if state.llm_reindex else "keep", None)
-        else:
-            first = list(thread.record.images)
-        images = []
-        for i, (image, kept, slot) in enumerate(zip(first, run.origin, run.owner)):
-            owner = torch.where(image.owner >= 0, slot[image.owner.clamp(min=0)], -1)
-            grid = image.grid if before is not None else _grid(state, i, image.placeholders, text._tokenreduce_tile)
-            images.append(ImageRecord(image.placeholders, kept.shape[0], owner, image.position[kept], grid))
+        pruned = iter(zip(run.origin, run.owner))
+        for i, on in enumerate(acts):
+            if on:
+                kept, slot = next(pruned)
+                owner = torch.where(records[i].owner >= 0, slot[records[i].owner.clamp(min=0)], -1)
+                records[i] = dataclasses.replace(records[i], kept=kept.shape[0], owner=owner, position=records[i].position[kept])
         thread.record = dataclasses.replace(
-            thread.record, images=tuple(images), layer_lengths=tuple(run.lengths), steps=tuple(run.steps)
+            thread.record,
+            images=tuple(records[: len(spans)]),
+            videos=tuple(records[len(spans) :]),
+            layer_lengths=tuple(run.lengths),
+            steps=tuple(run.steps),
         )
         return out
 

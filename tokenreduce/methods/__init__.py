@@ -8,7 +8,7 @@ import pkgutil
 
 from tokenreduce.methods.base import EncoderMethod, Hook, LayerContext, Method, PruneAtLayers
 from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part, Recompute
-from tokenreduce.methods.visual import VisualContext, VisualMethod
+from tokenreduce.methods.visual import VideoLayout, VisualContext, VisualMethod
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -23,6 +23,7 @@ __all__ = [
     "Part",
     "PruneAtLayers",
     "Recompute",
+    "VideoLayout",
     "VisualContext",
     "VisualMethod",
 ]

@@ -19,7 +19,10 @@ from tokenreduce.validate import as_int_tuple, as_real, as_sequence
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """One image's visual tokens in the current sequence: ``length`` tokens from ``start`` in ``row``."""
+    """One image's (or video's) visual tokens in the current sequence: ``length`` tokens from ``start``
+    in ``row``. A video's span has its ``frames`` and, while it is whole (before any in-LLM stage
+    changed it), ``grid``: the per-frame (rows, cols) of its tokens at the LLM's input, frame-major
+    (LLaVA-OneVision's trailing newline token follows its ``frames * rows * cols`` tokens in the span)."""
 
     row: int
     start: int
@@ -64,6 +67,8 @@ class LLMMethod(Method):
     """
 
     stage = Stage.LLM
+    # the spans the method acts on: image and/or video placeholders; the others pass through unchanged
+    modalities: ClassVar[frozenset[str]] = frozenset({"image"})
     scores_from: ClassVar[str] = "previous"
     # or "keys", "queries" (the scoring layer's queries and keys: "previous" only), "raters", "visual"
     # (the attention each image's tokens get from its own tokens' queries: "own" only), or "none" (no

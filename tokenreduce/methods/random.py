@@ -38,12 +38,13 @@ class RandomPrune(PruneAtLayers):
 @register_method
 @dataclass
 class RandomVisual(VisualMethod):
-    """Keep a seeded random subset of each image's visual tokens before the LLM, in their original
-    order. The draw is a fixed hash of ``seed`` and the token position: the same for every image,
+    """Keep a seeded random subset of each image's (and video's) visual tokens before the LLM, in their
+    original order. The draw is a fixed hash of ``seed`` and the token position: the same for every image,
     forward and device."""
 
     name = "random"
     paper = "random-selection baseline"
+    modalities = frozenset({"image", "video"})  # a plain subset: a video's tokens are drawn as an image's
 
     seed: int = 0
 

@@ -37,6 +37,20 @@ class AnyResLayout:
     tower_images: int  # images the vision tower encodes for this one: the base image and every crop
 
 
+@dataclass(frozen=True)
+class VideoLayout:
+    """A video's tokens as the method sees them: ``frames`` frames of ``grid`` (rows, cols) tokens each, frame-major
+    (token ``t * rows * cols + r * cols + c``)."""
+
+    frames: int
+    grid: tuple[int, int]
+
+    @property
+    def tokens(self) -> int:
+        """The video's tokens: ``frames * rows * cols``."""
+        return self.frames * self.grid[0] * self.grid[1]
+
+
 @dataclass
 class VisualContext:
     """What a pre-LLM method sees: the visual tokens of ``M`` images that have the same count ``N``.
@@ -72,6 +86,10 @@ class VisualContext:
     tokens, which are then one AnyRes image's packed span (the same for all ``M`` images); its
     ``cls_attention`` is then each token's own crop's (or the base image's) class-token attention at
     that patch, 0 on newline tokens.
+
+    ``video`` is set when the ``M`` rows are videos (of a method whose :attr:`VisualMethod.modalities`
+    hold ``"video"``): ``features [M, frames * rows * cols, D]`` are their tokens, frame-major, all with
+    this layout, and ``grid`` is the per-frame grid.
     """
 
     features: Tensor  # [M, N, D]
@@ -91,6 +109,7 @@ class VisualContext:
     cls_attention: Tensor | None = None  # [M, N]
     project: Callable[[Tensor], Tensor] | None = None  # the VLM's projector, for needs_projector
     anyres: AnyResLayout | None = None
+    video: VideoLayout | None = None
 
     def projector(self, method: str) -> Callable[[Tensor], Tensor]:
         """The VLM's projector (see :attr:`project`); raises when this call has none (``method`` names
@@ -148,6 +167,8 @@ class VisualMethod(Method):
     needs_projector: ClassVar[bool] = False  # wants VisualContext.project; vision space, token-wise projectors only
     needs_anyres: ClassVar[bool] = False  # selects among AnyRes packed spans (VisualContext.anyres) only
     default_keep_ratio: ClassVar[float | None] = 0.25
+    # the inputs the method acts on, "image" and/or "video"; the others pass through unchanged
+    modalities: ClassVar[frozenset[str]] = frozenset({"image"})
 
     keep_ratio: float | None = None
     keep_tokens: int | None = None
@@ -180,6 +201,12 @@ class VisualMethod(Method):
                 )
             return self.keep_tokens
         return min(num_tokens, max(1, round(self.keep_ratio * num_tokens)))
+
+    def num_kept_video(self, layout: VideoLayout) -> int:
+        """Tokens kept of one video laid out as ``layout`` (methods whose :attr:`modalities` hold
+        ``"video"``): a function of the layout and the config only, so that videos of one layout keep
+        equal counts."""
+        return self.num_kept(layout.tokens, None)
 
     def shallow_layer(self, depth: int) -> int | None:
         """A second layer (0-based, of a vision tower of ``depth`` layers) whose queries and keys the
