@@ -9,7 +9,17 @@ import pytest
 import torch
 
 import tokenreduce
-from conftest import IMAGE_TOKEN, tiny_llava, vlm_generate, vlm_inputs, vlm_logits
+from conftest import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    tiny_llava,
+    tiny_vlm,
+    vlm_generate,
+    vlm_inputs,
+    vlm_logits,
+    vlm_video_inputs,
+    vlm_video_tokens,
+)
 from naive_framefusion import budget, frame_labels, llava_prefill_and_decode, merge_groups, prune_count
 from tokenreduce.core.frames import merge_into_previous_same_patch, patch_labels, previous_same_patch_similarity
 from tokenreduce.methods.framefusion import FrameFusion, VideoState
@@ -23,10 +33,21 @@ TOKENS = 4  # generated per prompt
 PROGRESSIVE = dict(layer=1, cost=0.3, similarity_lower_bound=0.1, ratio_lower_bound=0.3, num_layers=4)
 ONCE = dict(PROGRESSIVE, ratio_lower_bound=0.9)  # one merge layer, then the prune
 CAPPED = dict(layer=1, cost=0.3, similarity_lower_bound=-1.0)  # every later-frame token qualifies: the cap binds
+VIDEO = dict(layer=1, cost=0.3, similarity_lower_bound=0.6)  # the defaults: rows merge different shares
+TEXTS = [[1, 5], [2, 3, 4, 6]]
+
+
+def counted(kw: dict, family: str) -> dict:
+    """``kw`` with the position ids ``generate`` gives a padded prompt, for a forward (Qwen computes its own)."""
+    if family.startswith("qwen"):
+        return kw
+    return {**kw, "position_ids": (kw["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
 
 
 class RowsAsFrames(FrameFusion):
-    """LLaVA's 4x4 image tokens read as 4 frames (its rows) of 4 patches."""
+    """Test-only: LLaVA's 4x4 image tokens read as 4 frames (its rows) of 4 patches."""
+
+    modalities = frozenset({"image"})
 
     def frame_layout(self, span: ImageSpan) -> tuple[int, int]:
         return 4, 4
@@ -166,4 +187,52 @@ def test_batch_equals_singles():
 )
 def test_config_errors(config, match):
     with pytest.raises(ValueError, match=match):
-        tokenreduce.apply(tiny_llava(), "framefusion", **config)
+        tokenreduce.apply(tiny_vlm("qwen2_vl"), "framefusion", **config)
+
+
+def test_refuses_a_family_without_videos():
+    with pytest.raises(TypeError, match="'framefusion' acts on videos.*LlavaOnevisionForConditionalGeneration"):
+        tokenreduce.apply(tiny_llava(), "framefusion")
+
+
+def base_hidden(model, kw: dict, layer: int) -> torch.Tensor:
+    """The input of LLM layer ``layer`` of the unpatched ``model`` on ``kw``."""
+    with torch.no_grad():
+        return model(**kw, output_hidden_states=True).hidden_states[layer]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_videos_merge_as_the_naive_loop_and_a_batch_equals_each_alone(family):
+    model, base = tiny_vlm(family), tiny_vlm(family)
+    kw = vlm_video_inputs(family, TEXTS)
+    before = vlm_logits(model, kw)
+    n, (frames, patches) = vlm_video_tokens(family), ((4, 16) if family.startswith("qwen") else (4, 4))
+    tokenreduce.apply(model, "framefusion", **VIDEO)
+    batched, last = vlm_generate(model, kw, TOKENS), vlm_logits(model, counted(kw, family))[:, -1]
+    rec = tokenreduce.record(model)
+    assert rec.steps[0].kept[0].shape != rec.steps[0].kept[1].shape  # rows merge differently: re-padded
+    for row in range(2):
+        single = vlm_video_inputs(family, TEXTS[row : row + 1], seed=7 + row)
+        start = int((single["input_ids"][0] == VIDEO_TOKEN).nonzero()[0])
+        x = base_hidden(base, counted(single, family), VIDEO["layer"])[0, start : start + n]
+        groups, capped, _ = merge_groups(x, frame_labels(n, frames, patches), VIDEO["similarity_lower_bound"], 0.7)
+        assert not capped and 1 < len(groups) < n
+        assert rec.steps[0].kept[row].tolist() == [g[0] for g in groups]  # the first merge, on the unpatched input
+        assert torch.equal(vlm_generate(model, single, TOKENS), batched[row : row + 1]), f"row {row}"
+        torch.testing.assert_close(vlm_logits(model, counted(single, family))[:, -1], last[row : row + 1], rtol=1e-4, atol=1e-4)
+        assert tokenreduce.record(model).videos[0].kept == rec.videos[row].kept < n
+    if not family.startswith("qwen"):  # OneVision's trailing newline token is never merged nor, here, pruned away
+        assert all(k[-1] == n - 1 for k in rec.steps[0].kept)
+    tokenreduce.remove(model)
+    assert torch.equal(vlm_logits(model, kw), before)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_keep_all_on_videos_is_the_unpatched_model(family):
+    model = tiny_vlm(family)
+    kw = vlm_video_inputs(family, TEXTS)
+    logits, tokens = vlm_logits(model, kw), vlm_generate(model, kw, TOKENS)
+    tokenreduce.apply(model, "framefusion", cost=1.0, similarity_lower_bound=1.5)
+    assert torch.equal(vlm_logits(model, kw), logits)
+    assert torch.equal(vlm_generate(model, kw, TOKENS), tokens)
+    assert [v.kept for v in tokenreduce.record(model).videos] == [vlm_video_tokens(family)] * 2

@@ -119,9 +119,11 @@ class FrameFusion(LLMMethod):
         return tokens if stage == 0 else self.pruned_count(tokens, [0.0])
 
     def frame_layout(self, span: ImageSpan) -> tuple[int, int]:
-        """``(frames, patches per frame)`` of a whole video span (one frame for an image)."""
-        patches = span.grid[0] * span.grid[1] if span.grid is not None else span.length // span.frames
-        return span.frames, patches
+        """``(frames, patches per frame)`` of a span at the first stage: a whole video's, else one frame
+        (an image, or a video a pre-LLM method already cut: nothing merges, the prune still runs)."""
+        if span.grid is None:
+            return 1, span.length
+        return span.frames, span.grid[0] * span.grid[1]
 
     def merge(self, tokens: Tensor, state: VideoState) -> Selection:
         """One merge layer on a video's current tokens ``[N, D]``; updates ``state``."""
