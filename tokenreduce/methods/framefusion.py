@@ -60,7 +60,9 @@ class FrameFusion(LLMMethod):
     so its first two merge points become one and every stage sees the previous layer's MLP output. The
     reference's Qwen2-VL path averages the attention of the last 4 prompt tokens, its Qwen2 path
     (LLaVA-Video, MiniCPM-V, NVILA) the last one: here the last one. Where the merges alone spend the
-    budget the reference raises ("The cost is too small"); here the prune then keeps one token.
+    budget the reference raises ("The cost is too small"); here the prune then keeps one token (and the
+    formula counts at least one layer left after ``num_layers`` merge layers). A video a pre-LLM method
+    already cut has lost its frame layout: nothing merges, the prune still runs.
     Choices it leaves open: each video of a batch merges and prunes on its own (the reference has one
     video and batch 1), so rows keep different counts and are re-padded; the capped top-k never takes
     a first-frame or newline token (the reference's could, merging it across patches); cosines are
