@@ -64,6 +64,20 @@ def prune_count(tokens: int, sparsity: list[float], cost: float, num_layers: int
     return min(tokens, max(1, round(tokens * (1 - budget(sparsity, cost, num_layers)))))
 
 
+def naive_received(q: torch.Tensor, k: torch.Tensor, rows: list[int], scale: float, token: int) -> float:
+    """The attention ``token`` receives from the queries at ``rows`` (``q [H, L, D]``, ``k [H_kv, L, D]``,
+    causal, every earlier token visible), mean over heads and those rows."""
+    heads, group = q.shape[0], q.shape[0] // k.shape[0]
+    total = 0.0
+    for h in range(heads):
+        for r in rows:
+            logits = [float(q[h, r] @ k[h // group, j]) * scale for j in range(r + 1)]
+            top = max(logits)
+            weights = [math.exp(v - top) for v in logits]
+            total += (weights[token] / sum(weights)) if token <= r else 0.0
+    return total / (heads * len(rows))
+
+
 def top_in_order(scores: list[float], count: int) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:count])
 
@@ -110,7 +124,8 @@ def llava_prefill_and_decode(base, input_ids, pixel_values, image_token, frames,
                     positions = positions[:start] + [positions[start + j] for j in heads] + positions[start + len(span) :]
                     span, labels = [span[j] for j in heads], [labels[j] for j in heads]
                 elif i >= layer and not pruned:
-                    row = captured["probs"][0].mean(0)[-1]  # the previous layer's, on the merged tokens
+                    queries = config.get("query_tokens", 1)  # the previous layer's, on the merged tokens:
+                    row = captured["probs"][0].mean(0)[-queries:].mean(0)
                     scores = [float(row[start + j]) for j in range(len(span))]
                     keep = top_in_order(scores, prune_count(len(span), sparsity, cost, num_layers))
                     rows = list(range(start)) + [start + j for j in keep] + list(range(start + len(span), h.shape[1]))

@@ -20,7 +20,15 @@ from conftest import (
     vlm_video_inputs,
     vlm_video_tokens,
 )
-from naive_framefusion import budget, frame_labels, llava_prefill_and_decode, merge_groups, prune_count
+from naive_framefusion import (
+    budget,
+    frame_labels,
+    llava_prefill_and_decode,
+    merge_groups,
+    naive_received,
+    prune_count,
+    top_in_order,
+)
 from tokenreduce.core.frames import merge_into_previous_same_patch, patch_labels, previous_same_patch_similarity
 from tokenreduce.methods.framefusion import FrameFusion, VideoState
 from tokenreduce.methods.llm import ImageSpan, LLMContext
@@ -29,8 +37,9 @@ pytest.importorskip("transformers")
 
 TOKENS = 4  # generated per prompt
 # LLaVA's 16 tokens as 4 frames of 4: 9 merge at layer 1, 2 of the 7 left at layer 2 (a share under 0.3:
-# merging stops), the prune at layer 3 (counting the model's own 4 layers in the cost: it drops one more)
-PROGRESSIVE = dict(layer=1, cost=0.3, similarity_lower_bound=0.1, ratio_lower_bound=0.3, num_layers=4)
+# merging stops), the prune at layer 3 (counting the model's own 4 layers in the cost: it drops one more), ranked by
+# the last 4 prompt tokens (the reference's Qwen2-VL setting)
+PROGRESSIVE = dict(layer=1, cost=0.3, similarity_lower_bound=0.1, ratio_lower_bound=0.3, num_layers=4, query_tokens=4)
 ONCE = dict(PROGRESSIVE, ratio_lower_bound=0.9)  # one merge layer, then the prune
 CAPPED = dict(layer=1, cost=0.3, similarity_lower_bound=-1.0)  # every later-frame token qualifies: the cap binds
 VIDEO = dict(layer=1, cost=0.3, similarity_lower_bound=0.6)  # the defaults: rows merge different shares
@@ -108,17 +117,20 @@ def test_merge_refuses_a_token_without_an_earlier_one_of_its_patch():
 
 
 def test_prune_stage_keeps_the_budgeted_most_attended():
-    method = FrameFusion(cost=0.3)
-    attention = torch.rand(1, 20, generator=torch.Generator().manual_seed(2))
+    method = FrameFusion(cost=0.3, query_tokens=2)
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 20, 8, generator=g), torch.randn(1, 2, 20, 8, generator=g)
+    mask = torch.ones(1, 20)
+    mask[0, -3:] = 0  # right padding: the last real tokens are 15 and 16
     span = ImageSpan(0, 3, 10)
     state = VideoState(torch.arange(10), [0.375], merging=False)  # 16 tokens, 6 merged at one layer
-    ctx = LLMContext(2, 1, torch.zeros(1, 20, 4), [span], [0], attention, torch.ones(1, 20), memory=[state])
+    ctx = LLMContext(2, 1, torch.zeros(1, 20, 4), [span], [0], None, mask, keys=k, queries=q, scale=0.3, memory=[state])
     (sel,) = method.select(ctx)
     count = prune_count(10, [0.375], 0.3, 28)
     assert 0 < count < 10 and state.pruned
-    scores = attention[0, 3:13].tolist()
-    assert sel.index[0].tolist() == sorted(sorted(range(10), key=lambda i: -scores[i])[:count])
-    ctx = LLMContext(3, 2, torch.zeros(1, 20, 4), [ImageSpan(0, 3, count)], [0], attention, torch.ones(1, 20), memory=[state])
+    scores = [naive_received(q[0], k[0], [15, 16], 0.3, 3 + j) for j in range(10)]
+    assert sel.index[0].tolist() == top_in_order(scores, count)
+    ctx = LLMContext(3, 2, torch.zeros(1, 20, 4), [ImageSpan(0, 3, count)], [0], None, mask, memory=[state])
     (again,) = method.select(ctx)  # pruned once: later layers keep everything
     assert again.gather_only and again.index[0].tolist() == list(range(count))
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from tokenreduce.core import Selection, keep
+from tokenreduce.core import Selection, keep, rows_attention
 from tokenreduce.core.frames import merge_into_previous_same_patch, patch_labels, previous_same_patch_similarity
 from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod
 from tokenreduce.registry import register_method
@@ -47,8 +47,9 @@ class FrameFusion(LLMMethod):
       ``index_add_`` then ``/= (merge_nums + 1)``, so an earlier merge carries no extra weight), at
       that token's position.
     - at the layer after merging stopped, the video keeps the ``round(N * (1 - p))`` tokens (at least
-      1), ``p = _compute_pruning_ratio(sparsity, cost)``, that the last prompt token attended to most
-      at the layer before (softmax over the whole row, mean over heads), in order, at their positions.
+      1), ``p = _compute_pruning_ratio(sparsity, cost)``, that the last ``query_tokens`` prompt tokens
+      attended to most at the layer before (causal softmax over the whole row, mean over heads and
+      those queries), in order, at their positions.
 
     ``_compute_pruning_ratio``: with ``s`` the product of ``1 - r`` over ``sparsity``, ``T`` the sum of
     those partial products and ``L = num_layers`` (the reference hard-codes 28, Qwen2-7B's depth),
@@ -59,7 +60,7 @@ class FrameFusion(LLMMethod):
     each layer from ``layer`` on (default 1, layer 0's output: the first point the engine offers),
     so its first two merge points become one and every stage sees the previous layer's MLP output. The
     reference's Qwen2-VL path averages the attention of the last 4 prompt tokens, its Qwen2 path
-    (LLaVA-Video, MiniCPM-V, NVILA) the last one: here the last one. Where the merges alone spend the
+    (LLaVA-Video, MiniCPM-V, NVILA) the last one: ``query_tokens`` (default 1). Where the merges alone spend the
     budget the reference raises ("The cost is too small"); here the prune then keeps one token (and the
     formula counts at least one layer left after ``num_layers`` merge layers). A video a pre-LLM method
     already cut has lost its frame layout: nothing merges, the prune still runs.
@@ -77,12 +78,14 @@ class FrameFusion(LLMMethod):
         "Visual Language Models, ICCV 2025"
     )
     modalities: ClassVar[frozenset[str]] = frozenset({"video"})
+    scores = "queries"
 
     layer: int = 1  # the first layer whose input merges; every later layer may merge or prune
     cost: float = 0.3  # the share of the LLM's visual-token compute left (the reference's budget)
     similarity_lower_bound: float = 0.6  # S_th: merge tokens at least this similar to their previous frame
     ratio_lower_bound: float = 0.1  # stop merging after a layer that merged a smaller share
     num_layers: int = REFERENCE_DEPTH  # the depth the cost formula counts
+    query_tokens: int = 1  # the last prompt tokens whose attention ranks the prune (reference: 1, Qwen2-VL 4)
     positions: str = "keep"
 
     def __post_init__(self) -> None:
@@ -91,6 +94,7 @@ class FrameFusion(LLMMethod):
         self.cost = as_real("cost", self.cost, 1 / self.num_layers, 1, low_open=True)
         self.similarity_lower_bound = as_real("similarity_lower_bound", self.similarity_lower_bound, -1)
         self.ratio_lower_bound = as_real("ratio_lower_bound", self.ratio_lower_bound, 0, 1)
+        self.query_tokens = as_int("query_tokens", self.query_tokens, 1)
         self.check_positions()
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
@@ -155,8 +159,12 @@ class FrameFusion(LLMMethod):
             if state.merging:
                 selection = self.merge(tokens, state)
             elif not state.pruned:
-                assert ctx.attention is not None
-                scores = ctx.attention[span.row, span.start : span.start + span.length]
+                assert ctx.queries is not None and ctx.keys is not None and ctx.scale is not None
+                real = ctx.mask[span.row].nonzero().flatten()
+                row = rows_attention(
+                    ctx.queries[span.row], ctx.keys[span.row], real[-self.query_tokens :], ctx.mask[span.row], ctx.scale
+                )
+                scores = row[span.start : span.start + span.length]
                 count = self.pruned_count(span.length, state.sparsity)
                 selection = keep(scores.topk(count).indices.sort().values[None], span.length)
                 state.pruned = True
