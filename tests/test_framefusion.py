@@ -196,6 +196,7 @@ def test_batch_equals_singles():
         (dict(layer=3), r"layer must be in \[1, 2\] for an LLM of 4 layers"),
         (dict(ratio_lower_bound=1.5), r"ratio_lower_bound must be a number in \[0, 1\]"),
         (dict(positions="nope"), r"positions must be one of"),
+        (dict(query_tokens=0), r"query_tokens must be an integer >= 1"),
     ],
 )
 def test_config_errors(config, match):
