@@ -38,6 +38,7 @@ def test_methods_lists_registered_names():
         *("ficoco_l", "lvlm_csp"),
         *("fastvid", "holitom"),
         *("trimmed_llama", "ptp"),
+        *("framefusion",),
     }
 
 

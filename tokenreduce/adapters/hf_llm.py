@@ -114,6 +114,7 @@ class LLMRun:
     restores: dict[int, int] = field(default_factory=dict)  # restoring layer -> the pruning layer it undoes
     saved: dict[int, Saved] = field(default_factory=dict)  # by pruning layer, until its tokens come back
     pruned: int = 0  # pruning layers passed
+    memory: list = field(default_factory=list)  # per image, what the method carries between its stages
 
     def next_score_layer(self) -> int | None:
         """The layer whose attention kernel reads the next stage's scores (``"own"`` scores are computed
@@ -233,6 +234,7 @@ def open_run(method: LLMMethod, text: nn.Module, spans: list[ImageSpan], mask: T
     )
     run.owner = [o.clone() for o in origin]
     run.restores = {b: a for a, b in method.restore_layers(len(text.layers)).items()}
+    run.memory = [None] * len(spans)
     run.score_layer = run.next_score_layer()
     return run
 
@@ -320,6 +322,7 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     ctx = LLMContext(index, stage, hidden, run.spans, keep, run.attention, run.mask)
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
     ctx.queries, ctx.scale = run.queries, run.scale
+    ctx.memory = run.memory  # the method writes each span's entry: it lives as long as the run
     selections = run.method.select(ctx)
     entering, hidden = hidden, hidden.clone()
     keeps = []

@@ -56,6 +56,7 @@ class LLMContext:
     scores: list[Tensor] | None = None  # per span, its tokens' scores from its raters' (text or own) attention
     norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
     visual: Tensor | None = None  # [B, L] True on every image's tokens
+    memory: list | None = None  # per span, what the method carries between its stages (None before the first)
 
 
 class LLMMethod(Method):
