@@ -35,6 +35,7 @@ def test_methods_lists_registered_names():
         *("tomesd", "todo", "sito", "importance_tome", "cat_pruning"),
         *("todre", "ficoco", "simignore", "recoverable", "star", "greedyprune", "gsearch", "psigmoid"),
         *("catp", "zoo_prune", "script", "globalcom2", "btp", "vflowopt"),
+        "dycoke",
     }
 
 

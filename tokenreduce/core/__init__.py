@@ -90,6 +90,7 @@ from tokenreduce.core.selection import (
 )
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.core.spectral import dct_lowpass, dct_matrix
+from tokenreduce.core.temporal import frame_pair_drop
 
 __all__ = [
     "RESIZE_MODES",
@@ -120,6 +121,7 @@ __all__ = [
     "density_peaks",
     "farthest_first",
     "first_inputs",
+    "frame_pair_drop",
     "graph_propagation",
     "greedy_dpp",
     "grid_adjacency",
