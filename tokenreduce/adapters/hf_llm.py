@@ -5,7 +5,9 @@ mask, the rotary tables and the position ids once and hands the same objects to 
 called as ``layer(hidden, attention_mask=, position_ids=, cache=, use_cache=, position_embeddings=)``;
 an attention module looks up its kernel by ``self.config._attn_implementation`` and calls it with
 rotary-applied ``query [B, H, L, D]`` and ``key [B, H_kv, L, D]``; a dynamic cache stores whatever
-length each layer gives it.
+length each layer gives it; attention modules store and read their entries through
+``cache.update(key, value, layer_idx)``, which returns what the layer attends to, and a layer's stored
+keys are ``cache.layers[i].keys``.
 
 So a decoder-layer mixin shortens the hidden states at a pruning layer and hands every later layer
 the mask, position ids and rotary tables cut to the kept tokens (re-padding rows that kept different
@@ -14,6 +16,12 @@ reads the one query row a method needs (or the keys), then calls the model's own
 scoring with the pruning layer's own attention gets it before the layer runs, from the layer's input
 norm, key projection for every token and query projection for the last prompt token only. On decode
 steps the layers after a pruning layer get the mask's columns cut to their shorter cache.
+
+A method that selects cached entries on decode steps (DyCoke) prunes nothing at the prefill: the
+cache's class is extended for that generate call (:class:`SelectedEntries`) so that every layer keeps
+all its entries while, on decode steps, the layers from the method's layer on get the selected ones
+(and the mask's columns to match); the selection is chosen from the previous layer's attention row,
+recomputed from its query projection and cached keys after it ran (:class:`DecodeSelection`).
 """
 
 from __future__ import annotations
