@@ -42,10 +42,12 @@ class DecodeSelector:
         self.prune_ratio, self.threshold = prune_ratio, threshold
         self.previous: list[float] | None = None
         self.kept: list[int] | None = None
+        self.reselected = 0  # steps that chose again
 
     def step(self, attention: list[float]) -> list[int]:
         stable = self.previous is not None and _cosine(attention, self.previous) >= self.threshold
         if not stable:
+            self.reselected += 1
             count = int(len(attention) * (1 - self.prune_ratio))
             self.kept = sorted(sorted(range(len(attention)), key=lambda i: -attention[i])[:count])
         self.previous = attention

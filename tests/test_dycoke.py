@@ -12,6 +12,7 @@ from tokenreduce.methods.dycoke import TemporalTokenMerging
 
 FAMILIES = ["qwen2_vl", "llava_onevision"]
 TEXTS = [[1, 5], [2, 3, 4, 6]]
+THRESHOLD = 0.5  # below the default 0.9: the tiny models' attention is stable on some decode steps, not all
 
 
 def llm_input(model, kw: dict) -> torch.Tensor:
@@ -65,7 +66,7 @@ def test_keep_all_is_the_unpatched_model(family):
     assert torch.equal(vlm_logits(model, kw), logits)
 
 
-def slow_generate(family: str, kw: dict, layer: int, prune_ratio: float, steps: int):
+def slow_generate(family: str, kw: dict, layer: int, prune_ratio: float, threshold: float, steps: int):
     """The unpatched model with eager attention generating ``steps`` tokens greedily, its layers from
     ``layer`` on masked, on each decode step, to the video tokens the naive selector picks from layer
     ``layer - 1``'s attention weights (plus every other entry). One prompt, one video."""
@@ -73,7 +74,7 @@ def slow_generate(family: str, kw: dict, layer: int, prune_ratio: float, steps: 
     model.set_attn_implementation({"text_config": "eager"})
     layers = model.model.language_model.layers
     span = (kw["input_ids"][0] == VIDEO_TOKEN).nonzero().flatten()
-    selector, chosen, masks = DecodeSelector(prune_ratio), [], []
+    selector, chosen, masks = DecodeSelector(prune_ratio, threshold), [], []
 
     def score(module, args, kwargs, out):
         weights = out[1]  # [1, H, q, kv]
@@ -98,7 +99,7 @@ def slow_generate(family: str, kw: dict, layer: int, prune_ratio: float, steps: 
     out = generate_logits(model, kw, steps)
     for hook in hooks:
         hook.remove()
-    return out, chosen
+    return out, chosen, selector.reselected
 
 
 def generate_logits(model, kw: dict, steps: int) -> torch.Tensor:
@@ -111,12 +112,12 @@ def generate_logits(model, kw: dict, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("family,layer", [("qwen2_vl", 2), ("llava_onevision", 3)])
 def test_decode_selection_equals_masking_the_naive_choice_in_an_eager_model(family, layer):
     kw = vlm_video_inputs(family, TEXTS[:1], frames=8)
-    want, chosen = slow_generate(family, kw, layer, 0.5, 8)
-    model = tokenreduce.apply(tiny_vlm(family), "dycoke", merge_ratio=0.0, layer=layer, prune_ratio=0.5)
+    want, chosen, reselected = slow_generate(family, kw, layer, 0.5, THRESHOLD, 8)
+    model = tokenreduce.apply(tiny_vlm(family), "dycoke", merge_ratio=0.0, layer=layer, prune_ratio=0.5, threshold=THRESHOLD)
     torch.testing.assert_close(generate_logits(model, kw, 8), want, rtol=1e-4, atol=1e-4)
     steps = tokenreduce.record(model).decode_steps
     assert [s[0].tolist() for s in steps] == chosen
-    assert len({tuple(c) for c in chosen}) > 1  # the selection moved at least once
+    assert 1 < reselected < len(chosen), reselected  # both paths: chosen again, and kept while attention is stable
     assert len(chosen[0]) == int(vlm_video_tokens(family, 8) * 0.5)
 
 
