@@ -143,3 +143,15 @@ def test_config_is_checked_and_families_without_videos_are_refused():
         tokenreduce.apply(tiny_vlm("qwen2_vl"), "dycoke", layer=4)
     with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
         tokenreduce.apply(tiny_llava(), "dycoke")
+
+
+def test_eager_attention_reads_the_same_selection():
+    kw = vlm_video_inputs("llava_onevision", TEXTS, frames=8)
+    sdpa = tokenreduce.apply(tiny_vlm("llava_onevision"), "dycoke", prune_ratio=0.5, threshold=THRESHOLD)
+    want = generate_logits(sdpa, kw, 6)
+    steps = [[k.tolist() for k in s] for s in tokenreduce.record(sdpa).decode_steps]
+    eager = tiny_vlm("llava_onevision")
+    eager.set_attn_implementation({"text_config": "eager"})
+    tokenreduce.apply(eager, "dycoke", prune_ratio=0.5, threshold=THRESHOLD)
+    torch.testing.assert_close(generate_logits(eager, kw, 6), want, rtol=1e-4, atol=1e-4)
+    assert [[k.tolist() for k in s] for s in tokenreduce.record(eager).decode_steps] == steps
