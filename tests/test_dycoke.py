@@ -51,7 +51,7 @@ def model_layout(family: str, frames: int):
     return VideoLayout(frames, (4, 4) if family.startswith("qwen") else (2, 2))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2_5_vl"])
 def test_keep_all_is_the_unpatched_model(family):
     model = tiny_vlm(family)
     kw = vlm_video_inputs(family, TEXTS, frames=8)
@@ -121,7 +121,7 @@ def test_decode_selection_equals_masking_the_naive_choice_in_an_eager_model(fami
     assert len(chosen[0]) == int(vlm_video_tokens(family, 8) * 0.5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2_5_vl"])
 def test_a_batch_equals_each_prompt_alone(family):
     model = tokenreduce.apply(tiny_vlm(family), "dycoke", prune_ratio=0.5)
     kw = vlm_video_inputs(family, TEXTS, frames=8)
