@@ -39,6 +39,7 @@ def test_methods_lists_registered_names():
         *("fastvid", "holitom"),
         *("trimmed_llama", "ptp"),
         *("framefusion",),
+        "dycoke",
     }
 
 

@@ -5,7 +5,9 @@ mask, the rotary tables and the position ids once and hands the same objects to 
 called as ``layer(hidden, attention_mask=, position_ids=, cache=, use_cache=, position_embeddings=)``;
 an attention module looks up its kernel by ``self.config._attn_implementation`` and calls it with
 rotary-applied ``query [B, H, L, D]`` and ``key [B, H_kv, L, D]``; a dynamic cache stores whatever
-length each layer gives it.
+length each layer gives it; attention modules store and read their entries through
+``cache.update(key, value, layer_idx)``, which returns what the layer attends to, and a layer's stored
+keys are ``cache.layers[i].keys``.
 
 So a decoder-layer mixin shortens the hidden states at a pruning layer and hands every later layer
 the mask, position ids and rotary tables cut to the kept tokens (re-padding rows that kept different
@@ -21,6 +23,12 @@ A method may restore what a pruning layer ``a`` dropped before a later layer ``b
 and each image token rebuilt by the method. Layers ``a .. b-1`` and their KV cache hold the short
 sequence, layers from ``b`` on the whole one (as it was before ``a``), with its position ids and
 masks; decode steps follow the same per-layer lengths.
+
+A method that selects cached entries on decode steps (DyCoke) prunes nothing at the prefill: the
+cache's class is extended for that generate call (:class:`SelectedEntries`) so that every layer keeps
+all its entries while, on decode steps, the layers from the method's layer on get the selected ones
+(and the mask's columns to match); the selection is chosen from the previous layer's attention row,
+recomputed from its query projection and cached keys after it ran (:class:`DecodeSelection`).
 """
 
 from __future__ import annotations
@@ -35,12 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.core import Selection, row_attention, rows_attention
-from tokenreduce.core.sequence import Compaction, SpanKeep, compact
+from tokenreduce.core.sequence import Compaction, SpanKeep, compact, hide_columns
 from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod, check_restores
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable
 
 STAGES = "_tokenreduce_llm_stages"  # attribute on a generate call's cache: the prefill's pruning stages
+SELECTION = "_tokenreduce_decode_selection"  # attribute on a generate call's cache: its decode-time selection
 KERNEL = "tokenreduce_scoring"  # the attention implementation name of scoring layers
 
 
@@ -163,6 +172,125 @@ def _last_real(mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), positions, -1).argmax(dim=1)
 
 
+@dataclass
+class DecodeSelection:
+    """Kept on a generate call's cache (so reset with every call) when an in-LLM method selects cached
+    visual entries on decode steps (:meth:`~tokenreduce.methods.llm.LLMMethod.decode_layer`): every
+    layer keeps its whole cache; on a decode step, layer ``layer - 1`` scores (:meth:`score`), then the
+    layers from ``layer`` on attend to the selected tokens of each span plus every other entry.
+
+    ``spans`` are the method's spans in the cache (the prefill's sequence), ``mask [B, P]`` the
+    prefill's 2-D mask; per span, ``previous`` holds the last step's attention and ``kept`` its
+    selection; ``steps`` gathers, per decode step, each span's selection (the record's
+    ``decode_steps``)."""
+
+    method: LLMMethod
+    layer: int
+    spans: list[ImageSpan]
+    mask: Tensor
+    previous: list[Tensor | None]
+    kept: list[Tensor | None]
+    steps: list[tuple[Tensor, ...]]
+    attention: Tensor | None = None  # [B, kv] this step's attention row of layer - 1
+    index: Tensor | None = None  # [B, K] the entries the layers from `layer` read this step (None: all)
+    visible: Tensor | None = None  # [B, K] False on the padding of `index` (rows that read fewer)
+    substitutes: dict[int, Tensor | None] = field(default_factory=dict)
+
+    def score(self, layer: nn.Module, hidden: Tensor, kwargs: dict, cache) -> None:
+        """This step's attention of ``layer`` (the one before :attr:`layer`, which has just run on
+        ``hidden``): its query for the current token against all its cached keys, the current one
+        included (SDPA-safe: one row, recomputed)."""
+        attention = layer.self_attn
+        cos, sin = kwargs["position_embeddings"]
+        q = _query(attention, layer.input_layernorm(hidden), cos, sin)[:, :, -1]
+        keys = cache.layers[self.layer - 1].keys
+        b, length = keys.shape[0], keys.shape[2]
+        mask = torch.cat([self.mask, self.mask.new_ones(b, length - self.mask.shape[1])], dim=1)
+        rows = torch.full((b,), length - 1, device=keys.device)
+        self.attention = row_attention(q, keys, rows, mask, attention.scaling)
+
+    def select(self) -> None:
+        """This step's entries for the layers from :attr:`layer` on (``index``; ``None`` when every
+        span keeps all its tokens)."""
+        assert self.attention is not None
+        shape, chosen = self.attention.shape, []
+        for i, span in enumerate(self.spans):
+            row = self.attention[span.row, span.start : span.start + span.length]
+            self.kept[i] = self.method.decode_keep(row, self.previous[i], self.kept[i])
+            self.previous[i] = row
+            chosen.append(self.kept[i])
+        self.steps.append(tuple(chosen))
+        self.attention, self.substitutes = None, {}
+        if all(kept.shape[0] == span.length for kept, span in zip(chosen, self.spans)):
+            self.index = self.visible = None
+            return
+        read = torch.ones(shape, dtype=torch.bool, device=self.mask.device)
+        for span, kept in zip(self.spans, chosen):
+            read[span.row, span.start : span.start + span.length] = False
+            read[span.row, span.start + kept] = True
+        counts = read.sum(dim=1)
+        width = int(counts.max())
+        self.index = (~read).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # read entries first, in order
+        self.visible = torch.arange(width, device=read.device) < counts[:, None]
+
+    def arguments(self, kwargs: dict, hidden: Tensor) -> dict:
+        """A decode step's arguments for a layer reading the selection: the mask's columns follow it."""
+        mask = kwargs.get("attention_mask")
+        if id(mask) not in self.substitutes:
+            if mask is None:  # SDPA without padding: a mask only where rows read different counts
+                visible = self.visible[:, None, None, :].expand(-1, 1, hidden.shape[1], -1)
+                self.substitutes[id(mask)] = None if bool(self.visible.all()) else visible
+            else:
+                columns = self.index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+                self.substitutes[id(mask)] = hide_columns(mask.gather(3, columns), self.visible)
+        return {**kwargs, "attention_mask": self.substitutes[id(mask)]}
+
+
+class SelectedEntries:
+    """Mixed in front of a generate call's cache whose decode steps read a selection: every layer
+    stores all its entries, and on decode steps the layers from the selection's layer on read the
+    selected ones (the reference's ``PrunableDynamicCache.update``)."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)  # type: ignore[misc]
+        selection: DecodeSelection = getattr(self, SELECTION)
+        if layer_idx < selection.layer or selection.index is None or key_states.shape[2] != 1:
+            return keys, values
+        pick = selection.index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        return keys.gather(2, pick), values.gather(2, pick)
+
+
+_SELECTING: dict[type, type] = {}  # cache class -> its SelectedEntries subclass
+
+
+def open_selection(run: LLMRun, text: nn.Module, cache) -> DecodeSelection | None:
+    """After a prefill of ``text`` run by ``run``: when its method selects cached entries on decode
+    steps, the selection, kept on ``cache`` (whose class then returns the selected entries)."""
+    layer = run.method.decode_layer(len(text.layers))
+    if layer is None or cache is None:
+        return None
+    n = len(run.spans)
+    selection = DecodeSelection(run.method, layer, list(run.spans), run.mask, [None] * n, [None] * n, [])
+    cls = type(cache)
+    if not issubclass(cls, SelectedEntries):
+        if cls not in _SELECTING:
+            _SELECTING[cls] = type(f"Selecting{cls.__name__}", (SelectedEntries, cls), {})
+        cache.__class__ = _SELECTING[cls]
+    setattr(cache, SELECTION, selection)
+    return selection
+
+
+def _query(attention: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``attention``'s queries for its normed input ``x [B, q, D]``, per-head norm and rotary
+    (``cos``/``sin`` for those ``q`` positions) applied as the module applies them: ``[B, H, q, d]``."""
+    rotate = sys.modules[original_class(attention).__module__].apply_rotary_pos_emb
+    q = attention.q_proj(x).view(*x.shape[:2], -1, attention.head_dim)
+    if hasattr(attention, "q_norm"):
+        q = attention.q_norm(q)
+    q = q.transpose(1, 2)
+    return rotate(q, q, cos, sin)[0]
+
+
 def register_kernel() -> None:
     """Make the scoring kernel known to transformers (at install, and when a saved patched model loads)."""
     from transformers import AttentionInterface
@@ -263,6 +391,16 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
         run.lengths.append(tuple(int(n) for n in run.mask.sum(1).tolist()))
         return run_layer(hidden, **kwargs)
     cache = kwargs.get("cache")
+    selection: DecodeSelection | None = getattr(cache, SELECTION, None) if cache is not None else None
+    if selection is not None and hidden.shape[1] == 1:
+        if index == selection.layer:
+            selection.select()
+        if index >= selection.layer and selection.index is not None:
+            kwargs = selection.arguments(kwargs, hidden)
+        if index == selection.layer - 1:
+            out = run_layer(hidden, **kwargs)
+            selection.score(layer, hidden, kwargs, cache)
+            return out
     pruned: Pruned | None = getattr(cache, STAGES, None) if cache is not None else None
     stage = None if pruned is None else next((s for s in reversed(pruned.stages) if s.layer <= index), None)
     if stage is not None:
@@ -294,11 +432,10 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
     else:
         pick = rows[:, None, None].expand(-1, 1, cos.shape[-1])
         x_q, cos_q, sin_q = x[torch.arange(b), rows][:, None], cos.gather(1, pick), sin.gather(1, pick)
-    q = attention.q_proj(x_q).view(b, x_q.shape[1], -1, attention.head_dim)
     if hasattr(attention, "k_norm"):
-        k, q = attention.k_norm(k), attention.q_norm(q)
+        k = attention.k_norm(k)
     _, k = rotate(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    q, _ = rotate(q.transpose(1, 2), q.transpose(1, 2), cos_q, sin_q)
+    q = _query(attention, x_q, cos_q, sin_q)
     if not visual:
         run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
         return

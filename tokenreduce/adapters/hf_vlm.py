@@ -88,7 +88,9 @@ class VLMRecord:
     when an encoder-stage method ran. In-LLM methods: ``layer_lengths`` per decoder layer the real
     tokens of each row it read, ``steps`` what each pruning layer kept, and ``images`` what the last
     layers read of each image. ``videos``: what each video sent to the LLM, as ``images`` (when a part
-    of the method acts on videos).
+    of the method acts on videos). ``decode_steps``: for an in-LLM method that selects cached entries on
+    decode steps (DyCoke), per decode step so far, per span it acts on, the indices of the span's tokens
+    that the layers from its decode layer read.
     """
 
     images: tuple[ImageRecord, ...]
@@ -99,6 +101,7 @@ class VLMRecord:
     layer_lengths: tuple[tuple[int, ...], ...] = ()
     steps: tuple[LLMStep, ...] = ()
     videos: tuple[ImageRecord, ...] = ()
+    decode_steps: list[tuple[Tensor, ...]] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -867,7 +870,8 @@ class HFVLM(Adapter):
 
     def _validate_llm(self, model: nn.Module, method: LLMMethod) -> None:
         spec, text = self.spec(model), getattr(model, self.spec(model).text)
-        method.prune_layers(len(text.layers))
+        if method.prune_layers(len(text.layers)) and method.decode_layer(len(text.layers)) is not None:
+            raise TypeError(f"{method.name!r}: an in-LLM method prunes at the prefill or selects cache entries when decoding")
         if method.positions == "reindex" and spec.mrope:
             raise ValueError(
                 f"positions='reindex' cannot apply to {type(model).__name__}: its position ids encode the image grid"
@@ -879,9 +883,18 @@ class HFVLM(Adapter):
     def plan(self, model: nn.Module, method: Method) -> list[str]:
         before, inside = parts(method)
         lines = [] if before is None else self._plan(model, before)
+        if "video" in _modalities(before):
+            lines.append("visual tokens per video into the LLM: as the method's budget gives for each video's frames and grid")
         if inside is not None:
             depth = len(getattr(model, self.spec(model).text).layers)
-            layers = inside.prune_layers(depth)
+            layers, decode = inside.prune_layers(depth), inside.decode_layer(depth)
+            spans = " and ".join(sorted(inside.modalities, reverse=True))
+            if decode is not None:
+                lines.append(
+                    f"decode steps: LLM layers {decode}..{depth - 1} of {depth} attend to a selection of each {spans}'s "
+                    f"cached tokens, chosen from layer {decode - 1}'s attention (the cache keeps every entry)"
+                )
+                return lines
             tile = self.tile_tokens(model)
             if tile is not None and before is not None:
                 tile = before.num_kept(tile, _square(tile))
@@ -893,6 +906,8 @@ class HFVLM(Adapter):
         return lines
 
     def _plan(self, model: nn.Module, method: Method) -> list[str]:
+        if "image" not in _modalities(method):
+            return []
         if isinstance(method, EncoderMethod):
             lines = self.tower.plan(self.vision(model, method.name), method)
             if getattr(method, "unmerge", False):
@@ -1384,6 +1399,7 @@ class HFVLM(Adapter):
             thread.llm = None
         if out.cache is not None:
             setattr(out.cache, hf_llm.STAGES, hf_llm.Pruned(tuple(run.stages), run.rotary))
+        selection = hf_llm.open_selection(run, text, out.cache)
         pruned = iter(zip(run.origin, run.owner))
         for i, on in enumerate(acts):
             if on:
@@ -1396,6 +1412,7 @@ class HFVLM(Adapter):
             videos=tuple(records[len(spans) :]),
             layer_lengths=tuple(run.lengths),
             steps=tuple(run.steps),
+            decode_steps=[] if selection is None else selection.steps,
         )
         return out
 

@@ -92,7 +92,7 @@ from tokenreduce.core.selection import (
 )
 from tokenreduce.core.sequence import Compaction, SpanKeep, compact, image_spans
 from tokenreduce.core.spectral import dct_lowpass, dct_matrix
-from tokenreduce.core.temporal import cut_segments, static_windows
+from tokenreduce.core.temporal import cut_segments, frame_pair_drop, static_windows
 
 __all__ = [
     "RESIZE_MODES",
@@ -125,6 +125,7 @@ __all__ = [
     "density_peaks",
     "farthest_first",
     "first_inputs",
+    "frame_pair_drop",
     "graph_propagation",
     "greedy_dpp",
     "grid_adjacency",

@@ -96,7 +96,7 @@ class Compaction:
         index = self.embed_index[:, None]
         rows = mask.gather(2, index[..., None].expand(-1, mask.shape[1], -1, mask.shape[3]))
         out = rows.gather(3, index[:, :, None].expand(-1, mask.shape[1], rows.shape[2], -1))
-        return _hide(out, self.mask.bool())
+        return hide_columns(out, self.mask.bool())
 
     def decode_columns(self, mask: Tensor) -> Tensor:
         """A decode step's 4-D mask ``[B, H, q, L + t]`` over the full prefill, for the compacted cache."""
@@ -104,7 +104,7 @@ class Compaction:
         steps = torch.arange(self.length, self.length + grown, device=mask.device).expand(mask.shape[0], -1)
         columns = torch.cat([self.embed_index, steps], dim=1)[:, None, None]
         out = mask.gather(3, columns.expand(-1, mask.shape[1], mask.shape[2], -1))
-        return _hide(out, torch.cat([self.mask.bool(), torch.ones_like(steps, dtype=torch.bool)], dim=1))
+        return hide_columns(out, torch.cat([self.mask.bool(), torch.ones_like(steps, dtype=torch.bool)], dim=1))
 
     def decode_positions(self, position_ids: Tensor) -> Tensor:
         """A decode step's position ids (counted from the full prefill): reindexed ones move back by
@@ -112,8 +112,9 @@ class Compaction:
         return position_ids - self.shift.view(*([1] * (position_ids.dim() - 2)), -1, 1) if self.reindex else position_ids
 
 
-def _hide(mask: Tensor, visible: Tensor) -> Tensor:
-    """Mask out the key columns where ``visible [B, K]`` is False (bool masks: False; float: -inf-like)."""
+def hide_columns(mask: Tensor, visible: Tensor) -> Tensor:
+    """``mask [B, H, q, K]`` (bool, or additive float) with the key columns where ``visible [B, K]`` is
+    False masked out (bool: False; float: the dtype's minimum)."""
     visible = visible[:, None, None, :]
     if mask.dtype == torch.bool:
         return mask & visible

@@ -105,6 +105,19 @@ class LLMMethod(Method):
         if selection.gather_only:
             out[:, selection.index[0]] = after
         return out
+    def decode_layer(self, depth: int) -> int | None:
+        """The decoder layer (of an LLM of ``depth`` layers) from which, on decode steps, the layers attend
+        to a selection of each span's cached tokens (:meth:`decode_keep`) and to every other cached
+        entry; ``None`` (the default): decoding reads what the prefill left."""
+        return None
+
+    def decode_keep(self, attention: Tensor, previous: Tensor | None, kept: Tensor | None) -> Tensor:
+        """On a decode step, the tokens of one span (its indices, increasing) that the layers from
+        :meth:`decode_layer` on attend to: from ``attention [n]``, the current token's attention to the
+        span's ``n`` cached tokens at the layer before (softmax over all entries, mean over heads),
+        ``previous``, the same at the previous step (``None`` at the first), and ``kept``, the last
+        step's selection (``None`` at the first)."""
+        raise NotImplementedError(f"{self.name!r} does not select cache entries on decode steps")
 
     def text_raters(self, hidden: Tensor, spans: list[ImageSpan], mask: Tensor) -> list[Tensor] | None:
         """Per image, the positions of the text tokens whose attention rows score it (methods scoring by
