@@ -176,8 +176,8 @@ def test_evaluates_through_the_registered_name_with_a_pre_llm_method(tiny_llava_
 
 
 def test_in_llm_method_from_model_args(tiny_llava_dir, tasks):
-    """fastv configured from a model_args string: its record shows the kept tokens, and generation matches
-    the unpatched model's length contract (max_new_tokens)."""
+    """fastv from a model_args string (as lmms-eval's CLI passes it): 4 of each image's 16 visual tokens reach
+    the LLM's last layer, and answers stop at the task's max_new_tokens."""
     lm = TokenReduceVLM.create_from_arg_string(f"pretrained={tiny_llava_dir},method=fastv,layer=2,keep_ratio=0.25")
     out = _evaluate(lm, tasks)
     assert len(out["samples"]["tokenreduce_tiny"]) == 2

@@ -21,7 +21,6 @@ reduction and those the last LLM layer read; the log reports their totals after 
 from __future__ import annotations
 
 import ast
-import time
 from typing import Any
 
 import torch
@@ -195,7 +194,6 @@ class TokenReduceVLM(lmms):
         # a generated placeholder would be read back as a new image at the next decode step
         placeholders = [getattr(self.model.config, k, None) for k in ("image_token_id", "video_token_id")]
         suppress = [t for t in placeholders if isinstance(t, int)]
-        started = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
@@ -205,7 +203,6 @@ class TokenReduceVLM(lmms):
                 suppress_tokens=suppress or None,
                 **sampling,
             )
-        logger.debug(f"tokenreduce: generated {len(chats)} answers in {time.perf_counter() - started:.2f} s")
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         llm_lengths = self._record_visual_tokens(inputs, per_row)
         results = []
