@@ -11,46 +11,71 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 
-from conftest import IMAGE_TOKEN, tiny_llava
+from conftest import IMAGE_TOKEN, tiny_llava, tiny_vlm
 
 # Not in the dev extra: lmms-eval 0.7.3 pins wandb 0.25, which needs protobuf < 7 (onnx runs on 7 here).
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'tokenreduce[lmms]')")
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
-from tokenreduce.integrations.lmms_eval import MODEL_ID, TokenReduceVLM, manifest, parse_config  # noqa: E402
+from tokenreduce.integrations import lmms_eval_manifest  # noqa: E402
+from tokenreduce.integrations.lmms_eval import TokenReduceVLM, parse_config  # noqa: E402
 
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+MODEL_ID = "tokenreduce"
 WORDS = ["USER", "ASSISTANT", ":", "what", "is", "this", "?", "yes", "no"]
+QWEN_TOKENS = {"<|vision_start|>": 996, "<|vision_end|>": 997, "<|video_pad|>": 998, "<|image_pad|>": IMAGE_TOKEN}
 
 
-def _processor():
-    """A LLaVA-1.5 processor that needs no hub: a word-level tokenizer over the tiny model's 1000 ids and a CLIP
-    image processor at 32 px (16 visual tokens)."""
+def _template(image: str) -> str:
+    return (
+        "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+        f"{{% if c['type'] == 'image' %}}{image} {{% else %}}{{{{ c['text'] }}}} {{% endif %}}{{% endfor %}}{{% endfor %}}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+def _tokenizer(special: dict[str, int]):
+    """A word-level tokenizer over the tiny models' 1000 ids that needs no hub: ``special`` tokens, the words of
+    the prompt, and ``w<id>`` for every other id (what random weights answer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_TOKEN}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **special}
     vocab.update({w: 4 + i for i, w in enumerate(WORDS)})
-    vocab.update({f"w{i}": i for i in range(4 + len(WORDS), IMAGE_TOKEN)})
+    vocab.update({f"w{i}": i for i in range(4 + len(WORDS), 1000) if i not in special.values()})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    fast.add_special_tokens({"additional_special_tokens": list(special)})
+    return fast
+
+
+def _llava_processor():
+    """LLaVA-1.5's processor with a CLIP image processor at 32 px: 16 visual tokens per image."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     return LlavaProcessor(
-        image_processor=images,
-        tokenizer=fast,
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=_tokenizer({"<image>": IMAGE_TOKEN}),
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=TEMPLATE,
+        chat_template=_template("<image>"),
+    )
+
+
+def _qwen2_vl_processor():
+    """Qwen2-VL's processor: the task's 40 x 48 px images become 56 x 84 px (its 3136-pixel minimum), 4 x 6 patches
+    of 14 px merged 2 x 2 into 6 visual tokens."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=_tokenizer(QWEN_TOKENS),
+        chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"),
     )
 
 
@@ -58,7 +83,15 @@ def _processor():
 def tiny_llava_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llava")
     tiny_llava().save_pretrained(path)
-    _processor().save_pretrained(path)
+    _llava_processor().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2_vl")
+    tiny_vlm("qwen2_vl").save_pretrained(path)
+    _qwen2_vl_processor().save_pretrained(path)
     return path
 
 
@@ -135,21 +168,34 @@ def _evaluate(model, tasks: TaskManager, model_args: str = ""):
     )
 
 
+def _declared() -> bool:
+    """Whether the installed tokenreduce declares this checkout's entry point (an older install may not)."""
+    return any(ep.name == MODEL_ID for ep in entry_points(group="lmms_eval.models"))
+
+
 def test_entry_point_registers_the_chat_model():
     from lmms_eval.models import get_model
 
-    assert manifest().chat_class_path == "tokenreduce.integrations.lmms_eval.TokenReduceVLM"
-    declared = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == MODEL_ID]
-    if not declared:
+    assert lmms_eval_manifest().chat_class_path == "tokenreduce.integrations.lmms_eval.TokenReduceVLM"
+    if not _declared():
         pytest.skip("tokenreduce is installed without this checkout's entry points (pip install -e . again)")
-    assert declared[0].value == "tokenreduce.integrations.lmms_eval:manifest"
+    ep = next(ep for ep in entry_points(group="lmms_eval.models") if ep.name == MODEL_ID)
+    assert ep.value == "tokenreduce.integrations:lmms_eval_manifest"
     assert get_model(MODEL_ID) is TokenReduceVLM
 
 
-def test_import_tokenreduce_does_not_import_lmms_eval():
+def test_imports_in_a_fresh_process():
+    """``import tokenreduce`` imports no lmms-eval; importing the model module first still registers it (lmms-eval
+    loads entry points while its models package initialises)."""
     import subprocess
 
-    code = "import sys, tokenreduce; assert 'lmms_eval' not in sys.modules and 'tokenreduce.integrations' not in sys.modules"
+    code = (
+        "import sys, tokenreduce\n"
+        "assert 'lmms_eval' not in sys.modules and 'tokenreduce.integrations' not in sys.modules\n"
+        "from tokenreduce.integrations.lmms_eval import TokenReduceVLM\n"
+        "from lmms_eval.models import get_model\n"
+        f"assert {not _declared()} or get_model('tokenreduce') is TokenReduceVLM\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -165,7 +211,7 @@ def test_model_args_are_parsed_as_literals():
 def test_evaluates_through_the_registered_name_with_a_pre_llm_method(tiny_llava_dir, tasks):
     """``--model tokenreduce --model_args pretrained=DIR,method=divprune,keep_tokens=4``: both documents
     answered, and the LLM read 4 of each image's 16 visual tokens."""
-    if not any(ep.name == MODEL_ID for ep in entry_points(group="lmms_eval.models")):
+    if not _declared():
         pytest.skip("tokenreduce is installed without this checkout's entry points (pip install -e . again)")
     out = _evaluate(MODEL_ID, tasks, f"pretrained={tiny_llava_dir},method=divprune,keep_tokens=4")
     assert out["results"]["tokenreduce_tiny"]["exact_match,none"] == 0.0  # random weights never say "yes"
@@ -183,6 +229,15 @@ def test_in_llm_method_from_model_args(tiny_llava_dir, tasks):
     assert len(out["samples"]["tokenreduce_tiny"]) == 2
     assert lm.visual_tokens == [(16, 4), (16, 4)]
     assert all(s["token_counts"][0]["output_tokens"] <= 3 for s in out["samples"]["tokenreduce_tiny"])
+
+
+def test_qwen2_vl(tiny_qwen2_vl_dir, tasks):
+    """M-RoPE family: DivPrune keeps 2 of each image's 6 visual tokens, and the LLM reads 4 fewer tokens."""
+    lm = TokenReduceVLM.create_from_arg_string(f"pretrained={tiny_qwen2_vl_dir},method=divprune,keep_tokens=2,batch_size=2")
+    out = _evaluate(lm, tasks)
+    assert lm.visual_tokens == [(6, 2), (6, 2)]
+    prompt = 8 + 2 + 6  # the words, vision start and end, 6 image tokens
+    assert [s["token_counts"][0]["input_tokens"] for s in out["samples"]["tokenreduce_tiny"]] == [prompt - 4] * 2
 
 
 def test_without_a_method_the_model_runs_unpatched(tiny_llava_dir, tasks):

@@ -5,7 +5,7 @@
         --tasks gqa,mme,pope,textvqa_val --batch_size 1 --output_path logs/
 
 lmms-eval finds the model through the ``lmms_eval.models`` entry point that ``pip install tokenreduce[lmms]``
-declares (payload: :func:`manifest`). ``pretrained`` is a hub id or a local folder, loaded with
+declares (payload: :func:`tokenreduce.integrations.lmms_eval_manifest`). ``pretrained`` is a hub id or a local folder, loaded with
 ``AutoModelForImageTextToText`` and ``AutoProcessor``. ``method`` (optional: without it the model runs
 unpatched, the baseline row) and every ``model_args`` key that is not one of :data:`OWN_ARGS` go to
 ``tokenreduce.apply``; values are parsed as Python literals, so ``ratios=[0.5,0.25]`` is a tuple (use brackets:
@@ -28,7 +28,6 @@ from accelerate import Accelerator
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.protocol import ChatMessages
 from loguru import logger
 from tqdm import tqdm
@@ -36,7 +35,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import tokenreduce
 
-MODEL_ID = "tokenreduce"
 # model_args the wrapper takes itself; every other key configures the method.
 OWN_ARGS = (
     "pretrained",
@@ -51,11 +49,6 @@ OWN_ARGS = (
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-def manifest() -> ModelManifest:
-    """The ``lmms_eval.models`` entry-point payload: registers :class:`TokenReduceVLM` as ``--model tokenreduce``."""
-    return ModelManifest(model_id=MODEL_ID, chat_class_path=f"{__name__}.{TokenReduceVLM.__name__}")
 
 
 def parse_config(config: dict[str, Any]) -> dict[str, Any]:
