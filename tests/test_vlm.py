@@ -295,6 +295,34 @@ def test_text_only_prompts_pass_through():
     assert torch.equal(logits(model, input_ids=ids), want)
 
 
+class ForceFirst:
+    """A logits processor that makes the first generated token ``token``."""
+
+    def __init__(self, token: int, prompt_length: int):
+        self.token, self.prompt_length = token, prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_length:
+            scores = torch.full_like(scores, -torch.inf)
+            scores[:, self.token] = 0
+        return scores
+
+
+@pytest.mark.parametrize("method,config", [("divprune", dict(keep_tokens=5)), ("fastv", dict(layer=1, keep_ratio=0.5))])
+def test_a_generated_image_token_is_a_plain_token(method, config):
+    """A decode step that reads a generated image-placeholder id has no image to route (it used to
+    raise); with every token kept, generate equals the unpatched model's."""
+    from transformers import LogitsProcessorList
+
+    model, kw = tiny_llava(), inputs()
+    force = LogitsProcessorList([ForceFirst(IMAGE_TOKEN, kw["input_ids"].shape[1])])
+    want = generate(model, **kw, logits_processor=force)
+    tokenreduce.apply(model, method, **config)
+    assert (generate(model, **kw, logits_processor=force)[:, 0] == IMAGE_TOKEN).all()
+    tokenreduce.apply(model, method, **{**config, **({"keep_ratio": 1.0} if method == "fastv" else {"keep_tokens": 16})})
+    assert torch.equal(generate(model, **kw, logits_processor=force), want)
+
+
 def test_patched_vlm_deep_copies_and_saves(tmp_path):
     import copy
 

@@ -366,14 +366,17 @@ class VLMModel:
         images = kwargs.get("pixel_values", args[1] if len(args) > 1 else None) is not None or encoded.get("image") is not None
         if images and input_ids is None:
             raise ValueError("token reduction in a VLM needs input_ids (to find the image tokens), not only inputs_embeds")
-        placeholder = None if input_ids is None else input_ids == getattr(self.config, adapter.spec(self).image_token)
+        videos = kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
+        # without images or videos (a decode step, a text prompt) placeholder ids are plain tokens: a
+        # generated one must not read as an image to route
+        routed = input_ids is not None and (images or videos)
+        placeholder = input_ids == getattr(self.config, adapter.spec(self).image_token) if routed else None
         if images and not placeholder.any():
             raise ValueError("images were given but the prompt (input_ids) has no image tokens")
         mask = kwargs.get("attention_mask")
         grids = adapter.grids(self, kwargs.get("image_grid_thw"))
         before, inside = parts(patch.method)
         state = VisualState(placeholder, mask, grids, adapter.reindex(self, before), adapter.reindex(self, inside))
-        videos = kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
         if videos and input_ids is not None and any("video" in _modalities(m) for m in (before, inside)):
             state.video = input_ids == self.config.video_token_id
             state.videos, state.video_tail = adapter.video_layouts(self, patch, kwargs)

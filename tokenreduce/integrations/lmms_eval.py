@@ -184,16 +184,12 @@ class TokenReduceVLM(lmms):
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": gen_kwargs.get("top_p")}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        # a generated placeholder would be read back as a new image at the next decode step
-        placeholders = [getattr(self.model.config, k, None) for k in ("image_token_id", "video_token_id")]
-        suppress = [t for t in placeholders if isinstance(t, int)]
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
                 max_new_tokens=gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
                 num_beams=gen_kwargs.get("num_beams", 1),
                 pad_token_id=pad,
-                suppress_tokens=suppress or None,
                 **sampling,
             )
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
