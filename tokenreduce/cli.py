@@ -211,10 +211,12 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
 def cmd_bench_vlm(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tokenreduce.bench.vlm import DEFAULT_VLM, format_vlm_table, run_vlm_bench, vlm_steps
+    from tokenreduce.bench.vlm import DEFAULT_VLM, NAMED_VLMS, format_vlm_table, run_vlm_bench, vlm_steps
     from tokenreduce.loading import create_hf_vlm
 
     model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
+    named = NAMED_VLMS.get(model_name) if args.checkpoint is None else None
+    frames = named.video_frames if named else 0
     if args.preset is not None:
         raise CommandError("--preset applies to the encoder bench, not --vlm")
     specs = check_specs(args.methods or DEFAULT_VLM_METHODS)
@@ -233,9 +235,11 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             device=device,
             dtype=DTYPES[args.dtype],
+            video_frames=frames,
             progress=bar.update,
         )
-    header = f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + image"
+    visual = f"a {frames}-frame video" if frames else "image"
+    header = f"{model_name} | batch {args.batch_size} | {args.prompt_tokens} text tokens + {visual}"
     extra = dict(model=model_name, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     return report(args, device, results, format_vlm_table(results), header, load_before, args.csv, img_size=None, **extra)
 
@@ -758,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vlm",
         action="store_true",
         help="benchmark a VLM's prefill and decoding instead (default model llava-cpu, LLaVA-1.5 shapes scaled for CPU; "
+        "also llava-next-cpu, llava-onevision-video-cpu (an 8-frame video per prompt) and mllama-cpu; "
         f"default methods {DEFAULT_VLM_METHODS}); --checkpoint is then a save_pretrained directory",
     )
     bench.add_argument("--prompt-tokens", type=int, default=64, help="VLM bench: text tokens per prompt besides the image")

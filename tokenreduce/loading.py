@@ -166,9 +166,10 @@ def create_hf_tower(checkpoint: str | os.PathLike) -> nn.Module:
 
 
 def create_hf_vlm(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None) -> nn.Module:
-    """A Hugging Face VLM: the built-in ``llava-cpu`` shapes with random weights, a hub id with
+    """A Hugging Face VLM: a built-in random-weight shape by name (``llava-cpu``, ``llava-next-cpu``,
+    ``llava-onevision-video-cpu``, ``mllama-cpu``: ``tokenreduce.bench.vlm.NAMED_VLMS``), a hub id with
     ``pretrained``, or a local directory written by ``save_pretrained`` as ``checkpoint``."""
-    from tokenreduce.bench.vlm import DEFAULT_VLM, llava_cpu
+    from tokenreduce.bench.vlm import NAMED_VLMS
 
     if pretrained and checkpoint is not None:
         raise ValueError("pass --pretrained or --checkpoint, not both")
@@ -179,13 +180,13 @@ def create_hf_vlm(name: str, *, pretrained: bool = False, checkpoint: str | os.P
         import transformers
 
         return transformers.AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
-    if name == DEFAULT_VLM:
+    if name in NAMED_VLMS:
         if pretrained:
-            raise ValueError(f"{DEFAULT_VLM} is a random-weight shape; pass a hub id with --pretrained")
-        return llava_cpu()
+            raise ValueError(f"{name} is a random-weight shape; pass a hub id with --pretrained")
+        return NAMED_VLMS[name].build(False)
     if not pretrained:
         raise ValueError(
-            f"--model {name!r}: a hub VLM needs --pretrained (or --checkpoint DIR); the built-in one is {DEFAULT_VLM}"
+            f"--model {name!r}: a hub VLM needs --pretrained (or --checkpoint DIR); the built-in ones are {', '.join(NAMED_VLMS)}"
         )
     reachable = hub_reachable()
     if not reachable:

@@ -274,3 +274,28 @@ class HFMllama(Adapter):
 
     def record(self, patch: Patch) -> CrossAttentionRecord | None:
         return _thread(patch).record
+
+    def example_inputs(self, model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0) -> dict[str, Tensor]:
+        """A batch of prompts of one random image of the most tiles the model takes (its first supported
+        aspect ratio of ``max_num_tiles`` tiles) and ``prompt_tokens`` random text tokens each, half
+        before its ``<|image|>`` token and half after, which read the image, as the processor lays them out."""
+        config, vision = model.config, model.config.vision_config
+        gen = torch.Generator().manual_seed(seed)
+        tiles = vision.max_num_tiles
+        ratio = next(i for i, (h, w) in enumerate(vision.supported_aspect_ratios) if h * w == tiles) + 1
+        image_id = int(config.image_token_id)
+        text = torch.randint(3, min(config.text_config.vocab_size, 32000), (batch_size, prompt_tokens), generator=gen)
+        text = text.masked_fill(text == image_id, 3)
+        before = prompt_tokens // 2
+        ids = torch.cat([text[:, :before], torch.full((batch_size, 1), image_id), text[:, before:]], dim=1)
+        side = vision.image_size
+        cross = torch.zeros(batch_size, ids.shape[1], 1, tiles, dtype=torch.long)
+        cross[:, before:] = 1  # the image token and the text after it read every tile
+        return dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=torch.randn(batch_size, 1, tiles, 3, side, side, generator=gen),
+            aspect_ratio_ids=torch.full((batch_size, 1), ratio),
+            aspect_ratio_mask=torch.ones(batch_size, 1, tiles, dtype=torch.long),
+            cross_attention_mask=cross,
+        )

@@ -703,16 +703,28 @@ class HFVLM(Adapter):
         pixels = torch.randn(count, 3, side, side, generator=generator)
         return dict(pixel_values=pixels[:, None] if spec.tiles else pixels)
 
-    def example_inputs(self, model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0) -> dict[str, Tensor]:
+    def example_inputs(
+        self, model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0, video_frames: int = 0
+    ) -> dict[str, Tensor]:
         """A batch of prompts of one random image and ``prompt_tokens`` random text tokens each (half
-        before the image, half after), framed and typed as the family's processor does."""
+        before the image, half after), framed and typed as the family's processor does. With
+        ``video_frames`` (LLaVA-OneVision), a video of that many frames of the tower's size instead."""
         spec, config = self.spec(model), model.config
         gen = torch.Generator().manual_seed(seed)
-        images = self.example_images(model, batch_size, gen)
-        one = {k: v[: v.shape[0] // batch_size] for k, v in images.items()}
-        with torch.no_grad():
-            tokens = self.get_image_features_count(model, one)
-        image_id = int(getattr(config, spec.image_token))
+        if video_frames:
+            if spec.video != "frames":
+                raise ValueError(f"example video prompts are built for LLaVA-OneVision, not {type(model).__name__}")
+            side = config.vision_config.image_size
+            images = dict(pixel_values_videos=torch.randn(batch_size, video_frames, 3, side, side, generator=gen))
+            with torch.no_grad():
+                features = original_class(model).get_video_features(model, images["pixel_values_videos"][:1])
+            tokens = int(features.pooler_output.shape[1])
+        else:
+            images = self.example_images(model, batch_size, gen)
+            one = {k: v[: v.shape[0] // batch_size] for k, v in images.items()}
+            with torch.no_grad():
+                tokens = self.get_image_features_count(model, one)
+        image_id = int(config.video_token_id if video_frames else getattr(config, spec.image_token))
         frame = [int(getattr(config, a)) for a in spec.frame] if spec.frame else []
         special = {image_id, *frame, *(int(v) for k, v in vars(config).items() if k.endswith("token_id") and isinstance(v, int))}
         vocab = config.get_text_config().vocab_size

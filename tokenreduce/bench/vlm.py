@@ -16,6 +16,7 @@ from torch import nn
 import tokenreduce
 from tokenreduce.adapters import hf_llm, locate
 from tokenreduce.adapters.blocks import linear_macs
+from tokenreduce.adapters.hf_mllama import HFMllama
 from tokenreduce.api import patch_of
 from tokenreduce.bench.flops import counted_macs
 from tokenreduce.bench.memory import peak_memory_bytes
@@ -24,38 +25,217 @@ from tokenreduce.methods.stack import parts
 from tokenreduce.validate import as_int
 
 DEFAULT_VLM = "llava-cpu"
+# The random-weight token vocabulary of every named config (LLaVA-1.5's): the prefill reads one LM-head
+# row, and bigger vocabularies (Qwen2's 152k, Llama 3's 128k) would only multiply each bench copy's memory.
+VOCAB = 32064
 
 
-def llava_cpu(image_token: int = 32000) -> nn.Module:
+def _widths(tiny: bool, vision: int, llm: int, heads: int, kv_heads: int, mlp: int) -> dict[str, int]:
+    """A named config's widths, or with ``tiny`` the test widths (same token counts, layers and
+    proportions of tokens; vision 32, LLM 64 with 4 heads, half of them KV heads when the config shares)."""
+    if tiny:
+        return dict(vision=32, vision_heads=2, llm=64, heads=4, kv_heads=4 if kv_heads == heads else 2, mlp=128)
+    return dict(vision=vision, vision_heads=vision // 64, llm=llm, heads=heads, kv_heads=kv_heads, mlp=mlp)
+
+
+def _llm(w: dict[str, int], layers: int) -> dict[str, int]:
+    return dict(
+        hidden_size=w["llm"],
+        intermediate_size=w["mlp"],
+        num_hidden_layers=layers,
+        num_attention_heads=w["heads"],
+        num_key_value_heads=w["kv_heads"],
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+    )
+
+
+def _tower(w: dict[str, int], image_size: int, layers: int = 4) -> dict[str, int]:
+    return dict(
+        hidden_size=w["vision"],
+        intermediate_size=4 * w["vision"],
+        num_hidden_layers=layers,
+        num_attention_heads=w["vision_heads"],
+        image_size=image_size,
+        patch_size=14,
+    )
+
+
+def llava_cpu(tiny: bool = False) -> nn.Module:
     """LLaVA-1.5's shapes scaled for a CPU: a CLIP tower on 336 px images with 14 px patches (576 visual
     tokens, the penultimate layer read; width 256, 4 layers) and a Llama LLM of width 1024, 8 layers,
     16 heads, MLP 2816 and LLaVA's 32064-token vocabulary. Random weights."""
     import transformers as T
 
-    vision = T.CLIPVisionConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=336, patch_size=14
-    )
-    text = T.LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-    )
+    w = _widths(tiny, vision=256, llm=1024, heads=16, kv_heads=16, mlp=2816)
     config = T.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2, image_seq_length=576
+        vision_config=T.CLIPVisionConfig(**_tower(w, 336)),
+        text_config=T.LlamaConfig(**_llm(w, 8)),
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        image_seq_length=576,
     )
     torch.manual_seed(0)
     return T.LlavaForConditionalGeneration(config).eval()
 
 
-def prompt_inputs(model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One random image and ``prompt_tokens`` random text tokens per row (half before the image, half
-    after), laid out, framed and typed as the VLM family's processor does."""
+def llava_next_cpu(tiny: bool = False) -> nn.Module:
+    """LLaVA-NeXT's AnyRes scaled for a CPU: a CLIP tower on 224 px tiles with 14 px patches (256 tokens
+    a tile, the penultimate layer read, its class token dropped; width 256, 4 layers), LLaVA-NeXT's
+    grid pinpoints in 224 px tiles (LLaVA-NeXT's 336 px ones scaled by 2/3), so the bench's 448 px
+    square image is a 2x2 crop grid and the base image: 256 base tokens, then 32 rows of 32 crop tokens
+    each closed by a newline, 1312 visual tokens (2.3 times llava-cpu's 576, as LLaVA-NeXT's 2880 are 5
+    times LLaVA-1.5's: 2 times fewer crops' worth of tokens to fit a CPU); a Llama LLM of width 640, 8
+    layers, 10 heads, MLP 1728 (Vicuna-7B's proportions; narrower than llava-cpu's, so that a prefill
+    costs about what llava-cpu's does). Random weights."""
+    import transformers as T
+
+    w = _widths(tiny, vision=256, llm=640, heads=10, kv_heads=10, mlp=1728)
+    pinpoints = [[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]]
+    config = T.LlavaNextConfig(
+        vision_config=T.CLIPVisionConfig(**_tower(w, 224)),
+        text_config=T.LlamaConfig(**_llm(w, 8)),
+        image_token_id=32000,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    return T.LlavaNextForConditionalGeneration(config).eval()
+
+
+VIDEO_FRAMES = 8
+
+
+def llava_onevision_video_cpu(tiny: bool = False) -> nn.Module:
+    """LLaVA-OneVision's video path scaled for a CPU: a SigLIP tower on 384 px frames with 14 px patches
+    (27x27 patches, its last layer read whole; width 256, 4 layers), each frame pooled 2x2 to OneVision's
+    196 tokens (14x14), a video of 8 frames (OneVision samples 32: 8 fit a CPU) and its newline, 1569
+    visual tokens; a Qwen2 LLM of width 384, 8 layers, 6 heads sharing 2 KV heads, MLP 2048 (Qwen2-0.5B's
+    proportions, narrower so that a prefill costs about what llava-cpu's does). The bench's prompts
+    carry the video (:data:`NAMED_VLMS`). Random weights."""
+    import transformers as T
+
+    w = _widths(tiny, vision=256, llm=384, heads=6, kv_heads=2, mlp=2048)
+    config = T.LlavaOnevisionConfig(
+        vision_config=T.SiglipVisionConfig(**_tower(w, 384)),
+        text_config=T.Qwen2Config(**_llm(w, 8)),
+        image_token_id=32000,
+        video_token_id=32001,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(0)
+    return T.LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def mllama_cpu(tiny: bool = False) -> nn.Module:
+    """Llama 3.2 Vision's shapes scaled for a CPU: a vision model on four 224 px tiles of 14 px patches
+    (257 features a tile with its class token, 1028 an image; width 256, 4 local layers and 2 global
+    ones, intermediate layers 1 and 3 concatenated) and a 10-layer Llama of width 1024, 16 heads sharing
+    4 KV heads, MLP 2816, whose layers 3 and 8 cross-attend to the image features (the 11B model's
+    every fifth layer from 3). Random weights; the cross-attention gates opened (tanh 1, as trained
+    models' are), so the image reaches the text."""
+    import transformers as T
+
+    w = _widths(tiny, vision=256, llm=1024, heads=16, kv_heads=4, mlp=2816)
+    vision = T.MllamaVisionConfig(
+        hidden_size=w["vision"],
+        intermediate_size=4 * w["vision"],
+        num_hidden_layers=4,
+        num_global_layers=2,
+        attention_heads=w["vision_heads"],
+        image_size=224,
+        patch_size=14,
+        max_num_tiles=4,
+        intermediate_layers_indices=[1, 3],
+        vision_output_dim=3 * w["vision"],
+    )
+    text = T.MllamaTextConfig(**_llm(w, 10), cross_attention_layers=[3, 8], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = T.MllamaConfig(vision_config=vision, text_config=text, image_token_index=32000)
+    torch.manual_seed(0)
+    model = T.MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                p.fill_(1.0)
+    return model
+
+
+@dataclass(frozen=True)
+class NamedVLM:
+    """A built-in VLM of the bench: ``build(tiny)`` makes it (``tiny``: test widths, same token counts);
+    ``video_frames``: its prompts carry a video of that many frames instead of an image."""
+
+    build: Callable[[bool], nn.Module]
+    video_frames: int = 0
+
+
+NAMED_VLMS: dict[str, NamedVLM] = {
+    "llava-cpu": NamedVLM(llava_cpu),
+    "llava-next-cpu": NamedVLM(llava_next_cpu),
+    "llava-onevision-video-cpu": NamedVLM(llava_onevision_video_cpu, VIDEO_FRAMES),
+    "mllama-cpu": NamedVLM(mllama_cpu),
+}
+
+
+# Every VLM method's bench case: the named config it runs on (AnyRes methods on llava-next-cpu, video
+# methods on llava-onevision-video-cpu, cross-attention methods on mllama-cpu, the rest on llava-cpu)
+# and its config. Budgets the command line fixes (64 of 576 visual tokens: VisionZip's 54+10 setting) or
+# the method has no default for (gsearch's schedule, dymu's thresholds) are set here; the rest run at
+# their papers' defaults. tests/test_bench_vlm.py checks that every registered VLM method has a case.
+BENCH_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "aim": ("llava-cpu", {}),
+    "btp": ("llava-cpu", {}),
+    "catp": ("llava-cpu", {}),
+    "dart": ("llava-cpu", {}),
+    "divprune": ("llava-cpu", {"keep_tokens": 64}),
+    "dymu": ("llava-cpu", {"thresholds": 0.9}),  # one threshold for every block (a calibrate file: per block)
+    "fastv": ("llava-cpu", {"layer": 2, "keep_ratio": 0.25}),
+    "ficoco": ("llava-cpu", {}),
+    "ficoco_l": ("llava-cpu", {}),
+    "greedyprune": ("llava-cpu", {}),
+    "gsearch": ("llava-cpu", {"schedule": [1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.125]}),  # a schedule by hand
+    "lvlm_csp": ("llava-cpu", {}),
+    "pdrop": ("llava-cpu", {}),
+    "pool": ("llava-cpu", {"stride": 3}),
+    "psigmoid": ("llava-cpu", {}),
+    "recoverable": ("llava-cpu", {}),
+    "script": ("llava-cpu", {}),
+    "simignore": ("llava-cpu", {}),
+    "sparsevlm": ("llava-cpu", {"retain": 64}),
+    "star": ("llava-cpu", {}),
+    "todre": ("llava-cpu", {}),
+    "vflowopt": ("llava-cpu", {}),
+    "visiondrop": ("llava-cpu", {}),
+    "visionzip": ("llava-cpu", {"dominant": 54, "contextual": 10}),
+    "vscan": ("llava-cpu", {}),
+    "zoo_prune": ("llava-cpu", {}),
+    "globalcom2": ("llava-next-cpu", {}),
+    "ptp": ("llava-next-cpu", {}),
+    "dycoke": ("llava-onevision-video-cpu", {}),
+    "fastvid": ("llava-onevision-video-cpu", {}),
+    "framefusion": ("llava-onevision-video-cpu", {}),
+    "holitom": ("llava-onevision-video-cpu", {}),
+    "random": ("llava-onevision-video-cpu", {"keep_ratio": 0.25}),  # llava-cpu's default list has it on images
+    "trimmed_llama": ("mllama-cpu", {}),
+}
+
+
+def bench_cases(model_name: str) -> list[MethodSpec]:
+    """``none`` and the :data:`BENCH_CASES` of the named config ``model_name``, in the table's order."""
+    return [MethodSpec("none"), *(MethodSpec(m, dict(c)) for m, (name, c) in BENCH_CASES.items() if name == model_name)]
+
+
+def prompt_inputs(
+    model: nn.Module, batch_size: int, prompt_tokens: int, seed: int = 0, video_frames: int = 0
+) -> dict[str, torch.Tensor]:
+    """One random image (or with ``video_frames``, a video of that many frames) and ``prompt_tokens``
+    random text tokens per row (half before the image, half after), laid out, framed and typed as the
+    VLM family's processor does."""
     _, inner, adapter = locate(model)
-    return adapter.example_inputs(inner, batch_size, prompt_tokens, seed)
+    video = {"video_frames": video_frames} if video_frames else {}
+    return adapter.example_inputs(inner, batch_size, prompt_tokens, seed, **video)
 
 
 def llm_prefill_macs(text_model: nn.Module, lm_head: nn.Module, length: int | Sequence[int]) -> int:
@@ -146,15 +326,19 @@ def run_vlm_bench(
     warmup: int = 1,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    video_frames: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> list[VLMBenchResult]:
     """Benchmark every spec on private copies of the VLM ``model`` (left as it was), with the same
-    prompts, interleaving the timed repeats; ``none`` is the unpatched model."""
+    prompts (one image each, or with ``video_frames`` one video of that many frames), interleaving the
+    timed repeats; ``none`` is the unpatched model. A method the model cannot take raises its adapter's
+    error before anything is timed."""
     batch_size, prompt_tokens = as_int("batch_size", batch_size, 1), as_int("prompt_tokens", prompt_tokens, 0)
     new_tokens, repeats, warmup = as_int("new_tokens", new_tokens, 2), as_int("repeats", repeats, 1), as_int("warmup", warmup, 0)
+    video_frames = as_int("video_frames", video_frames, 0)
     specs, device, tick = with_baseline(specs), torch.device(device), progress or (lambda n: None)
     base = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
-    inputs = {k: v.to(device) for k, v in prompt_inputs(base, batch_size, prompt_tokens).items()}
+    inputs = {k: v.to(device) for k, v in prompt_inputs(base, batch_size, prompt_tokens, video_frames=video_frames).items()}
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     _, inner, adapter = locate(base)
 
@@ -211,22 +395,30 @@ def run_vlm_bench(
 
 def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec: MethodSpec) -> dict[str, Any]:
     """Tokens, FLOPs and KV-cache size of one checked prompt; the vision side (tower, projector and
-    any selection before the LLM) counted on ``m``'s own image-feature computation."""
+    any selection before the LLM) counted on ``m``'s own image (or video) feature computation."""
+    if isinstance(adapter, HFMllama):
+        return _cross_accounting(m, inner, inputs, out, spec)
     rows = inputs["input_ids"].shape[0]
+    videos = "pixel_values_videos" in inputs
     if spec.name == "none":
         lengths, params = inputs["attention_mask"].sum(1).tolist(), {}
-        visual = int(inputs["input_ids"][0].eq(int(getattr(inner.config, adapter.spec(inner).image_token))).sum())
+        token = inner.config.video_token_id if videos else getattr(inner.config, adapter.spec(inner).image_token)
+        visual = int(inputs["input_ids"][0].eq(int(token)).sum())
     else:
         rec = tokenreduce.record(m)
-        lengths, visual, params = rec.llm_lengths, rec.images[0].kept, patch_of(m).method.params()
+        lengths, params = rec.llm_lengths, patch_of(m).method.params()
+        visual = (rec.videos if videos else rec.images)[0].kept
         if rec.layer_lengths:  # pruned inside the LLM: each layer's own lengths, per row
             lengths = list(zip(*rec.layer_lengths))
     text = getattr(inner, adapter.spec(inner).text)
     lm_head = m.get_output_embeddings()
     llm = sum(llm_prefill_macs(text, lm_head, n) for n in lengths) / rows
     _, patched, _ = locate(m)
-    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and not k.endswith("type_ids")}
-    vision = counted_macs(lambda: patched.get_image_features(**images)) / rows
+    if videos:
+        vision = counted_macs(lambda: patched.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])) / rows
+    else:
+        images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and not k.endswith("type_ids")}
+        vision = counted_macs(lambda: patched.get_image_features(**images)) / rows
     return dict(
         method=spec.label,
         params=params,
@@ -234,6 +426,33 @@ def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec
         llm_tokens=round(sum(n if isinstance(n, int) else sum(n) / len(n) for n in lengths) / rows),
         prefill_gflops=(vision + llm) / 1e9,
         llm_prefill_gflops=llm / 1e9,
+        kv_cache_mib=kv_cache_bytes(out.cache) / 2**20,
+    )
+
+
+def _cross_accounting(m: nn.Module, inner: nn.Module, inputs: dict, out, spec: MethodSpec) -> dict[str, Any]:
+    """:func:`_accounting` for a VLM whose image features reach the LLM through cross-attention (Mllama):
+    visual tokens are the image features its cross-attention layers read (per row, mean), the LLM reads
+    the prompt alone, and the FLOPs are torch's count of the whole prefill (the vision model's and the
+    LLM's: the count model of :func:`llm_prefill_macs` has no cross-attention layers)."""
+    rows = inputs["input_ids"].shape[0]
+    vision_inputs = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    vision_model = locate(m)[1].vision_model
+    vision = counted_macs(lambda: vision_model(**vision_inputs)) / rows
+    total = counted_macs(lambda: _prefill(m, inputs)) / rows
+    if spec.name == "none":
+        states = inner.vision_model(**vision_inputs)[0]
+        visual, params = int(states[0].shape[-3] * states[0].shape[-2]), {}
+    else:
+        rec = tokenreduce.record(m)
+        visual, params = round(sum(k.numel() for k in rec.kept) / rows), patch_of(m).method.params()
+    return dict(
+        method=spec.label,
+        params=params,
+        visual_tokens=visual,
+        llm_tokens=round(int(inputs["attention_mask"].sum()) / rows),
+        prefill_gflops=total / 1e9,
+        llm_prefill_gflops=(total - vision) / 1e9,
         kv_cache_mib=kv_cache_bytes(out.cache) / 2**20,
     )
 
