@@ -125,20 +125,9 @@ def pixart(size: int = 16) -> Denoiser:
 
 def sd3(dual: bool = False) -> Denoiser:
     torch.manual_seed(0)
+    # SD3.5's block: dual attention in the first block, RMS qk-norm
     extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if dual else {}
-    model = diffusers.SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-        **extra,
-    ).eval()
+    model = configs.sd3(32, **extra).eval()
 
     def inputs(batch: int = 2, seed: int = 0, h: int = 32, w: int = 32, t: float = 500.0) -> dict:
         g = _gen(seed)

@@ -1,6 +1,7 @@
 """Checks shared by the model-family test files (open_clip, timm Eva, timm attention-pool heads, Hugging Face
 video ViTs): every registered encoder method on one tiny model of a family, and compile/export of one method.
-``inputs(batch=, seed=)`` makes a family's inputs (default: images)."""
+``inputs(batch=, seed=)`` makes a family's inputs (default: images). :class:`FamilyTests` runs the checks
+every family shares on the variants a family's test class names."""
 
 from __future__ import annotations
 
@@ -205,3 +206,81 @@ def check_save_load_and_half(model, tmp_path, inputs: Callable = images) -> None
         out = run(tokenreduce.apply(loaded.to(dtype), "tome", r=5), x.to(dtype))
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert torch.nn.functional.cosine_similarity(out.float(), reduced, dim=-1).min() > bound
+
+
+class FamilyTests:
+    """The tests every encoder family runs, inherited by one test class per family (``class TestEva(FamilyTests)``)
+    whose attributes name the variants each test runs on; adding a family is its builders, these lists and its own
+    special tests. A variant is a name the family's ``build`` takes; every list must be non-empty. Functions are
+    class attributes as ``staticmethod(f)``, so that ``self.build(...)`` is ``f(...)``."""
+
+    build: Callable[..., torch.nn.Module]  # staticmethod: build(variant, **overrides), a tiny model in eval mode
+    naive_forward: Callable  # staticmethod: the family's forward in naive_families
+    inputs = staticmethod(images)  # inputs(batch=, seed=)
+    every_method: tuple[str, ...]  # the variants every registered method runs on ...
+    without_cls_token: tuple[str, ...] = ()  # ... those of them without a class token
+    identity: dict = IDENTITY  # method -> its identity config (the contract's unless a layout needs others)
+    reducing: dict = REDUCING  # method -> its reducing config
+    tome_matches: tuple[tuple[str, bool], ...]  # (variant, prop_attn) on which ToMe matches naive_forward
+    cls_pruning: tuple[tuple[str, str], ...]  # (variant, "evit" or "topk") matching naive_forward with six blocks
+    six_blocks: dict  # the overrides that give a variant six blocks
+    hook_points: tuple[str, ...]
+    save_load: tuple[str, ...]  # variants saved, loaded and run in half precision
+    macs: tuple[str, ...]  # variants whose analytic MACs are checked ...
+    macs_overrides: dict = {}  # ... with these overrides
+    export: str  # the variant compiled and exported ...
+    compile: bool = True  # ... or only exported
+
+    def encoder(self, variant: str, **overrides) -> torch.nn.Module:
+        """The model the naive forwards, hook points and MAC counts run on: ``build``'s, unless that adds a head."""
+        return self.build(variant, **overrides)
+
+    def skip(self, variant: str, method: str) -> str | None:
+        """Why ``method`` does not run on ``variant`` in :meth:`test_every_method`, or ``None``."""
+        return None
+
+    def pytest_generate_tests(self, metafunc) -> None:
+        """pytest's hook, called for each test of the class: parametrizes it from the family's lists."""
+        every = [
+            pytest.param(v, m, marks=[pytest.mark.skip(reason=why)] if (why := self.skip(v, m)) else [])
+            for v in self.every_method
+            for m in METHODS
+        ]
+        macs = [pytest.param(v, m, c, id=f"{v}-{m}") for v in self.macs for m, c in (("none", {}), ("tome", dict(r=6)))]
+        cases = {
+            "test_every_method": ("variant,method", every),
+            "test_tome_matches_naive_forward": ("variant,prop_attn", self.tome_matches),
+            "test_cls_attention_pruning_matches_naive_forward": ("variant,method", self.cls_pruning),
+            "test_hook_points": ("variant", self.hook_points),
+            "test_save_load_and_half_precision": ("variant", self.save_load),
+            "test_analytic_macs_match_counted_macs": ("variant,method,config", macs),
+            "test_compile_and_export": ("variant", [self.export]),
+        }
+        if metafunc.function.__name__ in cases:
+            names, values = cases[metafunc.function.__name__]
+            assert values, f"{type(self).__name__} runs {metafunc.function.__name__} on no variant"
+            metafunc.parametrize(names, values)
+
+    def test_every_method(self, variant, method):
+        has_cls = variant not in self.without_cls_token
+        model = self.build(variant)
+        check_method(model, method, has_cls, inputs=self.inputs, identity=self.identity[method], reducing=self.reducing[method])
+
+    def test_tome_matches_naive_forward(self, variant, prop_attn):
+        check_tome_matches(self.encoder(variant), self.naive_forward, prop_attn, inputs=self.inputs)
+
+    def test_cls_attention_pruning_matches_naive_forward(self, variant, method):
+        model = self.encoder(variant, **self.six_blocks)
+        check_cls_pruning_matches(model, self.naive_forward, method, inputs=self.inputs)
+
+    def test_hook_points(self, variant):
+        check_hook_points(self.encoder(variant), inputs=self.inputs)
+
+    def test_save_load_and_half_precision(self, variant, tmp_path):
+        check_save_load_and_half(self.build(variant), tmp_path, inputs=self.inputs)
+
+    def test_analytic_macs_match_counted_macs(self, variant, method, config):
+        check_macs(self.encoder(variant, **self.macs_overrides), method, inputs=self.inputs, **config)
+
+    def test_compile_and_export(self, variant):
+        check_compile_and_export(self.build(variant), compile=self.compile, inputs=self.inputs)

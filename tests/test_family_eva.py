@@ -10,18 +10,7 @@ import torch
 import naive_families
 import tokenreduce
 from conftest import images, randomize
-from family_checks import (
-    METHODS,
-    check_cls_pruning_matches,
-    check_compile_and_export,
-    check_defaults_plan,
-    check_hook_points,
-    check_macs,
-    check_method,
-    check_save_load_and_half,
-    check_tome_matches,
-    run,
-)
+from family_checks import FamilyTests, check_defaults_plan, check_method, run
 from tokenreduce.core import take_per_token
 
 timm = pytest.importorskip("timm")
@@ -78,39 +67,22 @@ def build(name: str, seed: int = 0, **overrides) -> Eva:
     return randomize(Eva(**{**TINY, **VARIANTS[name], **overrides}), seed).eval()
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["eva02", "eva_mixed", "eva_pe"])
-def test_every_method(name, method):
-    check_method(build(name), method)
+class TestEva(FamilyTests):
+    build = staticmethod(build)
+    naive_forward = staticmethod(naive_families.eva_forward)
+    every_method = ("eva02", "eva_mixed", "eva_pe")
+    tome_matches = (("eva02", False), *((name, True) for name in ("eva02", "eva_mixed", "eva_pe", "eva_dinov3", "eva_gqa")))
+    cls_pruning = (("eva02", "evit"), ("eva02", "topk"), ("eva_mixed", "evit"), ("eva_mixed", "topk"))
+    six_blocks = dict(depth=6)
+    hook_points = ("eva02", "eva_mixed")
+    save_load = ("eva02", "eva_pe")
+    macs = ("eva02",)
+    export = "eva_pe"  # rotary tables following the tokens, and the attention-pool head
 
 
 @pytest.mark.parametrize("name", ["eva_dinov3", "eva_gqa", "eva_postnorm"])
 def test_other_variants(name):
     check_method(build(name), "tome", has_cls_token=build(name).cls_token is not None)
-
-
-@pytest.mark.parametrize(
-    "name,prop_attn",
-    [("eva02", True), ("eva02", False), ("eva_mixed", True), ("eva_pe", True), ("eva_dinov3", True), ("eva_gqa", True)],
-)
-def test_tome_matches_naive_forward(name, prop_attn):
-    check_tome_matches(build(name), naive_families.eva_forward, prop_attn)
-
-
-@pytest.mark.parametrize("method", ["evit", "topk"])
-@pytest.mark.parametrize("name", ["eva02", "eva_mixed"])
-def test_cls_attention_pruning_matches_naive_forward(name, method):
-    check_cls_pruning_matches(build(name, depth=6), naive_families.eva_forward, method)
-
-
-@pytest.mark.parametrize("name", ["eva02", "eva_mixed"])
-def test_hook_points(name):
-    check_hook_points(build(name))
-
-
-@pytest.mark.parametrize("name", ["eva02", "eva_pe"])
-def test_save_load_and_half_precision(name, tmp_path):
-    check_save_load_and_half(build(name), tmp_path)
 
 
 def test_rotary_rows_follow_the_tokens():
@@ -163,15 +135,6 @@ def test_forward_intermediates_gives_full_grids(name):
     prefix = model.num_prefix_tokens
     assert [(g.shape, p.shape) for g, p in got] == [((2, 48, 8, 8), (2, prefix, 48))] * 2
     assert got[1][0].flatten(2).transpose(1, 2).unique(dim=1).shape[1] < 64  # merged patches repeat their token
-
-
-@pytest.mark.parametrize("method,config", [("none", {}), ("tome", dict(r=6))])
-def test_analytic_macs_match_counted_macs(method, config):
-    check_macs(build("eva02"), method, **config)
-
-
-def test_compile_and_export():
-    check_compile_and_export(build("eva_pe"))  # rotary tables following the tokens, and the attention-pool head
 
 
 def test_unknown_attention_is_refused():

@@ -9,18 +9,7 @@ import torch
 import naive_families
 import tokenreduce
 from conftest import images, randomize
-from family_checks import (
-    METHODS,
-    check_cls_pruning_matches,
-    check_compile_and_export,
-    check_defaults_plan,
-    check_hook_points,
-    check_macs,
-    check_method,
-    check_save_load_and_half,
-    check_tome_matches,
-    run,
-)
+from family_checks import FamilyTests, check_defaults_plan, check_method, run
 from tokenreduce.patch import original_class
 
 open_clip = pytest.importorskip("open_clip")
@@ -44,10 +33,18 @@ def build(name: str, seed: int = 0, **overrides) -> VisionTransformer:
     return randomize(VisionTransformer(**{**TINY, **VARIANTS[name], **overrides}), seed).eval()
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["openclip", "openclip_coca"])
-def test_every_method(name, method):
-    check_method(build(name), method)
+class TestOpenClip(FamilyTests):
+    build = staticmethod(build)
+    naive_forward = staticmethod(naive_families.openclip_forward)
+    every_method = ("openclip", "openclip_coca")
+    tome_matches = tuple((name, prop_attn) for name in sorted(VARIANTS) for prop_attn in (True, False))
+    cls_pruning = (("openclip", "evit"), ("openclip", "topk"))
+    six_blocks = dict(layers=6)
+    hook_points = ("openclip", "openclip_custom")
+    save_load = ("openclip", "openclip_coca")
+    macs = ("openclip",)
+    export = "openclip"
+    compile = False  # compiled on EVA (test_family_eva)
 
 
 @pytest.mark.parametrize("name", ["openclip_avg", "openclip_custom"])
@@ -71,27 +68,6 @@ def test_timm_trunk_inside_open_clip_is_found():
     tokenreduce.apply(tower, "tome", r=3)
     assert "patched submodule 'trunk' of TimmModel" in tokenreduce.describe(tower)
     assert run(tower, images(size=224)).shape == (2, 16) and tokenreduce.record(tower).tokens_per_layer[-1] == 197 - 36
-
-
-@pytest.mark.parametrize("prop_attn", [True, False])
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_tome_matches_naive_forward(name, prop_attn):
-    check_tome_matches(build(name), naive_families.openclip_forward, prop_attn)
-
-
-@pytest.mark.parametrize("method", ["evit", "topk"])
-def test_cls_attention_pruning_matches_naive_forward(method):
-    check_cls_pruning_matches(build("openclip", layers=6), naive_families.openclip_forward, method)
-
-
-@pytest.mark.parametrize("name", ["openclip", "openclip_custom"])
-def test_hook_points(name):
-    check_hook_points(build(name))
-
-
-@pytest.mark.parametrize("name", ["openclip", "openclip_coca"])
-def test_save_load_and_half_precision(name, tmp_path):
-    check_save_load_and_half(build(name), tmp_path)
 
 
 def test_output_tokens_are_the_reduced_patch_tokens():
@@ -135,15 +111,6 @@ def test_forward_intermediates_gives_full_grids(method):
     assert [g.shape for g in grids] == [(2, 48, 8, 8)] * 2
     assert tokens["image_intermediates"][0].shape[1] == tokenreduce.record(model).tokens_per_layer[3] - 1
     assert all(row.flatten(1).T.unique(dim=0).shape[0] < 64 for row in grids[1])  # merged patches repeat their token
-
-
-@pytest.mark.parametrize("method,config", [("none", {}), ("tome", dict(r=6))])
-def test_analytic_macs_match_counted_macs(method, config):
-    check_macs(build("openclip"), method, **config)
-
-
-def test_export():
-    check_compile_and_export(build("openclip"), compile=False)  # compiled on EVA (test_family_eva)
 
 
 def test_whole_clip_model_patches_its_image_tower():

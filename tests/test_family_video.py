@@ -11,18 +11,7 @@ import torch
 import naive_families
 import tokenreduce
 from conftest import randomize
-from family_checks import (
-    METHODS,
-    check_cls_pruning_matches,
-    check_compile_and_export,
-    check_defaults_plan,
-    check_hook_points,
-    check_macs,
-    check_method,
-    check_save_load_and_half,
-    check_tome_matches,
-    run,
-)
+from family_checks import FamilyTests, check_defaults_plan, run
 from test_contract import DATA_DEPENDENT_COUNTS, IDENTITY, REDUCING
 from tokenreduce.core import patchify, size_weighted_mean, tubelets_as_image
 
@@ -54,21 +43,34 @@ def videos(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 8, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def cases():
-    for method in METHODS:
-        for name in sorted(FAMILIES):
-            marks = []
-            if name == "videomae" and method in DATA_DEPENDENT_COUNTS:
-                # the head's plain mean would average each row's padding: see test_dtome_rows_are_their_videos
-                marks = [pytest.mark.skip(reason="per-video counts under VideoMAE's unweighted mean-pooling head")]
-            yield pytest.param(name, method, id=f"{method}-{name}", marks=marks)
+class TestVideo(FamilyTests):
+    build = staticmethod(build)
+    naive_forward = staticmethod(naive_families.video_forward)
+    inputs = staticmethod(videos)
+    every_method = tuple(sorted(FAMILIES))
+    without_cls_token = ("videomae",)
+    identity = IDENTITY_VIDEO
+    reducing = REDUCING_VIDEO
+    tome_matches = tuple((name, prop_attn) for name in sorted(FAMILIES) for prop_attn in (True, False))
+    cls_pruning = (("vivit", "evit"), ("vivit", "topk"))
+    six_blocks = dict(num_hidden_layers=6)
+    hook_points = tuple(sorted(FAMILIES))
+    save_load = ("videomae",)
+    macs = tuple(sorted(FAMILIES))
+    # twice the width: at 32, ToMe's matching (in torch's count only) passes the 1.5% bound
+    macs_overrides = dict(hidden_size=64, intermediate_size=128)
+    # VideoMAE: under torch.export, ViViT (as transformers' ViT, SigLIP and DINOv2) builds an all-true attention
+    # mask from no mask, which a reducing patch refuses as it refuses any mask
+    export = "videomae"
 
+    def encoder(self, variant, **overrides):
+        return build(variant, classify=False, **overrides)  # the encoder, without the classification head
 
-@pytest.mark.parametrize("name,method", list(cases()))
-def test_every_method(name, method):
-    check_method(
-        build(name), method, PREFIX[name] > 0, inputs=videos, identity=IDENTITY_VIDEO[method], reducing=REDUCING_VIDEO[method]
-    )
+    def skip(self, variant, method):
+        if variant == "videomae" and method in DATA_DEPENDENT_COUNTS:
+            # the head's plain mean would average each row's padding: see test_dtome_rows_are_their_videos
+            return "per-video counts under VideoMAE's unweighted mean-pooling head"
+        return None
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -88,18 +90,6 @@ def test_tome_merges_r_space_time_tokens_per_block(name):
         spans = [slices[owner == token].unique().numel() for token in owner.unique()]
         assert max(spans) > 1
     assert not torch.allclose(size_weighted_mean(out, rec.size), expected.mean(1), atol=1e-4)
-
-
-@pytest.mark.parametrize("prop_attn", [True, False])
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_tome_matches_naive_forward(name, prop_attn):
-    check_tome_matches(build(name, classify=False), naive_families.video_forward, prop_attn, inputs=videos)
-
-
-@pytest.mark.parametrize("method", ["evit", "topk"])
-def test_cls_attention_pruning_matches_naive_forward(method):
-    model = build("vivit", classify=False, num_hidden_layers=6)
-    check_cls_pruning_matches(model, naive_families.video_forward, method, inputs=videos)
 
 
 def test_tubelets_as_image_patches_are_the_tokens_in_order():
@@ -125,22 +115,6 @@ def test_vwt_keeps_the_tubelets_whose_pixels_vary_most(name):
     assert torch.equal(kept, want)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_hook_points(name):
-    check_hook_points(build(name, classify=False), inputs=videos)
-
-
-def test_save_load_and_half_precision(tmp_path):
-    check_save_load_and_half(build("videomae"), tmp_path, inputs=videos)
-
-
-@pytest.mark.parametrize("method,config", [("none", {}), ("tome", dict(r=6))])
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_analytic_macs_match_counted_macs(name, method, config):
-    # twice the width: at 32, ToMe's matching (in torch's count only) passes the 1.5% bound
-    check_macs(build(name, classify=False, hidden_size=64, intermediate_size=128), method, inputs=videos, **config)
-
-
 def test_dtome_rows_are_their_videos():
     """Per-video counts: each row of VideoMAEModel's padded output is what its video gives alone, and the
     size-weighted mean the docstring recommends for mean pooling is the video's own."""
@@ -156,12 +130,6 @@ def test_dtome_rows_are_their_videos():
         mean_alone = size_weighted_mean(alone, tokenreduce.record(model).size)
         torch.testing.assert_close(size_weighted_mean(padded, size)[i], mean_alone[0], rtol=1e-5, atol=1e-5)
     assert len(lengths) > 1, "dtome gave every video the same count: the test shows nothing"
-
-
-def test_compile_and_export():
-    # VideoMAE: under torch.export, ViViT (as transformers' ViT, SigLIP and DINOv2) builds an all-true attention
-    # mask from no mask, which a reducing patch refuses as it refuses any mask
-    check_compile_and_export(build("videomae"), inputs=videos)
 
 
 # the default configs' tubelet tokens: 16 frames / 2 x 14 x 14 (VideoMAE-B), 32 frames / 2 x 14 x 14 (ViViT-B)

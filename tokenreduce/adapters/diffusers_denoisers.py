@@ -21,15 +21,8 @@ by 2 per down block; DiT, PixArt and SD3 on the latent cut into ``patch_size`` p
 tokens whose ``img_ids`` columns 1 and 2 hold each token's row and column.
 
 A method that recomputes only some tokens per step (:class:`~tokenreduce.methods.denoiser.Recompute`,
-CAT Pruning) runs each wrapped sub-module on those tokens and takes the others' outputs from the last
-step. A token-wise sub-module (MLP, cross-attention) simply runs on the chosen rows. Self-attention
-(and the image side of SD3's joint attention) needs queries for the chosen tokens against keys and
-values of all of them, which ``AttnProcessor2_0`` and ``JointAttnProcessor2_0`` cannot take (they
-project q, k and v from one ``hidden_states``): :func:`_chosen_attention` computes their math from the
-module's own parts (``to_q``/``to_k``/``to_v``, ``norm_q``/``norm_k``, ``add_*_proj`` and
-``norm_added_*`` for the text, SDPA at its default scale, ``to_out``, ``to_add_out``), so it is checked
-at apply that every such module uses one of those two processors. Steps it computes in full run the
-module's own processor untouched.
+CAT Pruning) keeps every token in every sub-module and reuses the others' outputs from the last step:
+its blocks run here and their wrapped sub-modules call :mod:`tokenreduce.adapters.denoiser_recompute`.
 """
 
 from __future__ import annotations
@@ -44,10 +37,10 @@ from enum import Enum
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenreduce.adapters.base import Adapter, BlockCost, class_names
+from tokenreduce.adapters.denoiser_recompute import attention_problem, recomputed
 from tokenreduce.core import Selection
 from tokenreduce.methods.base import Method
 from tokenreduce.methods.denoiser import DenoiserContext, DenoiserMethod, Part, Recompute
@@ -407,7 +400,10 @@ class MergedModule:
             return type(self).forward(self, *args, **kwargs)
         run = _run(patch)
         if run.recompute is not None:
-            return _recomputed(self, super().forward, run.recompute, getattr(self, ROLE_ATTR), args, kwargs)  # type: ignore[misc]
+            args, kwargs, x = _take_hidden(args, kwargs)
+            joint = getattr(self, ROLE_ATTR) is Role.JOINT
+            text = _encoder_states(args, kwargs)
+            return recomputed(self, super().forward, run.recompute, x, args, kwargs, text=text, joint=joint)  # type: ignore[misc]
         selection = run.selection
         if selection is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -467,101 +463,6 @@ def _encoder_states(args: tuple, kwargs: dict) -> Tensor | None:
 def _text_len(args: tuple, kwargs: dict) -> int:
     text = _encoder_states(args, kwargs)
     return 0 if text is None else text.shape[1]
-
-
-@dataclass
-class _ModuleCache:
-    """One wrapped sub-module's outputs of the last call that computed it, kept in a Recompute cache."""
-
-    output: Tensor | None = None  # [B, N, C] its image output
-    keys: Tensor | None = None  # [B, H, N, D] for attention: the image tokens' keys (after norm_k) ...
-    values: Tensor | None = None  # ... and values
-
-
-def _recomputed(module: nn.Module, forward, plan: Recompute, role: Role, args: tuple, kwargs: dict) -> Any:
-    """Run a wrapped sub-module under a :class:`Recompute` plan: on every token, filling the cache
-    (``plan.index`` None), or on the chosen tokens only, the others' outputs taken from the cache."""
-    args, kwargs, x = _take_hidden(args, kwargs)
-    cache = plan.cache.setdefault(module, _ModuleCache())
-    text = _encoder_states(args, kwargs)
-    # Self-attention needs every token's keys and values; cross-attention and MLPs are token-wise.
-    attends = role is Role.JOINT or (text is None and hasattr(module, "to_q"))
-    if plan.index is None:
-        out = forward(x, *args, **kwargs)
-        cache.output = (out[0] if isinstance(out, tuple) else out).detach()
-        if attends:
-            cache.keys = _heads(module, module.to_k(x), module.norm_k).detach()
-            cache.values = _heads(module, module.to_v(x)).detach()
-        return out
-    index = plan.index
-    if cache.output is None or cache.output.shape[:2] != x.shape[:2] or index.shape[0] != x.shape[0]:
-        cached = None if cache.output is None else tuple(cache.output.shape[:2])
-        raise RuntimeError(
-            f"a recomputing block got {tuple(x.shape[:2])} (batch, tokens) and {index.shape[0]} index rows, but its "
-            f"cache holds {cached}: the calls of one generation must keep their batch and size"
-        )
-    chosen = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-    if attends:
-        out = _chosen_attention(module, chosen, index, cache, text if role is Role.JOINT else None, args, kwargs)
-    else:
-        out = forward(chosen, *args, **kwargs)
-    rows = out[0] if isinstance(out, tuple) else out
-    full = cache.output.scatter(1, index[..., None].expand(-1, -1, rows.shape[-1]), rows)
-    cache.output = full.detach()
-    return (full, *out[1:]) if isinstance(out, tuple) else full
-
-
-# The processors whose math _chosen_attention computes (diffusers 0.42.1): q, k, v projected, split
-# into heads, normed per head (norm_q, norm_k; norm_added_* for the text), text rows after the image
-# rows, SDPA at its default scale, heads merged, to_out (and to_add_out for the text).
-SPARSE_QUERY_PROCESSORS = ("AttnProcessor2_0", "JointAttnProcessor2_0")
-
-
-def _attention_problem(attn: nn.Module) -> str | None:
-    """Why :func:`_chosen_attention` cannot stand in for this attention module, or ``None``."""
-    name = type(getattr(attn, "processor", None)).__name__
-    if name not in SPARSE_QUERY_PROCESSORS:
-        return f"its attention processor is {name}, not one of {', '.join(SPARSE_QUERY_PROCESSORS)}"
-    extras = [n for n in ("group_norm", "spatial_norm") if getattr(attn, n, None) is not None]
-    if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
-        extras.append("residual_connection or rescale_output_factor")
-    return f"it uses {', '.join(extras)}" if extras else None
-
-
-def _heads(attn: nn.Module, t: Tensor, norm: nn.Module | None = None) -> Tensor:
-    """A projection ``[B, L, H * D]`` split into heads ``[B, H, L, D]``, then ``norm`` per head."""
-    t = t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
-    return t if norm is None else norm(t)
-
-
-def _chosen_attention(
-    attn: nn.Module, x: Tensor, index: Tensor, cache: _ModuleCache, text: Tensor | None, args: tuple, kwargs: dict
-) -> Any:
-    """Self-attention (``text`` None) or SD3 joint attention for the image tokens ``x [B, n, C]`` at
-    ``index [B, n]`` only: their queries against the keys and values of all image tokens, the cached
-    ones with the rows at ``index`` replaced by fresh ones (then cached), plus the text's. Returns
-    the image output ``[B, n, C]``, or ``(image, text)`` as the joint processor does."""
-    problem = _attention_problem(attn)
-    extra = [name for name, value in kwargs.items() if value is not None and name != "encoder_hidden_states"]
-    if problem is not None or extra or len(args) > 1:
-        why = problem or f"it was called with {extra or 'extra positional arguments'}"
-        raise NotImplementedError(f"recomputing chosen tokens of {type(attn).__name__} is not supported: {why}")
-    query = _heads(attn, attn.to_q(x), attn.norm_q)
-    rows = index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
-    keys = cache.keys.scatter(2, rows, _heads(attn, attn.to_k(x), attn.norm_k))
-    values = cache.values.scatter(2, rows, _heads(attn, attn.to_v(x)))
-    cache.keys, cache.values = keys.detach(), values.detach()
-    if text is not None:
-        query = torch.cat([query, _heads(attn, attn.add_q_proj(text), getattr(attn, "norm_added_q", None))], dim=2)
-        keys = torch.cat([keys, _heads(attn, attn.add_k_proj(text), getattr(attn, "norm_added_k", None))], dim=2)
-        values = torch.cat([values, _heads(attn, attn.add_v_proj(text))], dim=2)
-    out = F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(x.shape[0], -1, query.shape[1] * query.shape[-1]).to(query.dtype)
-    image = attn.to_out[1](attn.to_out[0](out[:, : x.shape[1]]))
-    if text is None:
-        return image
-    text_out = out[:, x.shape[1] :]
-    return image, text_out if attn.context_pre_only else attn.to_add_out(text_out)
 
 
 def _rotary_rows(rotary: tuple[Tensor, Tensor], selection: Selection, text_len: int) -> tuple[Tensor, ...]:
@@ -639,7 +540,8 @@ def _blocks_of(model: nn.Module) -> list[TokenBlock]:
 def _recompute_problem(model: nn.Module, blocks: list[TokenBlock], method: DenoiserMethod) -> str | None:
     """Why a method that recomputes chosen tokens cannot run on ``model``, or ``None``: the denoiser's
     output must be its patch grid (a DiT, PixArt or SD3: the method reuses outputs per token) and every
-    wrapped self-attention must be one :func:`_chosen_attention` can compute."""
+    wrapped self-attention must be one
+    :func:`~tokenreduce.adapters.denoiser_recompute.attention_problem` lets it compute."""
     if SPECS[_spec_name(model)].grid is not GridFrom.PATCHES:
         supported = [name.rsplit(".", 1)[1] for name, spec in SPECS.items() if spec.grid is GridFrom.PATCHES]
         return f"it runs on denoisers whose output is their token grid ({', '.join(supported)}), not {type(model).__name__}"
@@ -649,7 +551,7 @@ def _recompute_problem(model: nn.Module, blocks: list[TokenBlock], method: Denoi
             if module is None or w.part not in method.parts():
                 continue
             cross = w.part is not Part.ATTN or getattr(block.module, "only_cross_attention", False)
-            problem = _attention_problem(module) if w.role is Role.JOINT or not cross else None
+            problem = attention_problem(module) if w.role is Role.JOINT or not cross else None
             if problem is not None:
                 return f"{block.path}.{w.attr}: {problem}"
     return None

@@ -89,8 +89,9 @@ def pixart(latent: int) -> nn.Module:
     )
 
 
-def sd3(latent: int) -> nn.Module:
-    """SD3 MMDiT (joint text-image attention): 2 blocks of width 32, patch 1."""
+def sd3(latent: int, **overrides: Any) -> nn.Module:
+    """SD3 MMDiT (joint text-image attention): 2 blocks of width 32, patch 1; ``overrides`` are further
+    ``SD3Transformer2DModel`` keywords (SD3.5's ``dual_attention_layers``, ``qk_norm``)."""
     return _diffusers().SD3Transformer2DModel(
         sample_size=latent,
         patch_size=1,
@@ -102,6 +103,7 @@ def sd3(latent: int) -> nn.Module:
         joint_attention_dim=32,
         pooled_projection_dim=64,
         out_channels=4,
+        **overrides,
     )
 
 
