@@ -51,16 +51,17 @@ def test_a_method_its_config_cannot_take_raises_the_adapters_error():
         run_vlm_bench(vlm.mllama_cpu(True), [bench_cases("llava-cpu")[1]], new_tokens=2, repeats=1, warmup=0)
 
 
-def test_cli_bench_gives_a_named_video_config_its_video(tmp_path, monkeypatch, capsys):
+def test_cli_bench_gives_a_named_video_config_its_video_and_its_cases(tmp_path, monkeypatch, capsys):
     from tokenreduce.cli import main
 
     tiny = NamedVLM(lambda _: vlm.llava_onevision_video_cpu(True), video_frames=2)
     monkeypatch.setitem(NAMED_VLMS, "llava-onevision-video-cpu", tiny)
     out = tmp_path / "video.json"
-    argv = ["bench", "--vlm", "--model", "llava-onevision-video-cpu", "--methods", "fastvid", "--prompt-tokens", "4"]
-    assert main([*argv, "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(out)]) == 0
+    argv = ["bench", "--vlm", "--model", "llava-onevision-video-cpu", "--prompt-tokens", "4", "--new-tokens", "2"]
+    assert main([*argv, "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(out)]) == 0
     assert "4 text tokens + a 2-frame video" in capsys.readouterr().out
     rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == [s.label for s in bench_cases("llava-onevision-video-cpu")]  # its cases are its default
     assert rows["none"]["visual_tokens"] == 2 * 196 + 1 and rows["fastvid"]["visual_tokens"] < 2 * 196
 
 

@@ -211,7 +211,7 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
 def cmd_bench_vlm(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tokenreduce.bench.vlm import DEFAULT_VLM, NAMED_VLMS, format_vlm_table, run_vlm_bench, vlm_steps
+    from tokenreduce.bench.vlm import DEFAULT_VLM, NAMED_VLMS, bench_cases, format_vlm_table, run_vlm_bench, vlm_steps
     from tokenreduce.loading import create_hf_vlm
 
     model_name = DEFAULT_VLM if args.model == DEFAULT_MODEL else args.model
@@ -219,7 +219,10 @@ def cmd_bench_vlm(args: argparse.Namespace) -> int:
     frames = named.video_frames if named else 0
     if args.preset is not None:
         raise CommandError("--preset applies to the encoder bench, not --vlm")
-    specs = check_specs(args.methods or DEFAULT_VLM_METHODS)
+    default = DEFAULT_VLM_METHODS
+    if named is not None and model_name != DEFAULT_VLM:  # llava-cpu's methods do not all run there: its own cases
+        default = ",".join(spec.label for spec in bench_cases(model_name))
+    specs = check_specs(args.methods or default)
     device = check_bench_args(args, ("--prompt-tokens", args.prompt_tokens, 0), ("--new-tokens", args.new_tokens, 2))
     model = create_hf_vlm(model_name, pretrained=args.pretrained, checkpoint=args.checkpoint)
     load_before = os.getloadavg()
@@ -762,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vlm",
         action="store_true",
         help="benchmark a VLM's prefill and decoding instead (default model llava-cpu, LLaVA-1.5 shapes scaled for CPU; "
-        "also llava-next-cpu, llava-onevision-video-cpu (an 8-frame video per prompt) and mllama-cpu; "
+        "also llava-next-cpu, llava-onevision-video-cpu (an 8-frame video per prompt) and mllama-cpu, whose default "
+        "methods are their cases in tokenreduce.bench.vlm.BENCH_CASES; "
         f"default methods {DEFAULT_VLM_METHODS}); --checkpoint is then a save_pretrained directory",
     )
     bench.add_argument("--prompt-tokens", type=int, default=64, help="VLM bench: text tokens per prompt besides the image")
