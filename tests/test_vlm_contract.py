@@ -1,0 +1,145 @@
+"""The contract every VLM method (stage pre_llm or llm, and stacks of the two) honours on a tiny LLaVA:
+half precision runs and keeps what float32 keeps, a padded batch of four equals its rows alone, and
+remove() restores the model bit for bit. Methods are read from the registry, so a new one is swept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenreduce
+from conftest import BATCH_TEXTS, _counted, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
+from tokenreduce.registry import method_classes
+from tokenreduce.stages import Stage
+
+pytest.importorskip("transformers")
+
+# Configs for the methods whose defaults do not fit the tiny LLaVA (16 visual tokens on a 4x4 grid, a
+# 4-layer LLM) or that have a required argument. Every other VLM method runs with its defaults.
+CONFIGS: dict[str, dict] = {
+    "dymu": dict(thresholds=0.5),
+    "gsearch": dict(schedule=[1.0, 1.0, 0.5, 0.25]),
+    "sparsevlm": dict(layers=(0, 1, 2), budgets=(288, 144, 72)),  # 8, 4, 2 of 16 tokens
+    "visiondrop": dict(dominant=10, contextual=2, stages=((6, 2), (4, 1), (2, 1))),
+    "visionzip": dict(dominant=4, contextual=2),
+    "vscan": dict(tokens=8, llm_tokens=4, window=2),
+}
+# Methods that read an AnyRes layout (a base image and crops) run on the tiny LLaVA-NeXT instead.
+FAMILY: dict[str, str] = {"globalcom2": "llava_next"}
+# Two methods in one model: before the LLM, then inside it.
+STACKS: dict[str, list] = {
+    "visionzip+fastv": [("visionzip", dict(dominant=6, contextual=2)), ("fastv", dict(layer=2, keep_ratio=0.5))],
+    "divprune+pdrop": [("divprune", dict(keep_tokens=8)), ("pdrop", dict(layers=(1, 2), ratios=(0.5, 0.25)))],
+}
+# float16 must keep exactly float32's tokens. bfloat16 keeps 8 bits of mantissa: the tiny LLaVA's hidden states
+# drift 2-3.5% (relative norm) from float32's, so a decision whose float32 margin is below that can flip. These
+# methods flip one on the sweep's inputs (margins measured in float32); for them bfloat16 must keep at least
+# half of each image's float32 tokens at every stage, and, for a threshold method, may merge one more or less.
+BF16_NEAR_TIES: dict[str, str] = {
+    "btp": "the diversity stage's greedy max-min pick, image 1's 7th token: cosine distances 0.3892 (token 8) vs 0.3814",
+    "dymu": "merges follow a similarity threshold: image 1's nearest is 0.0034 from 0.5, bfloat16 keys move it 0.008",
+    "star": "a softmax of raw hidden-state dot products saturates: image 0's 4th late pick is among scores below 1e-4",
+    "vflowopt": "attention times patch entropy, image 0's 4th and 5th at the second stage: 0.0362 vs 0.0335, and "
+    "bfloat16 moves attention rows by up to 6% (0.2233 vs 0.2103)",
+    "divprune+pdrop": "pdrop's first stage among the 8 tokens divprune kept, image 1's 4th: attention 0.0342 vs 0.0333",
+}
+THRESHOLD_COUNTS = {"dymu"}
+
+
+def vlm_methods() -> list[str]:
+    return [n for n in tokenreduce.list_methods() if {Stage.PRE_LLM, Stage.LLM} & set(method_classes(n))]
+
+
+METHODS = vlm_methods() + sorted(STACKS)
+
+
+def patched(method: str, dtype: torch.dtype = torch.float32):
+    """``(model, family)``: the method's tiny VLM in ``dtype``, patched with its sweep config."""
+    family = FAMILY.get(method, "llava")
+    model = tiny_vlm(family).to(dtype)
+    spec = STACKS.get(method, method)
+    try:
+        tokenreduce.apply(model, spec, **CONFIGS.get(method, {}))
+    except (TypeError, ValueError) as error:
+        pytest.fail(
+            f"{method} does not run with {CONFIGS.get(method, 'its defaults')} on the tiny {family}: add a small valid "
+            f"config for it to CONFIGS in tests/test_vlm_contract.py ({type(error).__name__}: {error})"
+        )
+    return model, family
+
+
+def inputs(model, family: str, texts: list[list[int]], side: str = "left", seed: int = 3, dtype=torch.float32) -> dict:
+    kw = _counted(vlm_inputs(model, family, texts, side, seed), family)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+
+
+def kept(rec) -> list[tuple]:
+    """Per image: its kept count, the original visual tokens it kept and the tokens each LLM pruning
+    layer kept of it."""
+    return [
+        (image.kept, tuple(sorted(image.position.tolist())), *(tuple(sorted(s.kept[i].tolist())) for s in rec.steps))
+        for i, image in enumerate(rec.images)
+    ]
+
+
+def real_lengths(rec) -> tuple[int, ...]:
+    """Per row, the real tokens the LLM's last layer read (its logits' real positions)."""
+    return rec.layer_lengths[-1] if rec.layer_lengths else rec.llm_lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_runs_and_keeps_what_float32_keeps(method, dtype):
+    model, family = patched(method)
+    texts = BATCH_TEXTS[:2]
+    vlm_logits(model, inputs(model, family, texts))
+    want = kept(tokenreduce.record(model))
+    model.to(dtype)
+    kw = inputs(model, family, texts, dtype=dtype)
+    out = vlm_logits(model, kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    got = kept(tokenreduce.record(model))
+    loose = dtype == torch.bfloat16 and method in BF16_NEAR_TIES
+    counts = [(g[0], w[0]) for g, w in zip(got, want)]
+    if loose and method in THRESHOLD_COUNTS:
+        assert all(abs(g - w) <= 1 for g, w in counts), f"kept counts {counts} (half, float32)"
+    else:
+        assert all(g == w for g, w in counts), f"kept counts {counts} (half, float32)"
+    share = 0.5 if loose else 1.0
+    for image, (g, w) in enumerate(zip(got, want)):
+        for stage, (a, b) in enumerate(zip(g[1:], w[1:])):
+            overlap = len(set(a) & set(b)) / len(set(b)) if b else float(not a)
+            assert overlap >= share, f"image {image} stage {stage}: kept {a} in {dtype}, {b} in float32"
+    generated = vlm_generate(model, kw, tokens=2)
+    assert generated.shape == (2, 2)
+    assert kept(tokenreduce.record(model)) == got, "generate's prefill kept other tokens than the forward"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_batch_of_four_equals_each_prompt_alone(method, side):
+    model, family = patched(method)
+    batched = vlm_logits(model, inputs(model, family, BATCH_TEXTS, side))
+    rec = tokenreduce.record(model)
+    lengths, per_image = real_lengths(rec), kept(rec)
+    for row, text in enumerate(BATCH_TEXTS):
+        alone = vlm_logits(model, inputs(model, family, [text], seed=3 + row))[0]
+        single = tokenreduce.record(model)
+        assert kept(single) == [per_image[row]], f"row {row} kept other tokens than alone"
+        n = lengths[row]
+        assert alone.shape[0] == n
+        real = batched[row, -n:] if side == "left" else batched[row, :n]
+        torch.testing.assert_close(real, alone, rtol=1e-5, atol=1e-5, msg=lambda m, row=row: f"row {row}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_after_a_call_is_bit_identical(method):
+    model, family = patched(method)
+    tokenreduce.remove(model)
+    kw = inputs(model, family, BATCH_TEXTS[:2])
+    before = vlm_logits(model, kw)
+    tokenreduce.apply(model, STACKS.get(method, method), **CONFIGS.get(method, {}))
+    vlm_generate(model, kw, tokens=2)
+    tokenreduce.remove(model)
+    assert not tokenreduce.is_patched(model)
+    assert torch.equal(vlm_logits(model, kw), before)
