@@ -87,10 +87,22 @@ def real_lengths(rec) -> tuple[int, ...]:
     return rec.layer_lengths[-1] if rec.layer_lengths else rec.llm_lengths
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def amplify(model, gain: float) -> None:
+    """Scale the LLM's input (text embeddings and projected image features) by ``gain``: real LLMs carry
+    hidden states in the hundreds, whose dot products overflow float16 unless a method scores in float32."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(gain)
+        for p in model.model.multi_modal_projector.linear_2.parameters():
+            p.mul_(gain)
+
+
+@pytest.mark.parametrize(
+    "dtype,gain", [(torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.float16, 1000.0)], ids=["bf16", "fp16", "fp16-large"]
+)
 @pytest.mark.parametrize("method", METHODS)
-def test_half_precision_runs_and_keeps_what_float32_keeps(method, dtype):
+def test_half_precision_runs_and_keeps_what_float32_keeps(method, dtype, gain):
     model, family = patched(method)
+    amplify(model, gain)
     texts = BATCH_TEXTS[:2]
     vlm_logits(model, inputs(model, family, texts))
     want = kept(tokenreduce.record(model))
