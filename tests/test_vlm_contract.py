@@ -172,3 +172,9 @@ def test_remove_after_a_call_is_bit_identical(method):
     tokenreduce.remove(model)
     assert not tokenreduce.is_patched(model)
     assert torch.equal(vlm_logits(model, kw), before)
+
+
+def test_a_method_without_a_working_config_fails_the_sweep(monkeypatch):
+    monkeypatch.delitem(CONFIGS, "gsearch")  # gsearch has no default schedule
+    with pytest.raises(pytest.fail.Exception, match="add a small valid config for it to CONFIGS"):
+        patched("gsearch")
