@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenreduce
-from conftest import BATCH_TEXTS, _counted, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
+from conftest import BATCH_TEXTS, _counted, batch, pixels, prompt, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
 from tokenreduce.registry import method_classes
 from tokenreduce.stages import Stage
 
@@ -159,6 +159,23 @@ def test_padded_batch_of_four_equals_each_prompt_alone(method, side, family):
         assert alone.shape[0] == n
         real = batched[row, -n:] if side == "left" else batched[row, :n]
         torch.testing.assert_close(real, alone, rtol=1e-5, atol=1e-5, msg=lambda m, row=row: f"row {row}: {m}")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if FAMILY.get(m, "llava") == "llava"])
+def test_a_batch_with_two_images_in_a_prompt_equals_each_prompt_alone(method):
+    prompts = [prompt([1, 5]), prompt([7], images=2), prompt([2, 3, 4, 6, 8, 9])]
+    first = [0, 1, 3, 4]  # each prompt's first image in the batch's pixels
+    px = pixels(4)
+    model, _ = patched(method)
+    ids, mask = batch(prompts)
+    batched = vlm_logits(model, _counted(dict(input_ids=ids, attention_mask=mask, pixel_values=px), "llava"))
+    rec = tokenreduce.record(model)
+    lengths, per_image = real_lengths(rec), kept(rec)
+    for row, ids in enumerate(prompts):
+        images = slice(first[row], first[row + 1])
+        alone = vlm_logits(model, dict(input_ids=torch.tensor([ids]), pixel_values=px[images]))[0]
+        assert kept(tokenreduce.record(model)) == per_image[images], f"prompt {row} kept other tokens than alone"
+        torch.testing.assert_close(batched[row, -lengths[row] :], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
