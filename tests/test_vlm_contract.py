@@ -1,6 +1,7 @@
-"""The contract every VLM method (stage pre_llm or llm, and stacks of the two) honours on a tiny LLaVA:
-half precision runs and keeps what float32 keeps, a padded batch of four equals its rows alone (also on a
-tiny LLaVA-OneVision), and remove() restores the model bit for bit. Methods are read from the registry, so a new one is swept."""
+"""The contract every VLM method (stage pre_llm or llm, stacks of the two, and encoder methods in the vision
+tower) honours on a tiny LLaVA: half precision runs and keeps what float32 keeps, a padded batch equals its
+rows alone (also on a tiny LLaVA-OneVision), and remove() restores the model bit for bit. Methods are read
+from the registry, so a new one is swept."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 import tokenreduce
 from conftest import BATCH_TEXTS, _counted, batch, pixels, prompt, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
+from test_contract import REDUCING
 from tokenreduce.registry import method_classes
 from tokenreduce.stages import Stage
 
@@ -23,6 +25,14 @@ CONFIGS: dict[str, dict] = {
     "visiondrop": dict(dominant=10, contextual=2, stages=((6, 2), (4, 1), (2, 1))),
     "visionzip": dict(dominant=4, contextual=2),
     "vscan": dict(tokens=8, llm_tokens=4, window=2),
+}
+# Encoder methods in the tiny LLaVA's tower (17 tokens into 2 blocks; the LLaVA reads block 0's output): the
+# reducing configs of tests/test_contract.py, except where those do not fit.
+ENCODER_CONFIGS: dict[str, dict] = {
+    "tome": dict(r=3),
+    "tofu": dict(r=3),
+    "expedite": dict(clusters=9, recon_k=4),
+    "kmedoids": dict(keep_rate=0.6, layers=(1,)),
 }
 # Methods that read an AnyRes layout (a base image and crops) run on the tiny LLaVA-NeXT instead.
 FAMILY: dict[str, str] = {"globalcom2": "llava_next"}
@@ -48,6 +58,7 @@ THRESHOLD_COUNTS = {"dymu"}
 # base image and 4 crops, a Qwen2 LLM), except for the methods it refuses by design.
 REFUSED: dict[str, dict[str, str]] = {
     "dymu": {"llava_onevision": "per-crop token counts, which AnyRes packing cannot follow"},
+    "dtome@encoder": {"llava_onevision": "per-crop token counts, which AnyRes packing cannot follow"},
     "globalcom2": {"llava_onevision": "reads the class token's attention; SigLIP has none (runs on LLaVA-NeXT)"},
     "pool": {"llava_onevision": "OneVision's packed crops lay out no patch grid"},
     "recoverable": {"llava_onevision": "reads the class token's attention; SigLIP has none"},
@@ -59,17 +70,31 @@ def vlm_methods() -> list[str]:
     return [n for n in tokenreduce.list_methods() if {Stage.PRE_LLM, Stage.LLM} & set(method_classes(n))]
 
 
-METHODS = vlm_methods() + sorted(STACKS)
+def encoder_methods() -> list[str]:
+    return [f"{n}@encoder" for n in tokenreduce.list_methods() if Stage.ENCODER in method_classes(n) and n != "none"]
+
+
+METHODS = vlm_methods() + sorted(STACKS) + encoder_methods()
+
+
+def spec(method: str) -> tuple[object, dict]:
+    """``(what to apply, its config)`` for a swept method."""
+    if method.endswith("@encoder"):
+        name = method.removesuffix("@encoder")
+        return name, {"stage": "encoder", **ENCODER_CONFIGS.get(name, REDUCING[name])}
+    return STACKS.get(method, method), CONFIGS.get(method, {})
 
 
 def patch(model, method: str, family: str) -> None:
     """Apply ``method`` with its sweep config; a method the tiny model cannot run fails, naming the fix."""
+    what, config = spec(method)
     try:
-        tokenreduce.apply(model, STACKS.get(method, method), **CONFIGS.get(method, {}))
+        tokenreduce.apply(model, what, **config)
     except (TypeError, ValueError) as error:
+        table = "ENCODER_CONFIGS" if method.endswith("@encoder") else "CONFIGS"
         pytest.fail(
-            f"{method} does not run with {CONFIGS.get(method, 'its defaults')} on the tiny {family}: add a small valid "
-            f"config for it to CONFIGS in tests/test_vlm_contract.py, or where the family refuses it by design, the reason to "
+            f"{method} does not run with {config or 'its defaults'} on the tiny {family}: add a small valid config for "
+            f"it to {table} in tests/test_vlm_contract.py, or where the family refuses it by design, the reason to "
             f"REFUSED ({type(error).__name__}: {error})"
         )
 
@@ -141,12 +166,17 @@ def test_half_precision_runs_and_keeps_what_float32_keeps(method, dtype, gain):
     assert kept(tokenreduce.record(model)) == got, "generate's prefill kept other tokens than the forward"
 
 
-@pytest.mark.parametrize("family", [None, "llava_onevision"], ids=["llava", "onevision"])
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(
+    "side,family", [("left", None), ("right", None), ("left", "llava_onevision")], ids=["left", "right", "left-onevision"]
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_padded_batch_of_four_equals_each_prompt_alone(method, side, family):
     if family in REFUSED.get(method, {}):
         pytest.skip(REFUSED[method][family])
+    if family == "llava_onevision" and method.endswith("@encoder"):
+        name, config = spec(method)
+        if tokenreduce.make_method(name, **config).needs_cls_token:
+            pytest.skip(f"{name} scores tokens by class-token attention; SigLIP has no class token")
     model, family = patched(method, family)
     batched = vlm_logits(model, inputs(model, family, BATCH_TEXTS, side))
     rec = tokenreduce.record(model)
