@@ -26,8 +26,8 @@ CONFIGS: dict[str, dict] = {
     "visionzip": dict(dominant=4, contextual=2),
     "vscan": dict(tokens=8, llm_tokens=4, window=2),
 }
-# Encoder methods in the tiny LLaVA's tower (17 tokens into 2 blocks; the LLaVA reads block 0's output): the
-# reducing configs of tests/test_contract.py, except where those do not fit.
+# Encoder methods run in the tower of a tiny LLaVA that reads its last block (17 tokens into 2 blocks, both
+# reducing), with the reducing configs of tests/test_contract.py, except where those do not fit.
 ENCODER_CONFIGS: dict[str, dict] = {
     "tome": dict(r=3),
     "tofu": dict(r=3),
@@ -99,10 +99,18 @@ def patch(model, method: str, family: str) -> None:
         )
 
 
-def patched(method: str, family: str | None = None):
-    """``(model, family)``: the method's tiny VLM (``family``, or the one the sweep gives it), patched."""
+def unpatched(method: str, family: str | None = None):
+    """``(model, family)``: the tiny VLM the sweep runs ``method`` on (or the tiny ``family``)."""
     family = family or FAMILY.get(method, "llava")
     model = tiny_vlm(family)
+    if family == "llava" and method.endswith("@encoder"):
+        model.config.vision_feature_layer = -1
+    return model, family
+
+
+def patched(method: str, family: str | None = None):
+    """``(model, family)``: :func:`unpatched`, patched with ``method``'s sweep config."""
+    model, family = unpatched(method, family)
     patch(model, method, family)
     return model, family
 
@@ -210,8 +218,7 @@ def test_a_batch_with_two_images_in_a_prompt_equals_each_prompt_alone(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_remove_after_a_call_is_bit_identical(method):
-    family = FAMILY.get(method, "llava")
-    model = tiny_vlm(family)
+    model, family = unpatched(method)
     kw = inputs(model, family, BATCH_TEXTS[:2])
     before = vlm_logits(model, kw)
     patch(model, method, family)
