@@ -31,6 +31,7 @@ CONFIGS: dict[str, dict] = {
 ENCODER_CONFIGS: dict[str, dict] = {
     "tome": dict(r=3),
     "tofu": dict(r=3),
+    "diffrate": dict(prune=[17, 12], merge=[17, 9]),  # DiffRate never reduces the first block
     "expedite": dict(clusters=9, recon_k=4),
     "kmedoids": dict(keep_rate=0.6, layers=(1,)),
 }
@@ -52,6 +53,9 @@ BF16_NEAR_TIES: dict[str, str] = {
     "vflowopt": "attention times patch entropy, image 0's 4th and 5th at the second stage: 0.0362 vs 0.0335, and "
     "bfloat16 moves attention rows by up to 6% (0.2233 vs 0.2103)",
     "divprune+pdrop": "pdrop's first stage among the 8 tokens divprune kept, image 1's 4th: attention 0.0342 vs 0.0333",
+    "diffrate@encoder": "block 1 ranks patches by CLS attention: image 1's 8th and 9th, 0.0339 vs 0.0326",
+    "vomix@encoder": "each token votes for its single most similar token: at block 0 one of image 0's has its two "
+    "best similarities 0.0028 apart",
 }
 THRESHOLD_COUNTS = {"dymu"}
 # The padded batch also runs on the tiny LLaVA-OneVision (SigLIP without a class token, AnyRes packing of a
