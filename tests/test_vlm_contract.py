@@ -10,7 +10,7 @@ import torch
 
 import tokenreduce
 from conftest import BATCH_TEXTS, _counted, batch, pixels, prompt, tiny_vlm, vlm_generate, vlm_inputs, vlm_logits
-from test_contract import REDUCING
+from test_contract import REDUCING, traces
 from tokenreduce.registry import method_classes
 from tokenreduce.stages import Stage
 
@@ -218,23 +218,24 @@ def test_a_batch_with_two_images_in_a_prompt_equals_each_prompt_alone(method):
     batched = vlm_logits(model, _counted(dict(input_ids=ids, attention_mask=mask, pixel_values=px), "llava"))
     rec = tokenreduce.record(model)
     lengths, per_image = real_lengths(rec), kept(rec)
-    for row, ids in enumerate(prompts):
+    for row, one in enumerate(prompts):
         images = slice(first[row], first[row + 1])
-        alone = vlm_logits(model, dict(input_ids=torch.tensor([ids]), pixel_values=px[images]))[0]
+        alone = vlm_logits(model, dict(input_ids=torch.tensor([one]), pixel_values=px[images]))[0]
         assert kept(tokenreduce.record(model)) == per_image[images], f"prompt {row} kept other tokens than alone"
         torch.testing.assert_close(batched[row, -lengths[row] :], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_remove_after_a_call_is_bit_identical(method):
+def test_remove_after_a_call_is_bit_identical_and_leaves_no_trace(method):
     model, family = unpatched(method)
     kw = inputs(model, family, BATCH_TEXTS[:2])
-    before = vlm_logits(model, kw)
+    before, untouched = vlm_logits(model, kw), traces(model)
     patch(model, method, family)
     vlm_generate(model, without_positions(kw), tokens=2)
     tokenreduce.remove(model)
     assert not tokenreduce.is_patched(model)
     assert torch.equal(vlm_logits(model, kw), before)
+    assert traces(model) == untouched
 
 
 def test_a_method_without_a_working_config_fails_the_sweep(monkeypatch):
