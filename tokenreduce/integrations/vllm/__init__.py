@@ -14,8 +14,9 @@ vLLM sizes each image's placeholder run when it processes the prompt, before the
 so the kept count per image must follow from the budget alone (:meth:`VisualMethod.num_kept`): methods
 whose count depends on the image content cannot be served this way. Methods that select among the
 projected tokens without reading the vision tower's attention or the prompt are supported
-(:data:`SUPPORTED_METHODS`); vLLM's fused vision attention never forms the queries and keys that
-VisionZip and the other vision-space methods read.
+(:data:`SUPPORTED_METHODS`). VisionZip and the other vision-space methods read the queries and keys of
+the tower's layer the VLM reads, which vLLM's CLIP/SigLIP attention computes inside its fused ``qkv_proj``
+and does not return; the prompt text is not passed to ``embed_multimodal`` at all.
 
 This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava`,
 which vLLM imports lazily by name.
