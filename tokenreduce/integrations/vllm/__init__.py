@@ -18,8 +18,9 @@ projected tokens without reading the vision tower's attention or the prompt are 
 the tower's layer the VLM reads, which vLLM's CLIP/SigLIP attention computes inside its fused ``qkv_proj``
 and does not return; the prompt text is not passed to ``embed_multimodal`` at all.
 
-This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava`,
-which vLLM imports lazily by name.
+This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava` and
+:mod:`~tokenreduce.integrations.vllm.qwen`, which vLLM imports by name when a deployment asks for them.
+They subclass vLLM 0.32's model classes (checked end to end by ``benchmarks/vllm_plugin_check.py``).
 """
 
 from __future__ import annotations
