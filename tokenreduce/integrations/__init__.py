@@ -1,4 +1,4 @@
-"""Plug-ins for the engines tokenreduce runs inside (lmms-eval, Ray Data). Each module imports its engine,
+"""Plug-ins for the engines tokenreduce runs inside (lmms-eval, Ray Data, vLLM). Each module imports its engine,
 so nothing here is imported by ``import tokenreduce``."""
 
 from __future__ import annotations
