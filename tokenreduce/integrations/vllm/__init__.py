@@ -63,9 +63,10 @@ MROPE_LIMITATION = (
 
 
 def _servable(cls: type) -> bool:
-    """Whether a pre-LLM method selects among projected tokens with nothing vLLM's model class lacks."""
+    """Whether a pre-LLM method selects among the projected tokens of images with nothing vLLM's model
+    class lacks."""
     needs = ("needs_attention", "needs_text", "needs_cls_attention", "needs_projector", "needs_anyres")
-    return cls.space == "projected" and not any(getattr(cls, need) for need in needs)
+    return cls.space == "projected" and "image" in cls.modalities and not any(getattr(cls, need) for need in needs)
 
 
 SUPPORTED_METHODS: tuple[str, ...] = tuple(
