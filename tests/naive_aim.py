@@ -27,10 +27,14 @@ def tome_round(x: list[torch.Tensor], r: int) -> list[torch.Tensor]:
     return [a[i] for i in kept] + out_b
 
 
-def pagerank_scores(attn, hidden: torch.Tensor, cos, sin, temperature: float, iterations: int) -> list[float]:
+def pagerank_scores(
+    attn, hidden: torch.Tensor, cos, sin, temperature: float, iterations: int, masked: frozenset[int] = frozenset()
+) -> list[float]:
     """``hidden [L, D]`` as the attention module of a Llama layer reads it (after the input norm) with
     its rotary tables: ``M = softmax(q k^T * scale / temperature)`` over the causal row per head,
-    ``s`` uniform, ``iterations`` times ``s <- s M``, then ``sqrt(mean over heads of s^2)`` per token."""
+    ``s`` uniform, ``iterations`` times ``s <- s M``, then ``sqrt(mean over heads of s^2)`` per token.
+    The reference's masking: no row sees the ``masked`` positions (their own rows included; a row left
+    with nothing sees itself), ``s`` still starts uniform over all ``L``."""
     with torch.no_grad():
         length, hd = hidden.shape[0], attn.head_dim
         q = attn.q_proj(hidden[None]).view(1, length, -1, hd).transpose(1, 2)
@@ -43,10 +47,11 @@ def pagerank_scores(attn, hidden: torch.Tensor, cos, sin, temperature: float, it
         kh = k[h // (heads // kv_heads)]
         rows = []
         for i in range(length):
-            logits = [float(q[h, i] @ kh[j]) / math.sqrt(hd) / temperature for j in range(i + 1)]
-            top = max(logits)
-            weights = [math.exp(v - top) for v in logits]
-            rows.append([w / sum(weights) for w in weights] + [0.0] * (length - i - 1))
+            seen = [j for j in range(i + 1) if j not in masked] or [i]
+            logits = {j: float(q[h, i] @ kh[j]) / math.sqrt(hd) / temperature for j in seen}
+            top = max(logits.values())
+            weights = {j: math.exp(v - top) for j, v in logits.items()}
+            rows.append([weights[j] / sum(weights.values()) if j in weights else 0.0 for j in range(length)])
         s = [1 / length] * length
         for _ in range(iterations):
             s = [sum(s[i] * rows[i][j] for i in range(length)) for j in range(length)]

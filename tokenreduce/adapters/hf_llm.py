@@ -29,6 +29,13 @@ cache's class is extended for that generate call (:class:`SelectedEntries`) so t
 all its entries while, on decode steps, the layers from the method's layer on get the selected ones
 (and the mask's columns to match); the selection is chosen from the previous layer's attention row,
 recomputed from its query projection and cached keys after it ran (:class:`DecodeSelection`).
+
+A masks-only method (:attr:`~tokenreduce.methods.llm.LLMMethod.masks_only`, AIM's reference setting)
+removes nothing: at a pruning layer the tokens not kept are recorded as hidden columns per row, and
+every later layer gets the model's own mask with those columns hidden (built causal where SDPA got
+none), positions and sequence unchanged, every layer's cache full length; decode steps hide the same
+columns of each layer's cache (the hidden columns are kept on the generate call's cache). The record's
+per-layer lengths count the hidden tokens: every layer still computes them.
 """
 
 from __future__ import annotations
@@ -43,13 +50,14 @@ import torch
 from torch import Tensor, nn
 
 from tokenreduce.core import Selection, row_attention, rows_attention
-from tokenreduce.core.sequence import Compaction, SpanKeep, compact, hide_columns
+from tokenreduce.core.sequence import Compaction, SpanKeep, compact, hide_columns, hide_columns_keeping_rows
 from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod, check_restores
 from tokenreduce.patch import ATTR, Patch, original_class
 from tokenreduce.registry import loadable
 
 STAGES = "_tokenreduce_llm_stages"  # attribute on a generate call's cache: the prefill's pruning stages
 SELECTION = "_tokenreduce_decode_selection"  # attribute on a generate call's cache: its decode-time selection
+HIDDEN = "_tokenreduce_hidden_columns"  # attribute on a generate call's cache: a masks-only prefill's hidden columns
 KERNEL = "tokenreduce_scoring"  # the attention implementation name of scoring layers
 
 
@@ -124,6 +132,12 @@ class LLMRun:
     saved: dict[int, Saved] = field(default_factory=dict)  # by pruning layer, until its tokens come back
     pruned: int = 0  # pruning layers passed
     memory: list = field(default_factory=list)  # per image, what the method carries between its stages
+    masked: Tensor | None = None  # [B, L] masks-only methods: the tokens hidden so far
+    hidden: list[tuple[int, Tensor]] = field(default_factory=list)  # (pruning layer, its `masked`) per stage
+
+    def visible(self) -> Tensor:
+        """``[B, L]`` 1 on the real tokens later queries may attend to (masks-only: those not hidden)."""
+        return self.mask if self.masked is None else self.mask * ~self.masked
 
     def next_score_layer(self) -> int | None:
         """The layer whose attention kernel reads the next stage's scores (``"own"`` scores are computed
@@ -150,12 +164,12 @@ def _scoring_kernel(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
             scale = kwargs.get("scaling") or module.scaling
             run.scores = []
             for span, raters in zip(run.spans, run.raters):
-                row = rows_attention(query[span.row], key[span.row], raters, run.mask[span.row], scale)
+                row = rows_attention(query[span.row], key[span.row], raters, run.visible()[span.row], scale)
                 run.scores.append(row[span.start : span.start + span.length])
         else:
             rows = _last_real(run.mask)
             scale = kwargs.get("scaling") or module.scaling
-            run.attention = row_attention(query[torch.arange(query.shape[0]), :, rows], key, rows, run.mask, scale)
+            run.attention = row_attention(query[torch.arange(query.shape[0]), :, rows], key, rows, run.visible(), scale)
     name = module._tokenreduce_kernel
     if name == "eager":
         kernel = sys.modules[original_class(module).__module__].eager_attention_forward
@@ -335,6 +349,8 @@ def install(patch: Patch, text: nn.Module, method: LLMMethod) -> None:
     layers = list(text.layers)
     prune = method.prune_layers(len(layers))
     check_restores(method.restore_layers(len(layers)), prune, len(layers))
+    if method.masks_only and method.restore_layers(len(layers)):
+        raise ValueError(f"{method.name} masks tokens: it cannot also restore them (restore_layers)")
     scoring = {p - 1 for p in prune} if method.scores_from == "previous" and method.scores != "none" else set()
     for i, layer in enumerate(layers):
         patch.set_attr(layer, ATTR, patch)
@@ -386,8 +402,12 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
             if run.method.scores_from == "own":
                 _own_attention(run, layer, hidden, kwargs)
             hidden = _prune(run, index, hidden)
+            if run.hidden and kwargs.get("cache") is not None:  # for the decode steps
+                setattr(kwargs["cache"], HIDDEN, tuple(run.hidden))
         if run.stages:
             kwargs = _prefill_arguments(run, kwargs, hidden, layer)
+        elif run.masked is not None:
+            kwargs = _masked_arguments(run, kwargs, hidden)
         run.lengths.append(tuple(int(n) for n in run.mask.sum(1).tolist()))
         return run_layer(hidden, **kwargs)
     cache = kwargs.get("cache")
@@ -401,6 +421,11 @@ def layer_forward(layer: nn.Module, index: int, hidden: Tensor, kwargs: dict, ru
             out = run_layer(hidden, **kwargs)
             selection.score(layer, hidden, kwargs, cache)
             return out
+    masked = next((m for at, m in reversed(getattr(cache, HIDDEN, ()) if cache is not None else ()) if at <= index), None)
+    if masked is not None:
+        mask = kwargs.get("attention_mask")
+        keys = mask.shape[-1] if mask is not None else cache.get_seq_length(index) + hidden.shape[1]
+        kwargs = {**kwargs, "attention_mask": _hidden_mask(mask, masked, hidden.shape[1], keys)}
     pruned: Pruned | None = getattr(cache, STAGES, None) if cache is not None else None
     stage = None if pruned is None else next((s for s in reversed(pruned.stages) if s.layer <= index), None)
     if stage is not None:
@@ -437,12 +462,12 @@ def _own_attention(run: LLMRun, layer: nn.Module, hidden: Tensor, kwargs: dict) 
     _, k = rotate(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
     q = _query(attention, x_q, cos_q, sin_q)
     if not visual:
-        run.attention = row_attention(q[:, :, 0], k, rows, run.mask, attention.scaling)
+        run.attention = row_attention(q[:, :, 0], k, rows, run.visible(), attention.scaling)
         return
     run.keys, run.scores = k, []
     for span in run.spans:
         image = torch.arange(span.start, span.start + span.length, device=k.device)
-        row = rows_attention(q[span.row], k[span.row], image, run.mask[span.row], attention.scaling)
+        row = rows_attention(q[span.row], k[span.row], image, run.visible()[span.row], attention.scaling)
         run.scores.append(row[image])
 
 
@@ -460,7 +485,11 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     ctx.keys, ctx.scores, ctx.norm, ctx.visual = run.keys, run.scores, run.norm, visual
     ctx.queries, ctx.scale = run.queries, run.scale
     ctx.memory = run.memory  # the method writes each span's entry: it lives as long as the run
+    ctx.masked = run.masked
     selections = run.method.select(ctx)
+    if run.method.masks_only:
+        _hide(run, index, selections)
+        return hidden
     entering, hidden = hidden, hidden.clone()
     keeps = []
     for span, selection in zip(run.spans, selections):
@@ -498,6 +527,45 @@ def _prune(run: LLMRun, index: int, hidden: Tensor) -> Tensor:
     run.pruned += 1
     run.score_layer = run.next_score_layer()
     return step.embeds(hidden)
+
+
+def _hide(run: LLMRun, index: int, selections: list[Selection]) -> None:
+    """A masks-only pruning layer: the tokens of each span its selection does not keep become hidden
+    columns from layer ``index`` on; the sequence stays as it is."""
+    masked = torch.zeros_like(run.mask, dtype=torch.bool) if run.masked is None else run.masked.clone()
+    for span, selection in zip(run.spans, selections):
+        kept = selection.index[0]
+        if not selection.gather_only or bool(masked[span.row, span.start + kept].any()):
+            raise RuntimeError(f"{run.method.name} masks tokens: at layer {index} it must keep visible ones and merge none")
+        masked[span.row, span.start : span.start + span.length] |= selection.slot[0] < 0
+    if bool(masked.any()):  # else nothing changes: the layers keep the model's own masks
+        run.masked = masked
+        run.hidden.append((index, masked))
+    run.origin = [selection.index[0] for selection in selections]  # the spans are whole: span index = input index
+    run.owner = [selection.slot[0] for selection in selections]
+    run.steps.append(LLMStep(index, tuple(run.origin)))
+    run.attention, run.keys, run.queries, run.scores, run.substitutes = None, None, None, None, {}
+    run.pruned += 1
+    run.score_layer = run.next_score_layer()
+
+
+def _masked_arguments(run: LLMRun, kwargs: dict, hidden: Tensor) -> dict:
+    """A prefill layer's arguments after a masks-only stage: its mask hides the hidden columns
+    (computed once per stage and mask)."""
+    mask = kwargs.get("attention_mask")
+    key = ("attention_mask", id(mask))
+    if key not in run.substitutes:
+        run.substitutes[key] = _hidden_mask(mask, run.masked, hidden.shape[1], hidden.shape[1])
+    return {**kwargs, "attention_mask": run.substitutes[key]}
+
+
+def _hidden_mask(mask: Tensor | None, masked: Tensor, queries: int, keys: int) -> Tensor:
+    """The 4-D ``mask`` of a layer (``None``: SDPA's causal path, for which it is built) for ``queries``
+    tokens reading ``keys`` entries, with the hidden columns ``masked [B, P]`` (of the first ``P``) hidden."""
+    if mask is None:
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=masked.device).tril(keys - queries)
+        mask = causal.expand(masked.shape[0], 1, -1, -1)
+    return hide_columns_keeping_rows(mask, masked)
 
 
 def _restore(run: LLMRun, index: int, hidden: Tensor) -> Tensor:

@@ -917,6 +917,8 @@ class HFVLM(Adapter):
             counts = ": " + " -> ".join(map(str, counts)) if counts else ""
             back = "".join(f"; layer {a}'s input comes back before layer {b}" for a, b in inside.restore_layers(depth).items())
             where = ", ".join(map(str, layers))
+            if inside.masks_only:  # the others stay in the sequence and the cache
+                back += "; the others are masked, not removed (no compute saved)"
             lines.append(f"visual tokens per image, pruned before LLM layers {where} of {depth}{counts}{back}")
         return lines
 

@@ -121,6 +121,17 @@ def hide_columns(mask: Tensor, visible: Tensor) -> Tensor:
     return mask.masked_fill(~visible, torch.finfo(mask.dtype).min)
 
 
+def hide_columns_keeping_rows(mask: Tensor, hidden: Tensor) -> Tensor:
+    """``mask [B, H, q, K]`` (bool, or additive float) with the key columns where ``hidden [B, P]`` is
+    True (``P <= K``: the first ``P`` columns) masked out, except on a query row this would leave
+    seeing nothing: there the row stays as it was (the queries are the last ``q`` columns, so such a
+    row is a hidden token's own, or one the mask already left empty)."""
+    visible = torch.cat([~hidden, hidden.new_ones(hidden.shape[0], mask.shape[-1] - hidden.shape[1])], dim=1)
+    out = hide_columns(mask, visible)
+    seen = out if out.dtype == torch.bool else out > torch.finfo(out.dtype).min
+    return torch.where(seen.any(dim=-1, keepdim=True), out, mask)
+
+
 def image_spans(placeholder: Tensor, tokens: int | None = None) -> list[tuple[int, int, int]]:
     """``(row, start, length)`` of every image span of ``placeholder [B, L]`` in row-major order: each
     run of consecutive image tokens, cut into pieces of ``tokens`` when every image has that many."""

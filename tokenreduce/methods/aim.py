@@ -21,6 +21,7 @@ from tokenreduce.validate import as_int, as_real, as_sequence
 REFERENCE_DEPTH = 28  # LLaVA-OneVision-7B's Qwen2, where pruning starts after layer 14
 REFERENCE_LAYER = 14
 ROUNDS = (0.5, 0.25)  # ToMe rounds before the LLM: r = N // 2, then N // 4 (25% kept)
+REMOVALS = ("drop", "mask")  # tokens removed from the sequence and cache, or (the reference's) masked
 PAPER = "Zhong et al., AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning, arXiv 2412.03248"
 
 
@@ -75,7 +76,8 @@ class AIMPrune(LLMMethod):
     PageRank (``M = softmax(logits / temperature)`` over the causal row; ``s`` uniform over the real
     tokens; ``iterations`` times ``s <- s M``; ``sqrt(mean over heads of s^2)``) and the next layer keeps
     the top ``int(V * (1 - (j + 1) * step))`` of each image's ``V`` tokens at the LLM's input (``j`` = 0
-    after ``layer``), down to one token (see :class:`AIM`). Built by :class:`AIM`."""
+    after ``layer``), down to one token; ``removal`` drops the others or masks them (see :class:`AIM`).
+    Built by :class:`AIM`."""
 
     name = "aim_prune"
     paper = PAPER
@@ -86,14 +88,23 @@ class AIMPrune(LLMMethod):
     temperature: float = 0.1
     iterations: int = 5
     positions: str = "keep"
+    removal: str = "drop"
+
+    @property
+    def masks_only(self) -> bool:  # type: ignore[override]
+        return self.removal == "mask"
 
     def __post_init__(self) -> None:
+        if self.removal not in REMOVALS:
+            raise ValueError(f"removal must be one of {REMOVALS}, got {self.removal!r}")
         if self.layer is not None:
             self.layer = as_int("layer", self.layer, 0)
         self.step = as_real("step", self.step, 0, 1, low_open=True)
         self.temperature = as_real("temperature", self.temperature, 0, None, low_open=True)
         self.iterations = as_int("iterations", self.iterations, 1)
         self.check_positions()
+        if self.removal == "mask" and self.positions != "keep":
+            raise ValueError(f"removal='mask' leaves every token in its place: positions must be 'keep', got {self.positions!r}")
 
     def prune_layers(self, depth: int) -> tuple[int, ...]:
         first = REFERENCE_LAYER * depth // REFERENCE_DEPTH if self.layer is None else self.layer
@@ -112,10 +123,15 @@ class AIMPrune(LLMMethod):
         real = ctx.mask.bool()
         positions = torch.arange(length, device=q.device)
         visible = (positions[None, :] <= positions[:, None])[None] & real[:, None, :]
-        visible |= torch.eye(length, dtype=torch.bool, device=q.device)[None]  # a padding query sees itself
+        if ctx.masked is not None:  # masked tokens receive nothing, their own rows included
+            visible &= ~ctx.masked[:, None, :]
+        eye = torch.eye(length, dtype=torch.bool, device=q.device)[None]
+        visible |= eye & ~visible.any(dim=-1, keepdim=True)  # a query seeing nothing (padding) sees itself
         logits = (q @ k.transpose(-1, -2)) * ctx.scale / self.temperature
         probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
         scores = head_rms(weighted_pagerank(probs, self.iterations, alive=real))
+        if ctx.masked is not None:
+            scores = scores.masked_fill(ctx.masked, float("-inf"))
         out = []
         for span, count in zip(ctx.spans, ctx.keep):
             image = scores[span.row, span.start : span.start + span.length]
@@ -136,11 +152,20 @@ class AIM(Stack):
     never pruned; the merged tokens are numbered as the LLM gets them (re-indexed on 1-D positions) and
     pruning inside the LLM keeps positions (``positions="keep"``; the reference masks).
 
-    Departure, as the task asks: tokens are really removed from the sequence and the KV cache (the
-    reference only masks them in the attention and so saves no time), so a removed token neither gives
-    nor receives in later layers' PageRank (in the reference a masked token's query row still passes on
-    its share; ``s`` starts uniform over the tokens still there). The reference's masking is not offered:
-    in this engine it would need a second, mask-only path through every decoder layer and its cache.
+    ``removal`` says what becomes of the tokens a layer does not keep. ``"drop"`` (the default, a
+    departure the task asks for): they are removed from the sequence and the KV cache (the reference
+    only masks them and so saves no time), so a removed token neither gives nor receives in later
+    layers' PageRank (``s`` starts uniform over the tokens still there). ``"mask"``: the reference's
+    (its accuracy setting; it saves no compute, every layer still runs on every token and caches it):
+    from the pruning layer on, the token stays in the sequence and the cache, positions unchanged, but
+    its column is masked for every later query, its own included, on decode steps too (the reference
+    ANDs the 2-D mask with the kept tokens and rebuilds the causal mask; ``attention_mask_cache`` for
+    decoding). A masked token's own query row still runs, over the visible tokens before it, and in the
+    PageRank (``get_importance`` on the logits plus that mask) ``s`` starts uniform over every token,
+    masked ones included, whose rows pass their share on while their columns receive nothing; a masked
+    token is never chosen again (the reference scores it -1). Where a masked token would see nothing (no
+    visible token before it), its row keeps its own column, so that no attention row is empty.
+
     Each image keeps at least one token (the reference's last stage keeps none): the engine follows
     every image as a non-empty span of the sequence.
 
@@ -161,11 +186,17 @@ class AIM(Stack):
     temperature: float = 0.1
     iterations: int = 5
     positions: str = "keep"
+    removal: str = "drop"
 
     def __post_init__(self) -> None:
         self.before = AIMMerge(rounds=self.rounds)  # the LLM numbers the merged tokens it gets, as the reference's
         self.inside = AIMPrune(
-            layer=self.layer, step=self.step, temperature=self.temperature, iterations=self.iterations, positions=self.positions
+            layer=self.layer,
+            step=self.step,
+            temperature=self.temperature,
+            iterations=self.iterations,
+            positions=self.positions,
+            removal=self.removal,
         )
         self.rounds = self.before.rounds
         self.layer, self.step, self.temperature, self.iterations = (
@@ -177,7 +208,7 @@ class AIM(Stack):
         super().__post_init__()
 
     def params(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in ("rounds", "layer", "step", "temperature", "iterations", "positions")}
+        return {f: getattr(self, f) for f in ("rounds", "layer", "step", "temperature", "iterations", "positions", "removal")}
 
     def __str__(self) -> str:
         return Method.__str__(self)

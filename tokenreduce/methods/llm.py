@@ -57,6 +57,7 @@ class LLMContext:
     norm: Callable[[Tensor], Tensor] | None = None  # the LLM's final norm
     visual: Tensor | None = None  # [B, L] True on every image's tokens
     memory: list | None = None  # per span, what the method carries between its stages (None before the first)
+    masked: Tensor | None = None  # [B, L] True on the tokens earlier stages of a masks-only method hid
 
 
 class LLMMethod(Method):
@@ -75,6 +76,11 @@ class LLMMethod(Method):
     # (the attention each image's tokens get from its own tokens' queries: "own" only), or "none" (no
     # scoring layer: the rule needs no scores)
     scores: ClassVar[str] = "attention"
+    # True: a pruning layer hides the tokens not kept instead of removing them: they stay in the sequence
+    # and the KV cache (positions unchanged) but no later query attends to them (their mask columns
+    # are hidden from that layer on, decode steps included). Saves no compute. A later stage selects
+    # among the tokens still visible (``LLMContext.masked``), keeping them only (no merging).
+    masks_only: ClassVar[bool] = False
     positions: str
 
     def check_positions(self) -> None:
@@ -105,6 +111,7 @@ class LLMMethod(Method):
         if selection.gather_only:
             out[:, selection.index[0]] = after
         return out
+
     def decode_layer(self, depth: int) -> int | None:
         """The decoder layer (of an LLM of ``depth`` layers) from which, on decode steps, the layers attend
         to a selection of each span's cached tokens (:meth:`decode_keep`) and to every other cached
