@@ -124,19 +124,24 @@ def _region_softmax(t: torch.Tensor) -> list[float]:
     return [v / sum(e) for v in e]
 
 
-def test_keep_all_equals_the_unpatched_model():
+ANYRES_METHODS = ["globalcom2", "ptp"]  # both budget AnyRes crops from the thumbnail; ptp's own tests are in test_ptp.py
+
+
+@pytest.mark.parametrize("method", ANYRES_METHODS)
+def test_keep_all_equals_the_unpatched_model(method):
     model = tiny_vlm("llava_next")
     kw = mixed_inputs(model)
     want, want_gen = vlm_logits(model, kw), vlm_generate(model, kw)
-    tokenreduce.apply(model, "globalcom2", keep_ratio=1.0)
+    tokenreduce.apply(model, method, keep_ratio=1.0)
     assert torch.equal(vlm_logits(model, kw), want)
     assert torch.equal(vlm_generate(model, kw), want_gen)
 
 
-def test_generate_equals_the_unpatched_model_fed_the_reduced_prompt():
+@pytest.mark.parametrize("method", ANYRES_METHODS)
+def test_generate_equals_the_unpatched_model_fed_the_reduced_prompt(method):
     base = tiny_vlm("llava_next")
     kw = mixed_inputs(base)
-    model = tokenreduce.apply(tiny_vlm("llava_next"), "globalcom2")
+    model = tokenreduce.apply(tiny_vlm("llava_next"), method)
     got = vlm_generate(model, kw)
     embeds, mask = llm_prompt(model, kw)
     with torch.no_grad():
