@@ -39,6 +39,7 @@ pytest.importorskip("transformers")
 CONFIGS: dict[str, dict] = {
     "dymu": dict(thresholds=0.5),
     "gsearch": dict(schedule=[1.0, 1.0, 0.5, 0.25]),
+    "trimmed_llama": dict(keep_ratio=0.25),  # 0.5's union over heads keeps all 17 features of a one-tile image
     "sparsevlm": dict(layers=(0, 1, 2), budgets=(288, 144, 72)),  # 8, 4, 2 of 16 tokens
     "visiondrop": dict(dominant=10, contextual=2, stages=((6, 2), (4, 1), (2, 1))),
     "visionzip": dict(dominant=4, contextual=2),
@@ -74,21 +75,24 @@ STACKS: dict[str, list] = {
 # float16 must keep exactly float32's tokens. bfloat16 keeps 8 bits of mantissa: the tiny LLaVA's hidden states
 # drift 2-3.5% (relative norm) from float32's, so a decision whose float32 margin is below that can flip. These
 # methods flip one on the sweep's inputs (margins measured in float32); for them bfloat16 must keep at least
-# half of each image's float32 tokens at every stage, and, for a threshold method, may merge one more or less.
+# half of each image's float32 tokens at every stage, and, for a method whose count follows its scores (a
+# threshold, a union over heads), may keep one more or less.
 BF16_NEAR_TIES: dict[str, str] = {
     "btp": "the diversity stage's greedy max-min pick, image 1's 7th token: cosine distances 0.3892 (token 8) vs 0.3814",
     "dymu": "merges follow a similarity threshold: image 1's nearest is 0.0034 from 0.5, bfloat16 keys move it 0.008",
     "star": "a softmax of raw hidden-state dot products saturates: image 0's 4th late pick is among scores below 1e-4",
     "vflowopt": "attention times patch entropy, image 0's 4th and 5th at the second stage: 0.0362 vs 0.0335, and "
     "bfloat16 moves attention rows by up to 6% (0.2233 vs 0.2103)",
+    "trimmed_llama": "each head keeps its 8 best of 34 features and the union is kept: row 0's head 0 ranks feature "
+    "9 (0.1495 of attention) 8th, feature 15 (0.1466) 9th; bfloat16 swaps them, and 15 joins the union",
     "divprune+pdrop": "pdrop's first stage among the 8 tokens divprune kept, image 1's 4th: attention 0.0342 vs 0.0333",
     "diffrate@encoder": "block 1 ranks patches by CLS attention: image 1's 8th and 9th, 0.0339 vs 0.0326",
     "vomix@encoder": "each token votes for its single most similar token: at block 0 one of image 0's has its two "
     "best similarities 0.0028 apart",
 }
-THRESHOLD_COUNTS = {"dymu"}
-# The padded batch also runs on the tiny LLaVA-OneVision (SigLIP without a class token, AnyRes packing of a
-# base image and 4 crops, a Qwen2 LLM), except for the methods it refuses by design.
+THRESHOLD_COUNTS = {"dymu", "trimmed_llama"}
+# The padded batch also runs on the second family (for images the tiny LLaVA-OneVision: SigLIP without a class
+# token, AnyRes packing of a base image and 4 crops, a Qwen2 LLM), except for the methods it refuses by design.
 REFUSED: dict[str, dict[str, str]] = {
     "dymu": {"llava_onevision": "per-crop token counts, which AnyRes packing cannot follow"},
     "dtome@encoder": {"llava_onevision": "per-crop token counts, which AnyRes packing cannot follow"},
@@ -190,9 +194,10 @@ def inputs(
     model, method: str, family: str, texts: list[list[int]], side: str = "left", row: int = 0, dtype=torch.float32
 ) -> dict:
     """One image (or video, for a video ``method``) per prompt of ``texts``, the first drawn as row ``row``'s,
-    in ``dtype``, with the position ids ``generate`` gives them."""
+    in ``dtype``, with the position ids ``generate`` gives them. Mllama's images alternate one tile (and a
+    padding tile) and two."""
     if family == "mllama":
-        kw = mllama_inputs(texts, side=side, seed=3 + row)
+        kw = mllama_inputs(texts, [1 + (row + i) % 2 for i in range(len(texts))], side, 3 + row)
     elif kind(method) == "video":
         kw = vlm_video_inputs(family, texts, frames=FRAMES, side=side, seed=7 + row)
     else:
