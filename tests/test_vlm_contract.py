@@ -362,3 +362,9 @@ def test_a_method_without_a_working_config_fails_the_sweep(monkeypatch):
     monkeypatch.delitem(CONFIGS, "gsearch")  # gsearch has no default schedule
     with pytest.raises(pytest.fail.Exception, match="add a small valid config for it to CONFIGS"):
         patched("gsearch")
+
+
+def test_methods_are_swept_on_the_inputs_their_classes_declare():
+    videos = {m for m in METHODS if kind(m) == "video"}
+    assert {"dycoke", "fastvid", "framefusion", "holitom", "random@video"} <= videos  # stacks read from their parts
+    assert "random" in METHODS and "random" not in videos and "fastvid@video" not in METHODS
