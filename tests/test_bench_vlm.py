@@ -71,3 +71,18 @@ def test_an_unknown_model_lists_the_named_configs():
     names = "llava-cpu, llava-next-cpu, llava-onevision-video-cpu, mllama-cpu"
     with pytest.raises(ValueError, match=f"the built-in ones are {names}"):
         create_hf_vlm("no-such-vlm")
+
+
+def test_virtual_unmerging_counts_attention_over_the_full_prompt():
+    """DyMU's attention (projections, QK^T and AV) runs over every patch while its MLP runs over the
+    merged tokens: the count puts each at its own length."""
+    from conftest import tiny_llava
+
+    model = tiny_llava()
+    text, head = model.model.language_model, model.get_output_embeddings()
+    layer = text.layers[0]
+    width = layer.self_attn.q_proj.out_features
+    attn = sum(m.in_features * m.out_features for m in layer.self_attn.modules() if hasattr(m, "in_features"))
+    merged, full = vlm.llm_prefill_macs(text, head, 10), vlm.llm_prefill_macs(text, head, 10, 30)
+    assert vlm.llm_prefill_macs(text, head, 10, 10) == merged
+    assert full - merged == len(text.layers) * (attn * 20 + 2 * width * (30 * 30 - 10 * 10))

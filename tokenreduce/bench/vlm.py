@@ -240,17 +240,22 @@ def prompt_inputs(
     return adapter.example_inputs(inner, batch_size, prompt_tokens, seed, **video)
 
 
-def llm_prefill_macs(text_model: nn.Module, lm_head: nn.Module, length: int | Sequence[int]) -> int:
+def llm_prefill_macs(
+    text_model: nn.Module, lm_head: nn.Module, length: int | Sequence[int], attention_length: int | None = None
+) -> int:
     """Multiply-accumulates of one prompt through the LLM, of ``length`` tokens (or, per layer, the
     tokens each layer read): every layer's linear layers per token, ``QK^T`` and ``AV`` over the full
     ``length x length`` map (what SDPA computes on CPU), and the LM head for the one token whose logits
-    a prefill keeps."""
+    a prefill keeps. ``attention_length``: the tokens every self-attention module runs on when it is
+    not ``length`` (virtual token unmerging: the attention, its projections included, over the full
+    prompt; the MLP over the merged tokens)."""
     layers = list(text_model.layers)
     lengths = [length] * len(layers) if isinstance(length, int) else list(length)
     macs = lm_head.in_features * lm_head.out_features
     for layer, n in zip(layers, lengths):
         width = layer.self_attn.q_proj.out_features
-        macs += (linear_macs(layer.self_attn) + linear_macs(layer.mlp)) * n + 2 * n * n * width
+        a = n if attention_length is None else attention_length
+        macs += linear_macs(layer.self_attn) * a + linear_macs(layer.mlp) * n + 2 * a * a * width
     return macs
 
 
@@ -414,7 +419,9 @@ def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec
             lengths = list(zip(*rec.layer_lengths))
     text = getattr(inner, adapter.spec(inner).text)
     lm_head = m.get_output_embeddings()
-    llm = sum(llm_prefill_macs(text, lm_head, n) for n in lengths) / rows
+    unmerged = spec.name != "none" and getattr(patch_of(m).method, "unmerge", False)
+    full = inputs["attention_mask"].sum(1).tolist() if unmerged else [None] * rows  # DyMU's attention runs over every patch
+    llm = sum(llm_prefill_macs(text, lm_head, n, a) for n, a in zip(lengths, full)) / rows
     _, patched, _ = locate(m)
     if videos:
         vision = counted_macs(lambda: patched.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])) / rows
