@@ -496,7 +496,7 @@ class CompactingLLM:
             adapter: HFVLM = patch.adapter  # type: ignore[assignment]
             before, inside = parts(patch.method)
             compaction = None
-            unmerge = getattr(before, "unmerge", False)
+            unmerge = before is not None and before.unmerges_in_llm
             full = dict(kwargs) if unmerge else {}  # the full prompt's arguments, for virtual unmerging
             if before is not None:
                 scale = getattr(self, "_tokenreduce_scale", None)  # of the vision layer, for class-token attention
@@ -814,7 +814,7 @@ class HFVLM(Adapter):
                     f"method {method.name!r} leaves each crop its own token count, which {type(model).__name__}'s AnyRes "
                     "packing cannot follow; use a VLM with one span per image (LLaVA)"
                 )
-            if getattr(method, "unmerge", False):
+            if method.unmerges_in_llm:
                 self._validate_unmerging(model, method)
             vision = self.vision(model, f"encoder-stage method {method.name!r}")
             self.tower.validate(vision, method)
@@ -927,7 +927,7 @@ class HFVLM(Adapter):
             return []
         if isinstance(method, EncoderMethod):
             lines = self.tower.plan(self.vision(model, method.name), method)
-            if getattr(method, "unmerge", False):
+            if method.unmerges_in_llm:
                 depth = len(getattr(model, self.spec(model).text).layers)
                 lines.append(f"virtual token unmerging in all {depth} LLM attention layers: attention over every patch")
             return lines
@@ -989,7 +989,7 @@ class HFVLM(Adapter):
         text = getattr(model, spec.text)
         if inside is not None:
             hf_llm.install(patch, text, inside)
-        if getattr(method, "unmerge", False):
+        if method is not None and method.unmerges_in_llm:
             for layer in text.layers:
                 patch.set_attr(layer.self_attn, ATTR, patch)
                 patch.swap_class(layer.self_attn, UnmergingAttention)
@@ -1016,7 +1016,7 @@ class HFVLM(Adapter):
     # -- running ------------------------------------------------------------------------------
     def reindex(self, model: nn.Module, method: Method | None) -> bool:
         """Whether tokens ``method`` keeps get consecutive position ids (see :class:`VisualMethod`)."""
-        if method is None or getattr(method, "unmerge", False):  # virtual unmerging reads the full prompt's positions
+        if method is None or method.unmerges_in_llm:  # virtual unmerging reads the full prompt's positions
             return False
         positions = getattr(method, "positions", "auto")
         return positions == "reindex" or (positions == "auto" and not self.spec(model).mrope)

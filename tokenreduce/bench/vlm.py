@@ -419,7 +419,7 @@ def _accounting(m: nn.Module, inner: nn.Module, adapter, inputs: dict, out, spec
             lengths = list(zip(*rec.layer_lengths))
     text = getattr(inner, adapter.spec(inner).text)
     lm_head = m.get_output_embeddings()
-    unmerged = spec.name != "none" and getattr(patch_of(m).method, "unmerge", False)
+    unmerged = spec.name != "none" and patch_of(m).method.unmerges_in_llm
     full = inputs["attention_mask"].sum(1).tolist() if unmerged else [None] * rows  # DyMU's attention runs over every patch
     llm = sum(llm_prefill_macs(text, lm_head, n, a) for n, a in zip(lengths, full)) / rows
     _, patched, _ = locate(m)

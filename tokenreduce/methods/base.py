@@ -122,6 +122,12 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     needs_cls_token: ClassVar[bool] = False
 
+    @property
+    def unmerges_in_llm(self) -> bool:
+        """Whether the VLM's LLM attention runs over every original token while the rest of each layer
+        reads the reduced ones (DyMU's virtual token unmerging)."""
+        return False
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 

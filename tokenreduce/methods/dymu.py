@@ -68,3 +68,7 @@ class DyMU(DToMe):
         super().__post_init__()
         if not isinstance(self.unmerge, bool):
             raise TypeError(f"unmerge must be True or False, got {self.unmerge!r}")
+
+    @property
+    def unmerges_in_llm(self) -> bool:
+        return self.unmerge
