@@ -18,9 +18,19 @@ projected tokens without reading the vision tower's attention or the prompt are 
 the tower's layer the VLM reads, which vLLM's CLIP/SigLIP attention computes inside its fused ``qkv_proj``
 and does not return; the prompt text is not passed to ``embed_multimodal`` at all.
 
-This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava` and
-:mod:`~tokenreduce.integrations.vllm.qwen`, which vLLM imports by name when a deployment asks for them.
-They subclass vLLM 0.32's model classes (checked end to end by ``benchmarks/vllm_plugin_check.py``).
+LLaVA-NeXT and LLaVA-OneVision (``TokenReduceLlavaNextForConditionalGeneration``,
+``TokenReduceLlavaOnevisionForConditionalGeneration``) pack each image into one span: the base image,
+then its AnyRes crops unpadded to the image's aspect ratio with a newline token per row. An image of
+``n`` packed tokens (vLLM's ``get_num_image_tokens(image_width, image_height)``, a function of its size)
+keeps ``method.num_kept(n, None)`` (:func:`packed_kept`): e.g. divprune ``keep_ratio=0.25`` keeps
+``round(0.25 * n)``, ``keep_tokens=k`` keeps ``k`` of every image. The method selects among the whole
+span, newline tokens included, as ``tokenreduce.apply`` does on the transformers model; pool needs a
+patch grid, which a packed span has not (:data:`PACKED_METHODS`). OneVision's videos pass whole.
+
+This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava`,
+:mod:`~tokenreduce.integrations.vllm.llava_next` and :mod:`~tokenreduce.integrations.vllm.qwen`, which
+vLLM imports by name when a deployment asks for them. They subclass vLLM 0.32's model classes (checked
+end to end by ``benchmarks/vllm_plugin_check.py``).
 """
 
 from __future__ import annotations
