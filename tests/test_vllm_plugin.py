@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import tokenreduce
+from conftest import IMAGE_TOKEN, tiny_vlm
 from tokenreduce.integrations import vllm as plugin
 from tokenreduce.methods.divprune import DivPrune
 from tokenreduce.methods.visual import VisualContext
@@ -117,3 +119,65 @@ def test_register_without_vllm_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError):
         plugin.register()
+
+
+# (height, width) of images for the tiny AnyRes models (32-pixel crops, pinpoints up to 64 x 64): one crop,
+# a full 2 x 2 grid, and 1 x 2 / 2 x 1 grids whose crops are unpadded to the image's aspect ratio.
+ANYRES_SIZES = [(32, 32), (64, 64), (40, 64), (64, 40), (20, 50), (64, 26)]
+
+
+def _packed_image(model, height: int, width: int) -> tuple[torch.Tensor, dict]:
+    """``[N, D]``: one random image of that size packed by the transformers model (base image, unpadded
+    crops, newline tokens), as vLLM's model class packs it before the plugin reduces it; and its inputs."""
+    config = model.config
+    module = sys.modules[type(model.model).__module__]
+    crops = module.image_size_to_num_patches((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
+    pixels = torch.randn(1, crops, 3, 32, 32, generator=torch.Generator().manual_seed(height * 100 + width))
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor([[height, width]]))
+    return features.pooler_output[0], dict(pixel_values=pixels, image_sizes=torch.tensor([[height, width]]))
+
+
+ANYRES_SPECS = [
+    {"method": "divprune", "keep_ratio": 0.25},
+    {"method": "random", "keep_ratio": 0.3},
+    {"method": "random", "keep_tokens": 7},
+]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("spec", ANYRES_SPECS)
+def test_anyres_placeholders_and_embeddings_equal_the_transformers_path(family, spec):
+    """For each image size: the plugin's count for the packed span equals what ``tokenreduce.apply``
+    sent to the LLM (``record``), and ``reduce_packed`` returns exactly the packed tokens it kept, in order."""
+    model = tiny_vlm(family).eval()
+    packed = {size: _packed_image(model, *size) for size in ANYRES_SIZES}
+    method = plugin.packed_method_from_config({"tokenreduce": spec})
+    tokenreduce.apply(model, method)
+    for (height, width), (span, pixels) in packed.items():
+        n = span.shape[0]
+        ids = torch.tensor([[1, 5, *[IMAGE_TOKEN] * n, 7, 8]])
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
+        (image,) = tokenreduce.record(model).images
+        assert (image.placeholders, image.kept) == (n, plugin.packed_kept(method, n)), (height, width)
+        (reduced,) = plugin.reduce_packed(method, [span])
+        torch.testing.assert_close(reduced, span[image.position], rtol=0, atol=0)
+
+
+def test_anyres_sizes_cover_unpadded_crops():
+    """The sizes above give spans of different lengths (crops cut to the aspect ratio, newline per row)."""
+    model = tiny_vlm("llava_next")
+    lengths = {size: _packed_image(model, *size)[0].shape[0] for size in ANYRES_SIZES}
+    assert len(set(lengths.values())) >= 4, lengths
+
+
+def test_packed_spans_refuse_pool_naming_the_methods_that_serve_them():
+    assert plugin.PACKED_METHODS == ("divprune", "random")
+    with pytest.raises(ValueError, match=r"must be one of \['divprune', 'random'\] for LLaVA-NeXT.*'pool'.*patch grid"):
+        plugin.packed_method_from_config({"tokenreduce": {"method": "pool", "stride": 2}})
+
+
+def test_positions_keep_is_refused():
+    with pytest.raises(ValueError, match="positions must be 'auto' or 'reindex' under vLLM"):
+        plugin.method_from_config({"tokenreduce": {"method": "divprune", "positions": "keep"}})

@@ -18,19 +18,31 @@ projected tokens without reading the vision tower's attention or the prompt are 
 the tower's layer the VLM reads, which vLLM's CLIP/SigLIP attention computes inside its fused ``qkv_proj``
 and does not return; the prompt text is not passed to ``embed_multimodal`` at all.
 
-This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava` and
-:mod:`~tokenreduce.integrations.vllm.qwen`, which vLLM imports by name when a deployment asks for them.
-They subclass vLLM 0.32's model classes (checked end to end by ``benchmarks/vllm_plugin_check.py``).
+LLaVA-NeXT and LLaVA-OneVision (``TokenReduceLlavaNextForConditionalGeneration``,
+``TokenReduceLlavaOnevisionForConditionalGeneration``) pack each image into one span: the base image,
+then its AnyRes crops unpadded to the image's aspect ratio with a newline token per row. An image of
+``n`` packed tokens (vLLM's ``get_num_image_tokens(image_width, image_height)``, a function of its size)
+keeps ``method.num_kept(n, None)`` (:func:`packed_kept`): e.g. divprune ``keep_ratio=0.25`` keeps
+``round(0.25 * n)``, ``keep_tokens=k`` keeps ``k`` of every image. The method selects among the whole
+span, newline tokens included, as ``tokenreduce.apply`` does on the transformers model; pool needs a
+patch grid, which a packed span has not (:data:`PACKED_METHODS`). OneVision's videos pass whole.
+
+This module imports no vLLM: the classes that do live in :mod:`tokenreduce.integrations.vllm.llava`,
+:mod:`~tokenreduce.integrations.vllm.llava_next` and :mod:`~tokenreduce.integrations.vllm.qwen`, which
+vLLM imports by name when a deployment asks for them. They subclass vLLM 0.32's model classes (checked
+end to end by ``benchmarks/vllm_plugin_check.py``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from tokenreduce.api import make_method
-from tokenreduce.methods.visual import VisualMethod
+from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import method_classes, method_names
 from tokenreduce.stages import Stage
 
@@ -42,6 +54,14 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "TokenReduceLlavaForConditionalGeneration": (
         "LlavaForConditionalGeneration",
         "tokenreduce.integrations.vllm.llava:TokenReduceLlavaForConditionalGeneration",
+    ),
+    "TokenReduceLlavaNextForConditionalGeneration": (
+        "LlavaNextForConditionalGeneration",
+        "tokenreduce.integrations.vllm.llava_next:TokenReduceLlavaNextForConditionalGeneration",
+    ),
+    "TokenReduceLlavaOnevisionForConditionalGeneration": (
+        "LlavaOnevisionForConditionalGeneration",
+        "tokenreduce.integrations.vllm.llava_next:TokenReduceLlavaOnevisionForConditionalGeneration",
     ),
     "TokenReduceQwen2VLForConditionalGeneration": (
         "Qwen2VLForConditionalGeneration",
@@ -93,7 +113,61 @@ def method_from_config(hf_config: Any) -> VisualMethod:
             f"{CONFIG_KEY}.method must be one of {list(SUPPORTED_METHODS)} under vLLM, got {name!r}: the others read the vision "
             "tower's attention or the prompt, which vLLM's model classes do not expose, or keep a count that depends on the image"
         )
-    return make_method(name, stage=Stage.PRE_LLM, **config)  # type: ignore[return-value]
+    method = make_method(name, stage=Stage.PRE_LLM, **config)
+    if method.positions == "keep":  # type: ignore[attr-defined]
+        raise ValueError(
+            f"{CONFIG_KEY}.positions must be 'auto' or 'reindex' under vLLM, got 'keep': vLLM numbers the prompt it "
+            "was given, so the kept tokens always take consecutive positions"
+        )
+    return method  # type: ignore[return-value]
+
+
+def _takes_packed_spans(name: str) -> bool:
+    """Whether a method's default config can size a span without a patch grid (pool cannot)."""
+    try:
+        make_method(name, stage=Stage.PRE_LLM).num_kept(1_000, None)  # type: ignore[attr-defined]
+    except ValueError:
+        return False
+    return True
+
+
+# The methods that serve LLaVA-NeXT and LLaVA-OneVision, whose packed spans lay out no grid.
+PACKED_METHODS: tuple[str, ...] = tuple(name for name in SUPPORTED_METHODS if _takes_packed_spans(name))
+
+
+def packed_method_from_config(hf_config: Any) -> VisualMethod:
+    """:func:`method_from_config` for AnyRes VLMs (LLaVA-NeXT, LLaVA-OneVision), checked to size an
+    image's packed span (its base image, then its unpadded crops with one newline token per row) without
+    a patch grid, as ``tokenreduce.apply`` does on those models."""
+    method = method_from_config(hf_config)
+    try:
+        method.num_kept(1_000, None)
+    except ValueError as e:
+        raise ValueError(
+            f"{CONFIG_KEY}.method must be one of {list(PACKED_METHODS)} for LLaVA-NeXT and LLaVA-OneVision, got "
+            f"{method.name!r}: {e} (an image's packed span of base image, unpadded crops and newline tokens has none)"
+        ) from e
+    return method
+
+
+def packed_kept(method: VisualMethod, num_tokens: int) -> int:
+    """Placeholders of an AnyRes image whose packed span has ``num_tokens`` tokens (what vLLM's
+    ``get_num_image_tokens(image_width, image_height)`` gives for its size): ``method.num_kept`` on the
+    whole span, without a grid, as ``tokenreduce.apply`` keeps on the transformers model."""
+    return method.num_kept(num_tokens, None)
+
+
+def reduce_packed(method: VisualMethod, spans: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each image's packed span ``[N_i, D]`` (as LLaVA-NeXT / OneVision pack it) reduced to its
+    :func:`packed_kept` tokens ``[K_i, D]``: the method's ``select`` on the whole span, as
+    ``tokenreduce.apply`` runs it on the span in the prompt. One image at a time, so that what an image
+    keeps does not depend on which images vLLM batches with it."""
+    out = []
+    for span in spans:
+        x = span[None]
+        keep = packed_kept(method, span.shape[0])
+        out.append(method.select(VisualContext(x, keep, 0, None)).apply(x)[0])
+    return out
 
 
 def patch_grid(num_tokens: int, side: int) -> tuple[int, int] | None:
