@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from tokenreduce.core import Selection, bipartite_soft_matching, head_rms, keep, weighted_pagerank
-from tokenreduce.methods.base import Method
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import loadable, register_method
 from tokenreduce.validate import as_int, as_real, as_sequence
@@ -141,7 +139,7 @@ class AIMPrune(LLMMethod):
 
 @register_method
 @dataclass
-class AIM(Stack):
+class AIM(PresetStack):
     """ToMe merging before the LLM (:class:`AIMMerge`), then PageRank pruning inside it (:class:`AIMPrune`).
 
     From the reference (``dragonlzm/AIM`` at 4f4bb81: ``llava/model/llava_arch.py`` and ``token_merge.py``
@@ -178,8 +176,6 @@ class AIM(Stack):
     name = "aim"
     paper = PAPER
 
-    before: AIMMerge = field(init=False, repr=False)
-    inside: AIMPrune = field(init=False, repr=False)
     rounds: Sequence[float] = ROUNDS
     layer: int | None = None
     step: float = 0.125
@@ -206,9 +202,3 @@ class AIM(Stack):
             self.inside.iterations,
         )
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in ("rounds", "layer", "step", "temperature", "iterations", "positions", "removal")}
-
-    def __str__(self) -> str:
-        return Method.__str__(self)

@@ -19,17 +19,16 @@ another method; neither is registered under a name of its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core import Selection, keep
-from tokenreduce.methods.llm import ImageSpan, LLMContext, LLMMethod, check_layer
+from tokenreduce.methods.llm import ImageSpan, LLMContext, check_layer
 from tokenreduce.methods.pdrop import PyramidDrop
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import loadable, register_method
 from tokenreduce.validate import as_real
@@ -163,7 +162,7 @@ class CATPAttention(PyramidDrop):  # its stages, budget and checks; the raters a
 
 @register_method
 @dataclass
-class CATP(Stack):
+class CATP(PresetStack):
     """CATP: :class:`CATPSelect` keeps ``keep_ratio`` (or ``keep_tokens``) of each image's projected
     tokens by diversity + paired-text alignment (weight ``alpha``), then :class:`CATPAttention` prunes
     before LLM layers ``layers`` to ``ratios`` of what entered the LLM by the paired text's attention.
@@ -175,8 +174,6 @@ class CATP(Stack):
     name = "catp"
     paper = PAPER
 
-    before: VisualMethod = field(init=False, repr=False)
-    inside: LLMMethod = field(init=False, repr=False)
     keep_ratio: float | None = None
     keep_tokens: int | None = None
     alpha: float = 0.5
@@ -190,9 +187,3 @@ class CATP(Stack):
         self.keep_ratio, self.keep_tokens, self.alpha = self.before.keep_ratio, self.before.keep_tokens, self.before.alpha
         self.layers, self.ratios = self.inside.layers, self.inside.ratios
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("keep_ratio", "keep_tokens", "alpha", "layers", "ratios", "positions")}
-
-    def __str__(self) -> str:
-        return f"catp({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

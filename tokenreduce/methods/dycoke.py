@@ -12,14 +12,13 @@ cached video tokens (:class:`DecodeCacheSelection`). Neither part is registered 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from tokenreduce.core import Selection, frame_pair_drop, keep
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visual import VideoLayout, VisualContext, VisualMethod
 from tokenreduce.registry import loadable, register_method
 from tokenreduce.validate import as_int, as_real
@@ -156,7 +155,7 @@ class DecodeCacheSelection(LLMMethod):
 
 @register_method
 @dataclass
-class DyCoke(Stack):
+class DyCoke(PresetStack):
     """DyCoke: temporal token merging of each video before the LLM (``merge_ratio``, see
     :class:`TemporalTokenMerging`), then, while decoding, the layers from ``layer`` on attend to the
     cached video tokens that layer ``layer - 1`` attends to most (``prune_ratio``, re-chosen when that
@@ -167,8 +166,6 @@ class DyCoke(Stack):
     name = "dycoke"
     paper = PAPER
 
-    before: VisualMethod = field(init=False, repr=False)
-    inside: LLMMethod = field(init=False, repr=False)
     merge_ratio: float = 0.7
     layer: int = 3
     prune_ratio: float = 0.7
@@ -180,9 +177,3 @@ class DyCoke(Stack):
         self.merge_ratio, self.layer = self.before.merge_ratio, self.inside.layer
         self.prune_ratio, self.threshold = self.inside.prune_ratio, self.inside.threshold
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("merge_ratio", "layer", "prune_ratio", "threshold")}
-
-    def __str__(self) -> str:
-        return f"dycoke({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

@@ -9,8 +9,8 @@ under the name, since a name registered at two stages resolves to the pre-LLM on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ from torch import Tensor
 
 from tokenreduce.core import Selection, apportion, density_peaks, received_attention, static_windows, top_k_positions
 from tokenreduce.methods.fastvid import each_video, identity
-from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, LLMMethod, check_layer
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_layer
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import register_method
 from tokenreduce.validate import as_int, as_real
@@ -229,7 +229,7 @@ class HoliTomInner(AttentionRankPrune):
 
 @register_method
 @dataclass
-class HoliTom(Stack):
+class HoliTom(PresetStack):
     """HoliTom: each video's tokens merged over time windows and clustered before the LLM
     (:class:`HoliTomOuter`: ``keep_ratio``, ``tau``, ``neighbours``, ``beta``, ``contextual``,
     ``max_window``, ``positions``), then merged once more inside the LLM before layer ``layer``
@@ -239,8 +239,6 @@ class HoliTom(Stack):
     name = "holitom"
     paper = PAPER
 
-    before: VisualMethod = field(init=False, repr=False)
-    inside: LLMMethod = field(init=False, repr=False)
     keep_ratio: float | None = None
     keep_tokens: int | None = None
     tau: float = 0.8
@@ -258,9 +256,3 @@ class HoliTom(Stack):
         self.inside = HoliTomInner(layer=self.layer, merge_ratio=self.merge_ratio)
         self.keep_ratio, self.keep_tokens = self.before.keep_ratio, self.before.keep_tokens
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-
-    def __str__(self) -> str:
-        return f"holitom({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenreduce.methods.base import Method
@@ -44,6 +45,22 @@ class Stack(Method):
 
     def __str__(self) -> str:
         return f"{self.before} then {self.inside}"
+
+
+@dataclass
+class PresetStack(Stack):
+    """A stack registered under one name (ToDRE, VisionDrop, HoliTom, ...): its own config fields build
+    ``before`` and ``inside`` in ``__post_init__`` (then ``super().__post_init__()``), and it reports and
+    prints that config as a single method does."""
+
+    before: VisualMethod = field(init=False, repr=False)
+    inside: LLMMethod = field(init=False, repr=False)
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def __str__(self) -> str:
+        return Method.__str__(self)
 
 
 def parts(method: Method) -> tuple[Method | None, LLMMethod | None]:

@@ -12,14 +12,13 @@ name registered at two stages resolves to the pre-LLM one by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from tokenreduce.core import Selection, keep, max_min_subset, max_sum_subset
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import loadable, register_method
 from tokenreduce.validate import as_int
@@ -109,7 +108,7 @@ class InformationMigration(LLMMethod):
 
 @register_method
 @dataclass
-class ToDRE(Stack):
+class ToDRE(PresetStack):
     """ToDRE: the diverse ``keep_ratio`` share (or ``keep_tokens``) of each image's tokens goes to the
     LLM (:class:`ToDREDiversity`, ``algorithm`` ``"k_center"`` or ``"max_sum"``), and before LLM layer
     ``layer`` every visual token left is dropped (:class:`InformationMigration`). ``positions`` is the
@@ -120,8 +119,6 @@ class ToDRE(Stack):
     name = "todre"
     paper = PAPER
 
-    before: VisualMethod = field(init=False, repr=False)
-    inside: LLMMethod = field(init=False, repr=False)
     keep_ratio: float | None = None
     keep_tokens: int | None = None
     algorithm: str = "k_center"
@@ -133,9 +130,3 @@ class ToDRE(Stack):
         self.inside = InformationMigration(self.layer)
         self.keep_ratio, self.keep_tokens, self.layer = self.before.keep_ratio, self.before.keep_tokens, self.inside.layer
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("keep_ratio", "keep_tokens", "algorithm", "layer", "positions")}
-
-    def __str__(self) -> str:
-        return f"todre({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

@@ -4,15 +4,13 @@ AAAI 2026, arXiv 2506.22283)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from tokenreduce.core import Selection, dominant_contextual, keep
-from tokenreduce.methods.base import Method
 from tokenreduce.methods.llm import LLMContext, LLMMethod, check_layer
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visionzip import VisionZip
 from tokenreduce.registry import loadable, register_method
 from tokenreduce.validate import as_int, as_int_tuple, as_sequence
@@ -92,7 +90,7 @@ class VisionDropLLM(LLMMethod):
 
 @register_method
 @dataclass
-class VisionDrop(Stack):
+class VisionDrop(PresetStack):
     """VisionZip's dominant + contextual tokens before the LLM, then VisionDrop's in-LLM stages
     (:class:`VisionDropLLM`) among the tokens kept.
 
@@ -116,8 +114,6 @@ class VisionDrop(Stack):
     name = "visiondrop"
     paper = PAPER
 
-    before: VisionZip = field(init=False, repr=False)
-    inside: VisionDropLLM = field(init=False, repr=False)
     dominant: int = 42
     contextual: int = 6
     layers: Sequence[int] | None = None
@@ -131,9 +127,3 @@ class VisionDrop(Stack):
         self.inside = VisionDropLLM(layers=self.layers, stages=self.stages, positions=self.positions)
         self.layers, self.stages = self.inside.layers, self.inside.stages
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in ("dominant", "contextual", "layers", "stages", "positions")}
-
-    def __str__(self) -> str:
-        return Method.__str__(self)

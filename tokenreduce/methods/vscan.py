@@ -3,15 +3,13 @@ Vision-Language Models", arXiv 2505.22654, TMLR 2026)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from tokenreduce.core import Selection, cls_attention, merge_into_nearest, weighted_mean_coeff
-from tokenreduce.methods.base import Method
 from tokenreduce.methods.pdrop import PyramidDrop
-from tokenreduce.methods.stack import Stack
+from tokenreduce.methods.stack import PresetStack
 from tokenreduce.methods.visual import VisualContext, VisualMethod
 from tokenreduce.registry import loadable, register_method
 from tokenreduce.validate import as_int, as_real
@@ -103,7 +101,7 @@ class VScanScans(VisualMethod):
 
 @register_method
 @dataclass
-class VScan(Stack):
+class VScan(PresetStack):
     """Global and local scans with merging in the vision encoder (:class:`VScanScans`), then
     last-instruction attention pruning at a middle LLM layer (PyramidDrop's rule with one stage).
 
@@ -131,8 +129,6 @@ class VScan(Stack):
     name = "vscan"
     paper = PAPER
 
-    before: VScanScans = field(init=False, repr=False)
-    inside: PyramidDrop = field(init=False, repr=False)
     tokens: int = 96
     llm_tokens: int = 32
     global_share: float = 0.5
@@ -151,10 +147,3 @@ class VScan(Stack):
         self.inside = PyramidDrop(layers=layers, ratios=(self.llm_tokens / self.tokens,), positions=self.positions)
         self.global_share, self.window, self.shallow = self.before.global_share, self.before.window, self.before.shallow
         super().__post_init__()
-
-    def params(self) -> dict[str, Any]:
-        names = ("tokens", "llm_tokens", "global_share", "window", "shallow", "layer", "positions")
-        return {f: getattr(self, f) for f in names}
-
-    def __str__(self) -> str:
-        return Method.__str__(self)
