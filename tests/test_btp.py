@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_gsearch import calibration, degradation
-from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, check_stages, llava_inputs
 
 import naive_btp as naive
 import tokenreduce
@@ -53,23 +53,18 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
 def test_each_stage_keeps_what_the_naive_rule_of_its_stage_keeps(diversity_stages):
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "btp", diversity_stages=diversity_stages)
-    vlm_logits(model, kw)
-    rec = tokenreduce.record(model)
-    base = tiny_llava()
-    base.set_attn_implementation("eager")
-    candidates = [list(range(16))] * 2
-    for j, step in enumerate(rec.steps):
-        out = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True, output_hidden_states=True)
+
+    def check(j, step, out, row, candidates):
         k = max(1, round(RATIOS[j] * 16))
-        for row in range(2):
-            start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
-            last = int(kw["attention_mask"][row].nonzero()[-1])
-            if j < diversity_stages:  # hidden_states[l] is layer l's input
-                want = naive.diverse(out.hidden_states[step.layer][row], start, candidates[row], k)
-            else:
-                want = naive.attended(out.attentions[step.layer][row], start, last, candidates[row], k)
-            assert step.kept[row].tolist() == want, (j, row)
-        candidates = [kept.tolist() for kept in step.kept]
+        start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
+        last = int(kw["attention_mask"][row].nonzero()[-1])
+        if j < diversity_stages:  # hidden_states[l] is layer l's input
+            want = naive.diverse(out.hidden_states[step.layer][row], start, candidates, k)
+        else:
+            want = naive.attended(out.attentions[step.layer][row], start, last, candidates, k)
+        assert step.kept[row].tolist() == want, (j, row)
+
+    check_stages(model, kw, check, output_attentions=True, output_hidden_states=True)
 
 
 def test_the_stage_rules_differ():

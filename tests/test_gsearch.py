@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, check_stages, llava_inputs
 
 import naive_gsearch as naive
 import tokenreduce
@@ -57,23 +57,17 @@ def test_pruned_generate_equals_the_unpatched_model_with_the_pruned_tokens_maske
 def test_each_layer_keeps_what_the_naive_per_layer_ranking_keeps(method):
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), method, **CONFIGS[method])
-    vlm_logits(model, kw)
-    rec = tokenreduce.record(model)
     rates = SCHEDULE if method == "gsearch" else naive.sigmoid_schedule(6.0, 0.6, 4)
     counts = naive.kept_per_layer(rates, 16)
-    base = tiny_llava()
-    base.set_attn_implementation("eager")
-    candidates = [list(range(16))] * 2
-    assert [s.layer for s in rec.steps] == naive.pruning_layers(rates)
-    for j, step in enumerate(rec.steps):
-        # the pruning layer's own attention
-        probs = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True).attentions[step.layer]
-        for row in range(2):
-            start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
-            last = int(kw["attention_mask"][row].nonzero()[-1])
-            want = naive.rank_by_last_token(probs[row], start, last, candidates[row], counts[step.layer])
-            assert step.kept[row].tolist() == want, (j, row)
-        candidates = [k.tolist() for k in step.kept]
+
+    def check(j, step, out, row, candidates):  # the pruning layer's own attention
+        start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
+        last = int(kw["attention_mask"][row].nonzero()[-1])
+        want = naive.rank_by_last_token(out.attentions[step.layer][row], start, last, candidates, counts[step.layer])
+        assert step.kept[row].tolist() == want, (j, row)
+
+    check_stages(model, kw, check, output_attentions=True)
+    assert [s.layer for s in tokenreduce.record(model).steps] == naive.pruning_layers(rates)
 
 
 def calibration(model, seeds=(5, 6)) -> list[dict]:

@@ -154,6 +154,24 @@ def unpatched_before_stage(base, kw: dict, rec, stage: int, eager: bool, **outpu
             hook.remove()
 
 
+def check_stages(model, kw: dict, check, eager: bool = True, **outputs) -> None:
+    """Run the patched ``model`` on ``kw``, then for every in-LLM stage ``j`` and prompt row call
+    ``check(j, step, out, row, candidates)``: ``out`` is the unpatched model's output (``outputs`` such as
+    ``output_attentions=True``; an eager model when ``eager``) with the image tokens earlier stages
+    dropped hidden, what stage ``j``'s layer saw; ``candidates`` the row's image tokens that reached it."""
+    vlm_logits(model, kw)
+    rec = tokenreduce.record(model)
+    base = tiny_llava()
+    if eager:
+        base.set_attn_implementation("eager")
+    candidates = [list(range(int((ids == IMAGE_TOKEN).sum()))) for ids in kw["input_ids"]]
+    for j, step in enumerate(rec.steps):
+        out = unpatched_before_stage(base, kw, rec, j, eager, **outputs)
+        for row in range(len(candidates)):
+            check(j, step, out, row, candidates[row])
+        candidates = [k.tolist() for k in step.kept]
+
+
 def naive_attention_rank(probs: torch.Tensor, kw: dict, row: int, candidates: list[int], keep: int) -> list[int]:
     """Written from the spec: the last prompt token's attention row (mean over heads) at one layer,
     the ``keep`` highest among an image's ``candidates`` (indices in its span), in order."""
@@ -183,17 +201,12 @@ def test_fastv_picks_what_the_naive_reference_picks(attention):
 def test_pdrop_picks_what_the_naive_reference_picks_at_every_stage():
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "pdrop", **METHODS["pdrop"], positions="keep")
-    vlm_logits(model, kw)
-    rec = tokenreduce.record(model)
-    base = tiny_llava()
-    base.set_attn_implementation("eager")
-    candidates = [list(range(16))] * 2
-    for j, (step, keep) in enumerate(zip(rec.steps, (8, 4, 2))):
-        # the stage layer's own attention
-        probs = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True).attentions[step.layer]
-        for row in range(2):
-            assert step.kept[row].tolist() == naive_attention_rank(probs, kw, row, candidates[row], keep), (j, row)
-        candidates = [k.tolist() for k in step.kept]
+
+    def check(j, step, out, row, candidates):  # the stage layer's own attention
+        want = naive_attention_rank(out.attentions[step.layer], kw, row, candidates, (8, 4, 2)[j])
+        assert step.kept[row].tolist() == want, (j, row)
+
+    check_stages(model, kw, check, output_attentions=True)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, check_stages, llava_inputs
 
 import tokenreduce
 from conftest import (
@@ -71,19 +71,14 @@ def _image(kw: dict, row: int) -> tuple[int, list[int]]:
 def test_star_picks_what_the_naive_reference_picks_at_both_stages():
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "star", **METHODS["star"])
-    vlm_logits(model, kw)
-    rec = tokenreduce.record(model)
-    base = tiny_llava()
-    candidates = [list(range(16))] * 2
-    for j, (step, keep) in enumerate(zip(rec.steps, (8, 4))):
-        # the pruning layer's input
-        hidden = unpatched_before_stage(base, kw, rec, j, False, output_hidden_states=True).hidden_states[step.layer]
-        for row in range(2):
-            start, after = _image(kw, row)
-            queries = [start + c for c in candidates[row]] if j == 0 else after
-            scores = star_scores(hidden[row].tolist(), queries, start, candidates[row])
-            assert is_top(scores, step.kept[row].tolist(), keep), (j, row)
-        candidates = [k.tolist() for k in step.kept]
+
+    def check(j, step, out, row, candidates):  # the pruning layer's input
+        start, after = _image(kw, row)
+        queries = [start + c for c in candidates] if j == 0 else after
+        scores = star_scores(out.hidden_states[step.layer][row].tolist(), queries, start, candidates)
+        assert is_top(scores, step.kept[row].tolist(), (8, 4)[j]), (j, row)
+
+    check_stages(model, kw, check, eager=False, output_hidden_states=True)
 
 
 def test_star_scores_equal_the_naive_ones_off_saturation():

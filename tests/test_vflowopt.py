@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_gsearch import calibration, degradation
-from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, llava_inputs, unpatched_before_stage
+from test_llm_pruning import assert_equals_unpatched_with_pruned_hidden, check_stages, llava_inputs
 
 import naive_vflowopt as naive
 import tokenreduce
@@ -61,21 +61,16 @@ def test_recycled_generate_continues_its_own_prefill():
 def test_each_stage_keeps_the_naive_importance_ranking(alpha):
     kw = llava_inputs()
     model = tokenreduce.apply(tiny_llava(), "vflowopt", alpha=alpha, recycle=False)
-    vlm_logits(model, kw)
-    rec = tokenreduce.record(model)
-    base = tiny_llava()
-    base.set_attn_implementation("eager")
-    candidates = [list(range(16))] * 2
-    for j, step in enumerate(rec.steps):
-        out = unpatched_before_stage(base, kw, rec, j, True, output_attentions=True, output_hidden_states=True)
+
+    def check(j, step, out, row, candidates):
         k = max(1, round(RATIOS[j] * 16))
-        for row in range(2):
-            start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
-            last = int(kw["attention_mask"][row].nonzero()[-1])
-            probs, hidden = out.attentions[step.layer][row], out.hidden_states[step.layer][row]
-            want = naive.importance_rank(probs, hidden, start, last, candidates[row], k, alpha)
-            assert step.kept[row].tolist() == want, (j, row)
-        candidates = [kept.tolist() for kept in step.kept]
+        start = int((kw["input_ids"][row] == IMAGE_TOKEN).nonzero()[0])
+        last = int(kw["attention_mask"][row].nonzero()[-1])
+        probs, hidden = out.attentions[step.layer][row], out.hidden_states[step.layer][row]
+        want = naive.importance_rank(probs, hidden, start, last, candidates, k, alpha)
+        assert step.kept[row].tolist() == want, (j, row)
+
+    check_stages(model, kw, check, output_attentions=True, output_hidden_states=True)
 
 
 def test_the_entropy_changes_the_ranking():
