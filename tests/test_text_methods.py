@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from test_vlm import GEN, check_remove_is_bit_identical, generate, logits
 
 import naive_text_methods as naive
 import tokenreduce
@@ -22,19 +23,8 @@ pytest.importorskip("transformers")
 
 REDUCING = {"simignore": dict(keep_tokens=5), "recoverable": dict(keep_tokens=5)}
 KEEP_ALL = {"simignore": dict(keep_ratio=1.0), "recoverable": dict(keep_ratio=1.0)}
-GEN = dict(max_new_tokens=4, do_sample=False)
 PROMPTS = [prompt([1, 5]), prompt([2, 3, 4, 6, 8, 9]), prompt([7], images=2), prompt([4, 4, 4])]
 IMAGES = [1, 1, 2, 1]
-
-
-def logits(model, **kw):
-    with torch.no_grad():
-        return model(**kw).logits
-
-
-def generate(model, **kw):
-    with torch.no_grad():
-        return model.generate(**kw, **GEN)[:, -GEN["max_new_tokens"] :]
 
 
 def padded(side: str = "left") -> dict:
@@ -121,12 +111,7 @@ def test_different_text_keeps_different_tokens_of_the_same_image(method):
 
 @pytest.mark.parametrize("method", sorted(REDUCING))
 def test_remove_is_bit_identical(method):
-    model, kw = tiny_llava(), padded()
-    before, gen_before = logits(model, **kw), generate(model, **kw)
-    tokenreduce.apply(model, method, **REDUCING[method])
-    assert logits(model, **kw).shape[1] < before.shape[1]
-    tokenreduce.remove(model)
-    assert torch.equal(logits(model, **kw), before) and torch.equal(generate(model, **kw), gen_before)
+    check_remove_is_bit_identical(method, REDUCING[method], padded())
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_text_methods import IMAGES, PROMPTS, generate, llm_prompt, logits, naive_inputs, padded
+from test_vlm import check_remove_is_bit_identical
 
 import naive_zoo_script as naive
 import tokenreduce
@@ -134,12 +135,7 @@ def test_keep_all_equals_the_unpatched_model(method, side):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_remove_is_bit_identical(method):
-    model, kw = tiny_llava(), padded()
-    before, gen_before = logits(model, **kw), generate(model, **kw)
-    tokenreduce.apply(model, method, **REDUCING[method])
-    assert logits(model, **kw).shape[1] < before.shape[1]
-    tokenreduce.remove(model)
-    assert torch.equal(logits(model, **kw), before) and torch.equal(generate(model, **kw), gen_before)
+    check_remove_is_bit_identical(method, REDUCING[method], padded())
 
 
 def test_zoo_prune_needs_a_token_wise_projector():
