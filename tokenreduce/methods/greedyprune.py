@@ -6,14 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenreduce.core import Selection, keep, salient_dissimilar_subset
-from tokenreduce.methods.llm import AttentionRankPrune, LLMContext, check_layer, fraction
+from tokenreduce.methods.fastv import FastV
+from tokenreduce.methods.llm import LLMContext
 from tokenreduce.registry import register_method
-from tokenreduce.validate import as_int, as_real
+from tokenreduce.validate import as_real
 
 
 @register_method
 @dataclass
-class GreedyPrune(AttentionRankPrune):
+class GreedyPrune(FastV):
     """Before LLM layer ``layer`` (K), keep the ``keep_ratio`` share of each image's tokens chosen greedily
     for semantic saliency under a diversity constraint; the rest are gone from layer K on, KV cache
     included, and kept tokens keep their positions.
@@ -39,23 +40,12 @@ class GreedyPrune(AttentionRankPrune):
         "Pei et al., GreedyPrune: Retenting Critical Visual Token Set for Large Vision Language Models, arXiv 2506.13166, 2025"
     )
 
-    layer: int = 2
     keep_ratio: float = 0.25
     tau: float = 0.8  # the most cosine similarity two kept tokens may have
-    positions: str = "keep"
 
     def __post_init__(self) -> None:
-        self.layer = as_int("layer", self.layer, 1)
-        self.keep_ratio = fraction("keep_ratio", self.keep_ratio)
+        super().__post_init__()  # FastV's layer, keep_ratio and positions: one pruning layer
         self.tau = as_real("tau", self.tau, -1, 1)
-        self.check_positions()
-
-    def prune_layers(self, depth: int) -> tuple[int, ...]:
-        check_layer("layer", self.layer, depth)
-        return (self.layer,)
-
-    def kept(self, tokens: int, stage: int) -> int:
-        return self.kept_count(tokens, self.keep_ratio)
 
     def select(self, ctx: LLMContext) -> list[Selection]:
         assert ctx.attention is not None
