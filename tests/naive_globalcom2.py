@@ -78,6 +78,25 @@ def shares(weights: list[float], total: int, caps: list[int]) -> list[int]:
     return out
 
 
+def region_saliency(thumb: list[float], rows: int, cols: int, side: int) -> list[float]:
+    """The thumbnail's class-token attention summed over each crop's region (row-major crops)."""
+    bh, bw = max(side // rows, 1), max(side // cols, 1)
+    summed = [0.0] * (rows * cols)
+    for idx, a in enumerate(thumb):
+        y, x = divmod(idx, side)
+        summed[min(y // bh, rows - 1) * cols + min(x // bw, cols - 1)] += a
+    return summed
+
+
+def crop_members(layout: list[tuple], rows: int, cols: int, side: int) -> list[list[int]]:
+    """The packed span's indices of each crop's tokens (row-major crops) after unpadding."""
+    members = [[] for _ in range(rows * cols)]
+    for i, t in enumerate(layout):
+        if t[0] == "crop":
+            members[(t[1] // side) * cols + t[2] // side].append(i)
+    return members
+
+
 def globalcom2_keep(
     cls: list[list[float]], size: tuple[int, int], rows: int, cols: int, side: int, r: float, temperature: float = 10.0
 ) -> tuple[list[int], list[int]]:
@@ -89,19 +108,12 @@ def globalcom2_keep(
     k0 = min(side * side, max(1, round(r * side * side)))
     kept += _top(thumb, k0)  # base tokens are the span's first side*side
     # budgets: thumbnail attention summed over each crop's region, softmax(s / T)
-    bh, bw = max(side // rows, 1), max(side // cols, 1)
-    summed = [0.0] * (rows * cols)
-    for idx, a in enumerate(thumb):
-        y, x = divmod(idx, side)
-        summed[min(y // bh, rows - 1) * cols + min(x // bw, cols - 1)] += a
+    summed = region_saliency(thumb, rows, cols, side)
     top = max(summed)
     e = [math.exp((s - top) / temperature) for s in summed]
     p = [v / sum(e) for v in e]
     mean = sum(p) / len(p)
-    members = [[] for _ in range(rows * cols)]
-    for i, t in enumerate(layout):
-        if t[0] == "crop":
-            members[(t[1] // side) * cols + t[2] // side].append(i)
+    members = crop_members(layout, rows, cols, side)
     counts = [len(m) for m in members]
     total = sum(counts)
     budget = shares([n * min(1.0, r * (1 + pi - mean)) for n, pi in zip(counts, p)], min(total, max(1, round(r * total))), counts)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from naive_globalcom2 import shares, span_layout
+from naive_globalcom2 import crop_members, region_saliency, shares, span_layout
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -35,15 +35,8 @@ def ptp_keep(
     ``span``: the image's packed span (projected tokens); ``text``: its prompt's text embeddings."""
     layout = span_layout(size, rows, cols, side)
     thumb = cls[0]
-    saliency = [0.0] * (rows * cols)  # the thumbnail's attention summed over each crop's region
-    bh, bw = max(side // rows, 1), max(side // cols, 1)
-    for idx, a in enumerate(thumb):
-        y, x = divmod(idx, side)
-        saliency[min(y // bh, rows - 1) * cols + min(x // bw, cols - 1)] += a
-    members = [[] for _ in range(rows * cols)]
-    for i, t in enumerate(layout):
-        if t[0] == "crop":
-            members[(t[1] // side) * cols + t[2] // side].append(i)
+    saliency = region_saliency(thumb, rows, cols, side)
+    members = crop_members(layout, rows, cols, side)
     counts = [len(m) for m in members]
     total = sum(counts)
     budget = shares([n * s for n, s in zip(counts, saliency)], min(total, max(1, round(r * total))), counts)
